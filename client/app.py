@@ -1,0 +1,134 @@
+"""The ClientApp: trains the global adapter on this site's private data, evaluates it locally.
+
+The base model and the tokenised data are loaded once per process (a Ray actor in simulation, a
+SuperNode's app process in deployment) and reused for every round and message.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.training import train_adapter
+from common.config import FedLoraConfig
+from common.data import load_splits, tokenize, train_val_split
+from common.errors import FedLoraError
+from common.metrics import evaluate_examples
+from common.model import LoraModel, build_lora_model
+from common.records import adapter_to_record, check_adapter_matches, record_to_adapter
+
+app = ClientApp()
+
+
+@dataclass
+class SiteRuntime:
+    """What one site keeps between messages: the model and its tokenised train/val examples."""
+
+    lora: LoraModel
+    train_examples: list[dict]
+    val_examples: list[dict]
+    site_id: int
+
+
+@dataclass
+class ProcessCache:
+    """Per process and run: one base model, the data read once, every site's examples."""
+
+    key: tuple
+    lora: LoraModel
+    splits: object = None
+    partitions: list[list[int]] | None = None
+    sites: dict = None
+
+
+_CACHE: ProcessCache | None = None
+
+
+def _process_cache(cfg: FedLoraConfig, labels: list[str] | None) -> ProcessCache:
+    global _CACHE
+    key = (cfg, tuple(labels or ()))
+    if _CACHE is None or _CACHE.key != key:  # a new run in this process: start over
+        torch.set_num_threads(max(1, int(cfg.client_num_cpus)))
+        _CACHE = ProcessCache(key=key, lora=build_lora_model(cfg, labels), sites={})
+    return _CACHE
+
+
+def _site_runtime(cfg: FedLoraConfig, context: Context, labels: list[str] | None) -> SiteRuntime:
+    cache = _process_cache(cfg, labels)
+    node = context.node_config
+    if "data-path" in node:  # deployment: this site's own data, nothing partitioned
+        site_id = int(context.node_id) % (2**31)
+        if site_id not in cache.sites:
+            rows_source = load_splits(cfg.replace(data=str(node["data-path"]))).train
+            rows = list(range(len(rows_source)))
+    elif "partition-id" in node:  # simulation: one partition of the shared data set
+        site_id = int(node["partition-id"])
+        if site_id not in cache.sites:
+            if cache.partitions is None:
+                from simulations.partitioning import partition_indices
+
+                # The federation's size, not the config's: under `flwr run` it is set there.
+                sites = int(node.get("num-partitions", cfg.num_clients))
+                cache.splits = load_splits(cfg)
+                cache.partitions = partition_indices(cache.splits.train,
+                                                     cfg.replace(num_clients=sites))
+            rows_source, rows = cache.splits.train, cache.partitions[site_id]
+    else:
+        raise FedLoraError("node config has neither data-path (deployment) nor partition-id "
+                           "(simulation)")
+    if site_id not in cache.sites:
+        train_rows, val_rows = train_val_split(rows, cfg.val_fraction, cfg.seed + site_id)
+        tokenizer = cache.lora.tokenizer
+        cache.sites[site_id] = SiteRuntime(
+            lora=cache.lora,
+            train_examples=tokenize(rows_source.select(train_rows), tokenizer, cfg, labels),
+            val_examples=tokenize(rows_source.select(val_rows), tokenizer, cfg, labels),
+            site_id=site_id)
+    return cache.sites[site_id]
+
+
+def _prepare(msg: Message, context: Context) -> tuple[FedLoraConfig, SiteRuntime]:
+    cfg = FedLoraConfig.from_run_config(context.run_config)
+    config = msg.content["config"]
+    labels = json.loads(str(config["labels"])) if "labels" in config else None
+    runtime = _site_runtime(cfg, context, labels)
+    state = record_to_adapter(msg.content["arrays"])
+    check_adapter_matches(state, runtime.lora.trainable_state(), sender="the server")
+    runtime.lora.load_trainable_state(state)
+    return cfg, runtime
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, runtime = _prepare(msg, context)
+    server_round = int(msg.content["config"]["server-round"])
+    started = time.perf_counter()
+    stats = train_adapter(runtime.lora.model, runtime.train_examples, cfg,
+                          seed=cfg.seed + 1000 * server_round + runtime.site_id,
+                          pad_id=runtime.lora.tokenizer.pad_token_id, device=runtime.lora.device)
+    metrics = MetricRecord({
+        "num-examples": len(runtime.train_examples),
+        "train-loss": stats["loss"],
+        "train-steps": stats["steps"],
+        "train-seconds": time.perf_counter() - started,
+    })
+    arrays = adapter_to_record(runtime.lora.trainable_state(), cfg.transfer_dtype)
+    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg, runtime = _prepare(msg, context)
+    examples = runtime.val_examples
+    result = evaluate_examples(runtime.lora.model, examples, batch_size=cfg.batch_size,
+                               pad_id=runtime.lora.tokenizer.pad_token_id,
+                               device=runtime.lora.device,
+                               classification=cfg.is_classification) if examples else {}
+    metrics = {"num-examples": len(examples)}
+    metrics.update({f"eval-{name}": value for name, value in result.items()})
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

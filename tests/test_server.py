@@ -1,0 +1,55 @@
+"""A run that dies is marked failed, keeps what it wrote, and the CLI exits non-zero."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from common.config import FedLoraConfig
+from server.app import run_federation
+from flwr.supercore.task_identity import TaskIdentity
+
+from simulations import cli, runner
+
+
+@pytest.fixture(autouse=True)
+def task_identity():  # what Flower's runtime sets before a ServerApp builds messages
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+class LostGrid:
+    """A grid whose connection to the SuperNodes is gone."""
+
+    def get_node_ids(self):
+        return [1, 2]
+
+    def send_and_receive(self, messages, timeout=None):
+        raise RuntimeError("connection to the SuperLink lost")
+
+
+@pytest.fixture
+def small_config(tmp_path):
+    path = tmp_path / "d.csv"
+    pd.DataFrame({"text": [f"query {i}" for i in range(30)],
+                  "label": ["a", "b", "c"] * 10}).to_csv(path, index=False)
+    return FedLoraConfig(data=str(path), out_dir=str(tmp_path / "run"), num_clients=2)
+
+
+def test_a_failing_run_is_marked_failed_and_keeps_round_zero(small_config):
+    with pytest.raises(RuntimeError, match="SuperLink lost"):
+        run_federation(LostGrid(), small_config)
+    run = small_config.out_dir
+    summary = json.loads(open(f"{run}/summary.json").read())
+    assert summary["status"] == "failed" and "SuperLink lost" in summary["error"]
+    rounds = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
+    assert [r["round"] for r in rounds] == [0] and 0 <= rounds[0]["server"]["accuracy"] <= 1
+    assert json.loads(open(f"{run}/labels.json").read()) == ["a", "b", "c"]
+
+
+def test_the_cli_exits_non_zero_when_the_run_fails(small_config, monkeypatch, capsys):
+    monkeypatch.setattr(runner, "simulate", lambda cfg, verbose: run_federation(LostGrid(), cfg))
+    code = cli.main(["simulate", "--data", small_config.data, "--num-clients", "2",
+                     "--out", small_config.out_dir])
+    assert code == 1
+    out = capsys.readouterr().out
+    assert "fedlora: error: run failed: RuntimeError: connection to the SuperLink lost" in out

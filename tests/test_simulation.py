@@ -1,0 +1,148 @@
+"""End to end: the real `fedlora simulate` and `flwr run .` on real data, then the outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import FedLoraConfig
+from common.data import load_splits, tokenize
+from common.metrics import evaluate_examples
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+
+
+def _simulate(*args: str, timeout: int = 420) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(BIN / "fedlora"), "simulate", *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _rounds(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def classification_run(banking_subset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cls") / "run"
+    _simulate("--num-clients", "3", "--rounds", "2", "--data", str(banking_subset), "--out",
+              str(out), "--run-config", "label-column=category local-epochs=2 learning-rate=0.005")
+    return out
+
+
+def test_server_accuracy_rises_and_every_round_is_recorded(classification_run):
+    rounds = _rounds(classification_run)
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    first, last = rounds[0]["server"], rounds[-1]["server"]
+    assert last["accuracy"] > first["accuracy"] + 0.3, (first, last)
+    assert last["loss"] < first["loss"]
+    assert 0 < last["macro-f1"] <= 1 and last["num-examples"] == 150
+    for r in rounds[1:]:
+        assert r["train"]["num-examples"] == 270 and r["train"]["train-loss"] > 0
+        assert 0 <= r["evaluate"]["eval-accuracy"] <= 1 and r["evaluate"]["num-examples"] == 30
+        assert r["clients"]["train-clients-aggregated"] == 3
+        # 3 clients get the adapter twice (train, evaluate) and send it back once.
+        assert r["bytes-down"] == 2 * r["bytes-up"] > 3 * 103_000 * 0 + 3 * 4 * 30_000
+        assert r["seconds"] > 0
+    summary = json.loads((classification_run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["final"] == last
+    saved = json.loads((classification_run / "config.json").read_text())
+    assert FedLoraConfig.from_run_config(saved).num_rounds == 2
+
+
+def test_final_adapter_reloads_with_peft_and_reproduces_the_accuracy(classification_run):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    adapter = classification_run / "final_adapter"
+    labels = json.loads((adapter / "labels.json").read_text())
+    cfg = FedLoraConfig.from_run_config(json.loads((classification_run / "config.json").read_text()))
+    base_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=len(labels))
+    model = PeftModel.from_pretrained(base, adapter)
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    examples = tokenize(load_splits(cfg).test, tokenizer, cfg, labels)
+    metrics = evaluate_examples(model, examples, batch_size=64, pad_id=tokenizer.pad_token_id,
+                                device=torch.device("cpu"), classification=True)
+    server = _rounds(classification_run)[-1]["server"]
+    assert metrics["accuracy"] == server["accuracy"]
+    assert metrics["loss"] == pytest.approx(server["loss"], abs=1e-4)
+
+
+def test_causal_lm_federation_lowers_the_server_loss(banking_instructions, tiny_llama_dir,
+                                                      tmp_path):
+    out = tmp_path / "run"
+    _simulate("--num-clients", "3", "--rounds", "2", "--data", str(banking_instructions),
+              "--model", str(tiny_llama_dir), "--task", "causal-lm", "--out", str(out),
+              "--run-config", "learning-rate=0.01 local-epochs=2 batch-size=16 "
+                              "prompt-template='{prompt}'")
+    rounds = _rounds(out)
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert rounds[2]["server"]["loss"] < rounds[0]["server"]["loss"] - 0.1
+    assert rounds[2]["server"]["perplexity"] < rounds[0]["server"]["perplexity"]
+    assert (out / "final_adapter" / "adapter_model.safetensors").is_file()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_processes_under(marker: str) -> None:
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(marker in part for part in (proc.info["cmdline"] or [])):
+            proc.kill()
+
+
+def test_flwr_run_runs_the_same_apps(banking_subset, tmp_path):
+    """`flwr run .` on a private local SuperLink (own FLWR_HOME and ports), stopped after."""
+    home = tmp_path / "flwr_home"
+    ports = [_free_port(), _free_port()]
+    env = dict(os.environ, FLWR_HOME=str(home), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+               FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(ports[0]),
+               FLWR_LOCAL_CONTROL_API_PORT=str(ports[1]),
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    out = tmp_path / "run"
+    overrides = (f"data='{banking_subset}' label-column='category' num-rounds=1 "
+                 f"learning-rate=0.005 local-epochs=2 out-dir='{out}'")
+    try:
+        result = subprocess.run([str(BIN / "flwr"), "run", ".", "--stream", "--run-config",
+                                 overrides], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        # flwr run exits 0 even when the run failed: the run's own summary says how it ended.
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["status"] == "completed", summary
+        rounds = _rounds(out)
+        assert [r["round"] for r in rounds] == [0, 1]
+        assert rounds[1]["server"]["accuracy"] > rounds[0]["server"]["accuracy"] + 0.2
+        assert rounds[1]["clients"]["train-clients-aggregated"] == 2  # flwr's 2 SuperNodes
+    finally:
+        _stop_processes_under(str(home))
+    # Nothing is left listening (TIME_WAIT remnants are fine: servers bind with SO_REUSEADDR).
+    deadline = time.time() + 15
+    for port in ports:
+        while True:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(("127.0.0.1", port))
+                    break
+                except OSError:
+                    assert time.time() < deadline, f"port {port} still in use"
+                    time.sleep(0.5)
+    shutil.rmtree(home, ignore_errors=True)

@@ -1,0 +1,91 @@
+"""LoraFedAvg on hand-made messages: the contract check, the averaging, the byte counts."""
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from common.records import adapter_to_record, record_bytes, record_to_adapter
+from server.aggregation import weighted_average
+from server.strategies.fedavg import LoraFedAvg
+
+
+class StaticGrid:
+    def __init__(self, node_ids):
+        self.node_ids = node_ids
+
+    def get_node_ids(self):
+        return self.node_ids
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _state(value, shape_b=(4, 2)):
+    return OrderedDict(a=torch.full((2, 3), float(value)), b=torch.full(shape_b, float(value)))
+
+
+def _reply(instruction, state, num_examples, dtype="float32"):
+    content = RecordDict({"arrays": adapter_to_record(state, dtype),
+                          "metrics": MetricRecord({"num-examples": num_examples,
+                                                   "train-loss": float(num_examples)})})
+    return Message(content, reply_to=instruction)
+
+
+def test_bad_replies_are_dropped_and_the_rest_averaged():
+    strategy = LoraFedAvg(reference=_state(0), min_available_nodes=6, min_train_nodes=6)
+    messages = list(strategy.configure_train(1, adapter_to_record(_state(0)), ConfigRecord(),
+                                             StaticGrid([1, 2, 3, 4, 5, 6])))
+    assert strategy.round_stats[1]["train-clients-sampled"] == 6
+    assert strategy.round_stats[1]["bytes-down"] == 6 * record_bytes(adapter_to_record(_state(0)))
+    by_node = {m.metadata.dst_node_id: m for m in messages}
+    nan_state = _state(1)
+    nan_state["a"][0, 0] = float("nan")
+    replies = [
+        _reply(by_node[1], _state(1), 10),
+        _reply(by_node[2], _state(4), 30, dtype="float16"),
+        _reply(by_node[3], _state(9, shape_b=(4, 3)), 10),  # wrong shape
+        _reply(by_node[4], nan_state, 10),  # non-finite values
+        _reply(by_node[5], _state(9), 0),  # no examples to weigh it by
+        Message(Error(code=0, reason="out of memory"), reply_to=by_node[6]),
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    result = record_to_adapter(arrays)
+    expected = weighted_average([_state(1), _state(4)], [10, 30])
+    assert all(torch.allclose(result[n], expected[n]) for n in expected)
+    assert torch.allclose(result["a"], torch.full((2, 3), 3.25))
+    assert metrics["num-examples"] == 40 and metrics["train-loss"] == pytest.approx(25.0)
+    stats = strategy.round_stats[1]
+    assert stats["train-clients-aggregated"] == 2 and stats["train-rejected"] == 4
+    assert stats["bytes-up"] == sum(record_bytes(r.content["arrays"]) for r in replies[:5])
+
+
+def test_no_usable_reply_leaves_the_global_adapter_alone():
+    strategy = LoraFedAvg(reference=_state(0), min_available_nodes=1, min_train_nodes=1)
+    [message] = strategy.configure_train(1, adapter_to_record(_state(0)), ConfigRecord(),
+                                         StaticGrid([5]))
+    arrays, metrics = strategy.aggregate_train(1, [_reply(message, _state(2, (1, 1)), 3)])
+    assert arrays is None and metrics is None
+
+
+def test_float16_transfer_sends_half_precision():
+    strategy = LoraFedAvg(reference=_state(0), transfer_dtype="float16", min_available_nodes=1,
+                          min_train_nodes=1)
+    [message] = strategy.configure_train(1, adapter_to_record(_state(0.1)), ConfigRecord(),
+                                         StaticGrid([3]))
+    assert {a.dtype for a in message.content["arrays"].values()} == {"float16"}
+
+
+def test_evaluation_metrics_are_example_weighted():
+    strategy = LoraFedAvg(reference=_state(0), min_available_nodes=2, min_evaluate_nodes=2)
+    messages = list(strategy.configure_evaluate(2, adapter_to_record(_state(0)), ConfigRecord(),
+                                                StaticGrid([1, 2])))
+    replies = [Message(RecordDict({"metrics": MetricRecord({"num-examples": n,
+                                                            "eval-accuracy": acc})}),
+                       reply_to=m) for m, n, acc in zip(messages, [10, 30], [0.2, 0.6])]
+    metrics = strategy.aggregate_evaluate(2, replies)
+    assert metrics["eval-accuracy"] == pytest.approx(0.5) and metrics["num-examples"] == 40
