@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.training import train_adapter
 from common.config import FedLoraConfig
-from common.data import load_splits, tokenize, train_val_split
+from common.data import DataSplits, load_splits, tokenize, train_val_split
 from common.errors import FedLoraError
 from common.metrics import evaluate_examples
 from common.model import LoraModel, build_lora_model
@@ -41,9 +41,9 @@ class ProcessCache:
 
     key: tuple
     lora: LoraModel
-    splits: object = None
+    splits: DataSplits | None = None
     partitions: list[list[int]] | None = None
-    sites: dict = None
+    sites: dict[int, SiteRuntime] = field(default_factory=dict)
 
 
 _CACHE: ProcessCache | None = None
@@ -54,7 +54,7 @@ def _process_cache(cfg: FedLoraConfig, labels: list[str] | None) -> ProcessCache
     key = (cfg, tuple(labels or ()))
     if _CACHE is None or _CACHE.key != key:  # a new run in this process: start over
         torch.set_num_threads(max(1, int(cfg.client_num_cpus)))
-        _CACHE = ProcessCache(key=key, lora=build_lora_model(cfg, labels), sites={})
+        _CACHE = ProcessCache(key=key, lora=build_lora_model(cfg, labels))
     return _CACHE
 
 

@@ -155,6 +155,7 @@ def parse_overrides(text: str) -> dict[str, Any]:
     """Parse ``"key=value key2='a b'"`` as flwr's ``--run-config`` does (values in TOML syntax,
     bare words taken as strings)."""
     import shlex
+
     import tomllib
 
     result: dict[str, Any] = {}

@@ -206,7 +206,8 @@ def num_batches(num_examples: int, batch_size: int) -> int:
     return math.ceil(num_examples / batch_size)
 
 
-def train_val_split(indices: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def train_val_split(indices: list[int], val_fraction: float,
+                    seed: int) -> tuple[list[int], list[int]]:
     """A site's own train/validation split; validation gets at least one example if asked for."""
     if val_fraction <= 0:
         return list(indices), []

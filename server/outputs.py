@@ -10,8 +10,12 @@
 from __future__ import annotations
 
 import json
+import os
 import time
+from logging import WARNING
 from pathlib import Path
+
+from flwr.common import log
 
 from common.atomic import append_line_atomic, atomic_directory, atomic_write_text
 from common.config import FedLoraConfig
@@ -29,9 +33,17 @@ class RunDirectory:
     @classmethod
     def create(cls, cfg: FedLoraConfig, labels: list[str] | None) -> "RunDirectory":
         run = cls(cfg.out_dir or default_run_dir())
+        if run.path.exists() and any(run.path.iterdir()):
+            # A new run must not mix rounds with an old one, nor destroy it: move it aside.
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+            kept = run.path.with_name(f"{run.path.name}.old-{stamp}")
+            suffix = 1
+            while kept.exists():
+                kept = run.path.with_name(f"{run.path.name}.old-{stamp}-{suffix}")
+                suffix += 1
+            os.replace(run.path, kept)
+            log(WARNING, "fedlora: %s held an earlier run; it was moved to %s", run.path, kept)
         run.path.mkdir(parents=True, exist_ok=True)
-        if run.metrics_file.exists():
-            run.metrics_file.unlink()  # a fresh run in an old directory must not mix rounds
         atomic_write_text(run.path / "config.json", cfg.to_json() + "\n")
         if labels is not None:
             atomic_write_text(run.path / "labels.json", json.dumps(labels, indent=1) + "\n")

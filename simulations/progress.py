@@ -78,7 +78,8 @@ class RoundProgress:
                           f"{r['server'].get('loss', float('nan')):.4f}",
                           _fmt(r.get("train", {}).get("train-loss")),
                           _fmt(r.get("evaluate", {}).get("eval-loss")),
-                          f"{r.get('bytes-down', 0) / 1e6:.2f}", f"{r.get('bytes-up', 0) / 1e6:.2f}",
+                          f"{r.get('bytes-down', 0) / 1e6:.2f}",
+                          f"{r.get('bytes-up', 0) / 1e6:.2f}",
                           f"{r.get('seconds', 0):.1f}")
         self.console.print(table)
         self.console.print(f"final adapter: {self.run.final_adapter}  (total {seconds:.0f}s)",

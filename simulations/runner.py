@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from common.config import FedLoraConfig
 
@@ -36,9 +37,9 @@ def simulate(cfg: FedLoraConfig, verbose: bool = False) -> None:
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
     from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
     from flwr.supercore.telemetry import EventType
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

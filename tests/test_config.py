@@ -1,6 +1,5 @@
-import tomllib
-
 import pytest
+import tomllib
 
 from common.config import FedLoraConfig, config_keys, parse_overrides
 from common.errors import FedLoraError

@@ -40,7 +40,8 @@ def test_a_folder_uses_its_train_and_test_files(banking77_dir):
 @pytest.mark.parametrize("cfg_kwargs, fragment", [
     ({"data": "/no/such/file.csv"}, "does not exist"),
     ({"data": "./missing_folder"}, "does not exist"),
-    ({"label_column": "label"}, "has no column 'label' (set label-column; columns found: text, intent)"),
+    ({"label_column": "label"},
+     "has no column 'label' (set label-column; columns found: text, intent)"),
     ({"text_column": "query"}, "has no column 'query' (set text-column"),
 ])
 def test_bad_data_is_named(tmp_path, cfg_kwargs, fragment):

@@ -10,8 +10,8 @@ from simulations.partitioning import partition_indices
 
 def _labelled(n=600, num_labels=6, seed=0):
     rng = np.random.default_rng(seed)
-    return datasets.Dataset.from_dict({"text": [f"q{i}" for i in range(n)],
-                                       "target": [f"l{x}" for x in rng.integers(num_labels, size=n)]})
+    labels = [f"l{x}" for x in rng.integers(num_labels, size=n)]
+    return datasets.Dataset.from_dict({"text": [f"q{i}" for i in range(n)], "target": labels})
 
 
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet", "quantity"])

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from common.errors import FedLoraError
-from common.records import (adapter_to_record, check_adapter_matches, record_bytes,
-                            record_to_adapter)
+from common.records import adapter_to_record, check_adapter_matches, record_bytes, record_to_adapter
 
 
 def _adapter(seed=0):
@@ -24,7 +23,8 @@ def test_float32_round_trip_is_bit_exact():
     assert list(back) == list(state)
     for name in state:
         assert back[name].dtype == torch.float32
-        assert np.array_equal(back[name].numpy().view(np.uint32), state[name].numpy().view(np.uint32))
+        bits = back[name].numpy().view(np.uint32)
+        assert np.array_equal(bits, state[name].numpy().view(np.uint32))
 
 
 def test_float16_transfer_halves_the_bytes_and_rounds_like_torch():

@@ -4,11 +4,10 @@ import json
 
 import pandas as pd
 import pytest
+from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import FedLoraConfig
 from server.app import run_federation
-from flwr.supercore.task_identity import TaskIdentity
-
 from simulations import cli, runner
 
 
@@ -53,3 +52,14 @@ def test_the_cli_exits_non_zero_when_the_run_fails(small_config, monkeypatch, ca
     assert code == 1
     out = capsys.readouterr().out
     assert "fedlora: error: run failed: RuntimeError: connection to the SuperLink lost" in out
+
+
+def test_an_earlier_run_in_the_same_directory_is_kept(small_config, tmp_path):
+    from server.outputs import RunDirectory
+
+    first = RunDirectory.create(small_config, ["a", "b"])
+    first.append_round({"round": 0, "server": {"accuracy": 0.5}})
+    second = RunDirectory.create(small_config, ["a", "b"])
+    assert second.path == first.path and second.read_rounds() == []
+    [kept] = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert RunDirectory(kept).read_rounds() == [{"round": 0, "server": {"accuracy": 0.5}}]

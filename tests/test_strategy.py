@@ -4,7 +4,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from common.records import adapter_to_record, record_bytes, record_to_adapter

@@ -16,9 +16,12 @@ def test_local_training_fits_the_site_data(banking_subset):
     labels = resolve_labels(cfg, splits)
     lora = build_lora_model(cfg, labels)
     examples = tokenize(splits.train.select(range(0, 300, 3)), lora.tokenizer, cfg, labels)
-    score = lambda: evaluate_examples(lora.model, examples, batch_size=64,
-                                      pad_id=lora.tokenizer.pad_token_id, device=lora.device,
-                                      classification=True)
+
+    def score():
+        return evaluate_examples(lora.model, examples, batch_size=64,
+                                 pad_id=lora.tokenizer.pad_token_id, device=lora.device,
+                                 classification=True)
+
     before = score()
     stats = train_adapter(lora.model, examples, cfg, seed=0, pad_id=lora.tokenizer.pad_token_id,
                           device=lora.device)
