@@ -8,7 +8,7 @@ DATA=${1:-../shared/data/banking77}
 OUT=${2:-runs/bench-banking77-dirichlet0.5}
 /usr/bin/time -v .venv/bin/fedlora simulate --data "$DATA" --num-clients 10 --rounds 5 \
     --partition dirichlet --alpha 0.5 --out "$OUT" \
-    --run-config "label-column=category learning-rate=0.005" 2> "$OUT.time.txt" || {
+    --run-config "label-column=category" 2> "$OUT.time.txt" || {
     cat "$OUT.time.txt"; exit 1; }
 .venv/bin/python bench/summarize_run.py "$OUT"
 grep -E "Elapsed|Maximum resident" "$OUT.time.txt"

@@ -56,7 +56,7 @@ class FedLoraConfig:
     local_epochs: int = 1
     local_steps: int = 0  # > 0 overrides local_epochs: a fixed number of optimiser steps
     batch_size: int = 32
-    learning_rate: float = 0.002
+    learning_rate: float = 0.005
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 disables clipping
     grad_accum_steps: int = 1

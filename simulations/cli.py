@@ -98,7 +98,8 @@ def simulate_command(cfg: FedLoraConfig, verbose: bool) -> int:
         update_console_handler(level=logging.WARNING)
     run = RunDirectory(cfg.out_dir)
     console.print(f"[bold]fedlora[/] simulate: {cfg.num_clients} clients, {cfg.num_rounds} "
-                  f"rounds, {cfg.partition} partition, model {cfg.model}, run directory {run.path}")
+                  f"rounds, {cfg.partition} partition, model {cfg.model}, run directory {run.path}",
+                  soft_wrap=True)
     started = time.time()
     failure: BaseException | None = None
     with RoundProgress(run, cfg, console) as progress:

@@ -62,7 +62,8 @@ class RoundProgress:
         except (OSError, ValueError):  # the file is being replaced; read it next time
             return
         for record in rounds[self._shown:]:
-            self._bar.console.print(format_round(record, self.cfg), highlight=False)
+            self._bar.console.print(format_round(record, self.cfg), highlight=False,
+                                    soft_wrap=True)
             self._bar.update(self._task, completed=record["round"])
         self._shown = max(self._shown, len(rounds))
 

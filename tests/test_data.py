@@ -84,3 +84,9 @@ def test_labels_from_config_and_unknown_labels(tmp_path):
     lora = build_lora_model(cfg, ["card", "loan"])
     with pytest.raises(FedLoraError, match="not in the shared label set"):
         tokenize(load_splits(cfg).train, lora.tokenizer, cfg, ["card", "loan"])
+
+
+def test_an_unreachable_hub_data_set_is_named():
+    with pytest.raises(FedLoraError, match="'no-such-org/no-such-data' is not a local file or "
+                                           "folder and cannot be loaded from the Hugging Face hub"):
+        load_splits(FedLoraConfig(data="no-such-org/no-such-data"))

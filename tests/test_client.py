@@ -1,0 +1,80 @@
+"""The ClientApp's handlers, called in-process as a SuperNode would call them."""
+
+import json
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+import client.app as client_app
+from common.config import FedLoraConfig
+from common.data import load_splits, resolve_labels
+from common.errors import FedLoraError
+from common.model import build_lora_model
+from common.records import adapter_to_record, record_to_adapter
+
+
+@pytest.fixture
+def site(banking_subset, monkeypatch):
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    cfg = FedLoraConfig(data=str(banking_subset), label_column="category", num_clients=3,
+                        local_steps=2)
+    labels = resolve_labels(cfg, load_splits(cfg))
+    global_state = build_lora_model(cfg, labels).trainable_state()
+    builds = []
+    real_build = client_app.build_lora_model
+    monkeypatch.setattr(client_app, "build_lora_model",
+                        lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    monkeypatch.setattr(client_app, "_CACHE", None)
+
+    def message(kind, server_round=1, state=None, partition=0):
+        context = Context(run_id=1, node_id=10 + partition,
+                          node_config={"partition-id": partition, "num-partitions": 3},
+                          state=RecordDict(), run_config=cfg.to_run_config())
+        msg = Message(RecordDict({"arrays": adapter_to_record(state or global_state),
+                                  "config": ConfigRecord({"labels": json.dumps(labels),
+                                                          "server-round": server_round})}),
+                      dst_node_id=10 + partition, message_type=kind)
+        return msg, context
+
+    return message, global_state, builds
+
+
+def test_train_replies_with_an_updated_adapter_and_its_example_count(site):
+    message, global_state, builds = site
+    reply = client_app.train(*message("train"))
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] == 90  # 300 / 3 sites, 10% kept for validation
+    assert metrics["train-steps"] == 2 and metrics["train-loss"] > 0
+    update = record_to_adapter(reply.content["arrays"])
+    assert list(update) == list(global_state)
+    assert any(not torch.equal(update[n], global_state[n]) for n in update)
+
+
+def test_model_and_data_are_loaded_once_per_process(site, monkeypatch):
+    message, _, builds = site
+    tokenized = []
+    real_tokenize = client_app.tokenize
+    monkeypatch.setattr(client_app, "tokenize",
+                        lambda *a, **k: tokenized.append(1) or real_tokenize(*a, **k))
+    for server_round in (1, 2, 3):
+        for partition in (0, 1):
+            client_app.train(*message("train", server_round, partition=partition))
+            client_app.evaluate(*message("evaluate", server_round, partition=partition))
+    assert len(builds) == 1
+    assert len(tokenized) == 2 * 2  # train and validation split, once per site
+
+
+def test_evaluate_reports_validation_metrics(site):
+    message, _, _ = site
+    metrics = client_app.evaluate(*message("evaluate")).content["metrics"]
+    assert metrics["num-examples"] == 10
+    assert 0 <= metrics["eval-accuracy"] <= 1 and metrics["eval-loss"] > 0
+
+
+def test_an_adapter_of_the_wrong_shape_is_refused(site):
+    message, global_state, _ = site
+    wrong = {n: (t[:, :4] if t.dim() == 2 else t) for n, t in global_state.items()}
+    with pytest.raises(FedLoraError, match="adapter from the server: tensor .* has shape"):
+        client_app.train(*message("train", state=wrong))
