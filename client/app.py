@@ -14,13 +14,14 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.sync import load_global
 from client.training import train_adapter
 from common.config import FedLoraConfig
 from common.data import DataSplits, load_splits, tokenize, train_val_split
 from common.errors import FedLoraError
 from common.metrics import evaluate_examples
 from common.model import LoraModel, build_lora_model
-from common.records import adapter_to_record, check_adapter_matches, record_to_adapter
+from common.records import adapter_to_record
 
 app = ClientApp()
 
@@ -40,7 +41,7 @@ class ProcessCache:
     """Per process and run: one base model, the data read once, every site's examples."""
 
     key: tuple
-    lora: LoraModel
+    models: dict[int, LoraModel] = field(default_factory=dict)  # one per LoRA rank in use
     splits: DataSplits | None = None
     partitions: list[list[int]] | None = None
     sites: dict[int, SiteRuntime] = field(default_factory=dict)
@@ -54,8 +55,15 @@ def _process_cache(cfg: FedLoraConfig, labels: list[str] | None) -> ProcessCache
     key = (cfg, tuple(labels or ()))
     if _CACHE is None or _CACHE.key != key:  # a new run in this process: start over
         torch.set_num_threads(max(1, int(cfg.client_num_cpus)))
-        _CACHE = ProcessCache(key=key, lora=build_lora_model(cfg, labels))
+        _CACHE = ProcessCache(key=key)
     return _CACHE
+
+
+def _model(cache: ProcessCache, cfg: FedLoraConfig, labels: list[str] | None,
+           rank: int) -> LoraModel:
+    if rank not in cache.models:
+        cache.models[rank] = build_lora_model(cfg, labels, rank=rank)
+    return cache.models[rank]
 
 
 def _site_runtime(cfg: FedLoraConfig, context: Context, labels: list[str] | None) -> SiteRuntime:
@@ -63,11 +71,13 @@ def _site_runtime(cfg: FedLoraConfig, context: Context, labels: list[str] | None
     node = context.node_config
     if "data-path" in node:  # deployment: this site's own data, nothing partitioned
         site_id = int(context.node_id) % (2**31)
+        rank = int(node.get("lora-r", cfg.global_lora_rank))
         if site_id not in cache.sites:
             rows_source = load_splits(cfg.replace(data=str(node["data-path"]))).train
             rows = list(range(len(rows_source)))
     elif "partition-id" in node:  # simulation: one partition of the shared data set
         site_id = int(node["partition-id"])
+        rank = cfg.site_ranks[site_id % len(cfg.site_ranks)]
         if site_id not in cache.sites:
             if cache.partitions is None:
                 from simulations.partitioning import partition_indices
@@ -83,11 +93,11 @@ def _site_runtime(cfg: FedLoraConfig, context: Context, labels: list[str] | None
                            "(simulation)")
     if site_id not in cache.sites:
         train_rows, val_rows = train_val_split(rows, cfg.val_fraction, cfg.seed + site_id)
-        tokenizer = cache.lora.tokenizer
+        lora = _model(cache, cfg, labels, rank)
         cache.sites[site_id] = SiteRuntime(
-            lora=cache.lora,
-            train_examples=tokenize(rows_source.select(train_rows), tokenizer, cfg, labels),
-            val_examples=tokenize(rows_source.select(val_rows), tokenizer, cfg, labels),
+            lora=lora,
+            train_examples=tokenize(rows_source.select(train_rows), lora.tokenizer, cfg, labels),
+            val_examples=tokenize(rows_source.select(val_rows), lora.tokenizer, cfg, labels),
             site_id=site_id)
     return cache.sites[site_id]
 
@@ -97,9 +107,7 @@ def _prepare(msg: Message, context: Context) -> tuple[FedLoraConfig, SiteRuntime
     config = msg.content["config"]
     labels = json.loads(str(config["labels"])) if "labels" in config else None
     runtime = _site_runtime(cfg, context, labels)
-    state = record_to_adapter(msg.content["arrays"])
-    check_adapter_matches(state, runtime.lora.trainable_state(), sender="the server")
-    runtime.lora.load_trainable_state(state)
+    load_global(runtime.lora, msg.content, cfg)
     return cfg, runtime
 
 
@@ -108,9 +116,13 @@ def train(msg: Message, context: Context) -> Message:
     cfg, runtime = _prepare(msg, context)
     server_round = int(msg.content["config"]["server-round"])
     started = time.perf_counter()
+    # FedProx pulls towards the global adapter this round started from.
+    anchor = ([p.detach().clone() for p in runtime.lora.model.parameters() if p.requires_grad]
+              if cfg.strategy == "fedprox" else None)
     stats = train_adapter(runtime.lora.model, runtime.train_examples, cfg,
                           seed=cfg.seed + 1000 * server_round + runtime.site_id,
-                          pad_id=runtime.lora.tokenizer.pad_token_id, device=runtime.lora.device)
+                          pad_id=runtime.lora.tokenizer.pad_token_id, device=runtime.lora.device,
+                          anchor=anchor)
     metrics = MetricRecord({
         "num-examples": len(runtime.train_examples),
         "train-loss": stats["loss"],

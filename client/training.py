@@ -19,8 +19,10 @@ def planned_steps(num_examples: int, cfg: FedLoraConfig) -> int:
 
 
 def train_adapter(model: torch.nn.Module, examples: list[dict], cfg: FedLoraConfig, *,
-                  seed: int, pad_id: int, device: torch.device) -> dict:
-    """Train in place; return the mean loss, optimiser steps and examples processed."""
+                  seed: int, pad_id: int, device: torch.device,
+                  anchor: list[torch.Tensor] | None = None) -> dict:
+    """Train in place; return the mean loss, optimiser steps and examples processed.
+    With an anchor (FedProx), add (mu/2) * ||w - anchor||^2 over the trainable tensors."""
     torch.manual_seed(seed)  # LoRA dropout
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -31,7 +33,11 @@ def train_adapter(model: torch.nn.Module, examples: list[dict], cfg: FedLoraConf
         for batch in batches(examples, cfg.batch_size, pad_id, shuffle_seed=seed + epoch):
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = model(**batch).loss
-            (loss / cfg.grad_accum_steps).backward()
+            objective = loss
+            if anchor is not None:
+                objective = loss + cfg.proximal_mu / 2 * sum(
+                    (p - a).pow(2).sum() for p, a in zip(params, anchor))
+            (objective / cfg.grad_accum_steps).backward()
             loss_sum += loss.detach().item()
             micro += 1
             seen += batch["input_ids"].shape[0]

@@ -19,6 +19,8 @@ from common.errors import FedLoraError
 TASKS = ("classification", "causal-lm")
 PARTITIONS = ("iid", "dirichlet", "quantity")
 TRANSFER_DTYPES = ("float32", "float16")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "ffa", "exact", "hetlora")
+MIXED_RANK_STRATEGIES = ("exact", "hetlora")
 DATA_ENV_VAR = "FEDLORA_DATA"
 
 
@@ -61,6 +63,16 @@ class FedLoraConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     grad_accum_steps: int = 1
     transfer_dtype: str = "float32"
+    # Aggregation
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01  # fedprox: weight of (mu/2) * ||w - w_global||^2
+    server_learning_rate: float = 0.0  # 0 = the strategy's own (fedadam/yogi 0.01, fedavgm 1)
+    server_momentum: float = 0.9  # fedavgm
+    server_beta1: float = 0.9  # fedadam, fedyogi
+    server_beta2: float = 0.99
+    server_tau: float = 0.001
+    client_ranks: str = ""  # per-site LoRA ranks "4,8,16", cycled over sites; empty = lora-r
+    global_rank: int = 0  # rank of the global adapter; 0 = the largest client rank
     # Simulation
     num_clients: int = 10
     partition: str = "iid"
@@ -74,6 +86,7 @@ class FedLoraConfig:
         _check_choice("task", self.task, TASKS)
         _check_choice("partition", self.partition, PARTITIONS)
         _check_choice("transfer-dtype", self.transfer_dtype, TRANSFER_DTYPES)
+        _check_choice("strategy", self.strategy, STRATEGIES)
         for name in ("lora-r", "max-length", "num-rounds", "local-epochs", "batch-size",
                      "grad-accum-steps", "num-clients", "min-train-clients",
                      "min-evaluate-clients", "min-available-clients"):
@@ -85,7 +98,8 @@ class FedLoraConfig:
                 raise FedLoraError(f"config {name} must be positive, got "
                                    f"{getattr(self, _field(name))}")
         for name in ("local-steps", "max-train-examples", "max-eval-examples", "weight-decay",
-                     "max-grad-norm", "client-num-gpus"):
+                     "max-grad-norm", "client-num-gpus", "proximal-mu", "server-learning-rate",
+                     "server-momentum", "global-rank"):
             if getattr(self, _field(name)) < 0:
                 raise FedLoraError(f"config {name} must not be negative, got "
                                    f"{getattr(self, _field(name))}")
@@ -99,6 +113,22 @@ class FedLoraConfig:
             if not 0 <= getattr(self, _field(name)) <= 1:
                 raise FedLoraError(f"config {name} must be in [0, 1], got "
                                    f"{getattr(self, _field(name))}")
+        for name in ("server-beta1", "server-beta2"):
+            if not 0 <= getattr(self, _field(name)) < 1:
+                raise FedLoraError(f"config {name} must be in [0, 1), got "
+                                   f"{getattr(self, _field(name))}")
+        ranks = self.site_ranks  # parses client-ranks
+        if len(set(ranks)) > 1 and self.strategy not in MIXED_RANK_STRATEGIES:
+            raise FedLoraError(f"strategy {self.strategy} needs one LoRA rank for all clients; "
+                               f"client-ranks {self.client_ranks!r} needs strategy "
+                               f"{' or '.join(MIXED_RANK_STRATEGIES)}")
+        if (self.strategy not in MIXED_RANK_STRATEGIES and self.global_rank
+                and self.global_rank != self.lora_r):
+            raise FedLoraError(f"strategy {self.strategy} keeps one rank: global-rank must be 0 "
+                               f"or equal lora-r ({self.lora_r})")
+        if self.strategy == "hetlora" and self.global_lora_rank < max(ranks):
+            raise FedLoraError(f"hetlora pads client adapters up to global-rank, which must be at "
+                               f"least the largest client rank {max(ranks)}")
         if "{prompt}" not in self.prompt_template:
             raise FedLoraError("config prompt-template must contain '{prompt}'")
 
@@ -138,6 +168,33 @@ class FedLoraConfig:
         if self.lora_target_modules.strip() in ("", "auto"):
             return None
         return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+    @property
+    def site_ranks(self) -> list[int]:
+        """The LoRA rank of each simulated site, cycled by partition id."""
+        if not self.client_ranks.strip():
+            return [self.lora_r]
+        try:
+            ranks = [int(r) for r in self.client_ranks.split(",") if r.strip()]
+        except ValueError:
+            raise FedLoraError(f"config client-ranks must be comma-separated integers, got "
+                               f"{self.client_ranks!r}") from None
+        if not ranks or min(ranks) <= 0:
+            raise FedLoraError(f"config client-ranks must be positive, got {self.client_ranks!r}")
+        return ranks
+
+    @property
+    def global_lora_rank(self) -> int:
+        return self.global_rank or max(self.site_ranks)
+
+    @property
+    def lora_scaling(self) -> float:
+        """s in W + s * B @ A, the same for every rank so factors of any rank combine."""
+        return self.lora_alpha / self.global_lora_rank
+
+    def effective_server_lr(self) -> float:
+        defaults = {"fedadam": 0.01, "fedyogi": 0.01, "fedavgm": 1.0}
+        return self.server_learning_rate or defaults.get(self.strategy, 1.0)
 
     @property
     def is_classification(self) -> bool:

@@ -10,7 +10,7 @@ import logging
 import os
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,6 +47,7 @@ class LoraModel:
     model: torch.nn.Module
     tokenizer: object
     device: torch.device
+    pretrained_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def trainable_state(self) -> "OrderedDict[str, torch.Tensor]":
         return OrderedDict((n, p.detach()) for n, p in self.model.named_parameters()
@@ -57,6 +58,24 @@ class LoraModel:
         with torch.no_grad():
             for name, tensor in state.items():
                 params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+
+    def frozen_lora_state(self) -> "OrderedDict[str, torch.Tensor]":
+        """LoRA factors that do not train (FFA-LoRA's A), for computing products."""
+        return OrderedDict((n, p.detach()) for n, p in self.model.named_parameters()
+                           if ".lora_" in n and not p.requires_grad)
+
+    def set_base_offsets(self, offsets: dict[str, torch.Tensor]) -> None:
+        """Base weight of each LoRA module := its pretrained weight + offset (module prefix ->
+        out x in tensor). The pretrained weights are kept on first use, so offsets never stack."""
+        with torch.no_grad():
+            for prefix, offset in offsets.items():
+                layer = self.model.get_submodule(prefix).base_layer
+                if prefix not in self.pretrained_weights:
+                    self.pretrained_weights[prefix] = layer.weight.detach().clone()
+                delta = offset.T if getattr(self.model.get_submodule(prefix), "fan_in_fan_out",
+                                            False) else offset
+                layer.weight.copy_(self.pretrained_weights[prefix]
+                                   + delta.to(layer.weight.device, layer.weight.dtype))
 
 
 def resolve_model_path(name: str) -> str:
@@ -108,8 +127,10 @@ def pick_device() -> torch.device:
 
 
 def build_lora_model(cfg: FedLoraConfig, labels: list[str] | None = None,
-                     device: torch.device | None = None) -> LoraModel:
-    """Load the base model for cfg.task and wrap it with LoRA. Seeded: same cfg, same init."""
+                     device: torch.device | None = None, rank: int | None = None) -> LoraModel:
+    """Load the base model for cfg.task and wrap it with LoRA of `rank` (default: the global
+    rank). Seeded: same cfg, same init. Alpha follows the rank so that the scaling alpha / r
+    is the same for every rank; FFA-LoRA freezes A."""
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -137,7 +158,8 @@ def build_lora_model(cfg: FedLoraConfig, labels: list[str] | None = None,
     else:
         base = AutoModelForCausalLM.from_pretrained(path)
         task_type = TaskType.CAUSAL_LM
-    lora = LoraConfig(task_type=task_type, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+    rank = rank or cfg.global_lora_rank
+    lora = LoraConfig(task_type=task_type, r=rank, lora_alpha=cfg.lora_scaling * rank,
                       lora_dropout=cfg.lora_dropout,
                       target_modules=target_modules_for(cfg, model_config.model_type))
     try:
@@ -146,6 +168,10 @@ def build_lora_model(cfg: FedLoraConfig, labels: list[str] | None = None,
             model = get_peft_model(base, lora)
     except ValueError as err:
         raise FedLoraError(f"cannot apply LoRA to {cfg.model!r}: {err}") from None
+    if cfg.strategy == "ffa":
+        for name, param in model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
     device = device or pick_device()
     model.to(device)
     return LoraModel(model=model, tokenizer=tokenizer, device=device)

@@ -36,8 +36,10 @@ def record_to_adapter(record: ArrayRecord) -> "OrderedDict[str, torch.Tensor]":
 
 
 def check_adapter_matches(state: Mapping[str, torch.Tensor],
-                          reference: Mapping[str, torch.Tensor], sender: str) -> None:
-    """Names and shapes of a received adapter must equal the local model's trainable tensors."""
+                          reference: Mapping[str, torch.Tensor], sender: str,
+                          any_rank: bool = False) -> None:
+    """Names and shapes of a received adapter must equal the local model's trainable tensors.
+    With any_rank, LoRA factors may differ in their rank dimension (A's rows, B's columns)."""
     missing = [n for n in reference if n not in state]
     extra = [n for n in state if n not in reference]
     if missing or extra:
@@ -50,6 +52,15 @@ def check_adapter_matches(state: Mapping[str, torch.Tensor],
                            f"{'; '.join(detail)} (same model, task, LoRA rank and targets?)")
     for name, tensor in state.items():
         expected = tuple(reference[name].shape)
+        if any_rank and tensor.dim() == 2 and (".lora_A." in name or ".lora_B." in name):
+            free = 0 if ".lora_A." in name else 1  # the rank dimension
+            expected = tuple(tensor.shape[i] if i == free else expected[i] for i in range(2))
+            partner = (name.replace(".lora_A.", ".lora_B.") if free == 0
+                       else name.replace(".lora_B.", ".lora_A."))
+            if partner in state and state[partner].dim() == 2 and \
+                    state[partner].shape[1 - free] != tensor.shape[free]:
+                raise FedLoraError(f"adapter from {sender}: the factors of {name!r} disagree "
+                                   f"on their rank")
         if tuple(tensor.shape) != expected:
             raise FedLoraError(f"adapter from {sender}: tensor {name!r} has shape "
                                f"{tuple(tensor.shape)}, the local model expects {expected}")

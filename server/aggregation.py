@@ -7,12 +7,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-
-def normalized_weights(weights: Sequence[float]) -> list[float]:
-    total = float(sum(weights))
-    if total <= 0:
-        raise ValueError("aggregation weights must sum to a positive number")
-    return [float(w) / total for w in weights]
+from common.lora_math import normalized_weights
 
 
 def weighted_average(states: Sequence[Mapping[str, torch.Tensor]],
@@ -39,3 +34,54 @@ def weighted_mean_metrics(metrics: Sequence[Mapping[str, float]],
     common = set(metrics[0]).intersection(*map(set, metrics[1:]))
     return {key: float(sum(p_k * float(m[key]) for p_k, m in zip(p, metrics)))
             for key in sorted(common)}
+
+
+# -- Server optimisers on the aggregate (Reddi et al., "Adaptive Federated Optimization";
+#    Hsu et al., FedAvgM). Same formulas as Flower's FedAdam/FedYogi/FedAvgM, on tensors.
+
+State = Mapping[str, torch.Tensor]
+
+
+def _zeros_like(state: State) -> "OrderedDict[str, torch.Tensor]":
+    return OrderedDict((k, torch.zeros_like(v, dtype=torch.float64)) for k, v in state.items())
+
+
+def fedadam_step(current: State, average: State, m: State | None, v: State | None, *,
+                 server_round: int, eta: float, beta1: float, beta2: float, tau: float):
+    """x += eta_t * m / (sqrt(v) + tau) with delta = average - x; returns (x, m, v)."""
+    m = m or _zeros_like(current)
+    v = v or _zeros_like(current)
+    new_x, new_m, new_v = OrderedDict(), OrderedDict(), OrderedDict()
+    eta_t = eta * (1 - beta2 ** (server_round + 1.0)) ** 0.5 / (1 - beta1 ** (server_round + 1.0))
+    for k, x in current.items():
+        delta = average[k].double() - x.double()
+        new_m[k] = beta1 * m[k] + (1 - beta1) * delta
+        new_v[k] = beta2 * v[k] + (1 - beta2) * delta**2
+        new_x[k] = (x.double() + eta_t * new_m[k] / (new_v[k].sqrt() + tau)).float()
+    return new_x, new_m, new_v
+
+
+def fedyogi_step(current: State, average: State, m: State | None, v: State | None, *,
+                 eta: float, beta1: float, beta2: float, tau: float):
+    """Yogi's additive second moment: v -= (1 - beta2) * delta^2 * sign(v - delta^2)."""
+    m = m or _zeros_like(current)
+    v = v or _zeros_like(current)
+    new_x, new_m, new_v = OrderedDict(), OrderedDict(), OrderedDict()
+    for k, x in current.items():
+        delta = average[k].double() - x.double()
+        new_m[k] = beta1 * m[k] + (1 - beta1) * delta
+        new_v[k] = v[k] - (1 - beta2) * delta**2 * torch.sign(v[k] - delta**2)
+        new_x[k] = (x.double() + eta * new_m[k] / (new_v[k].sqrt() + tau)).float()
+    return new_x, new_m, new_v
+
+
+def fedavgm_step(current: State, average: State, momentum: State | None, *, lr: float,
+                 server_momentum: float):
+    """Heavy-ball on the pseudo-gradient (x - average); returns (x, momentum)."""
+    new_x, new_buf = OrderedDict(), OrderedDict()
+    for k, x in current.items():
+        grad = x.double() - average[k].double()
+        new_buf[k] = grad if momentum is None or server_momentum == 0 else \
+            server_momentum * momentum[k] + grad
+        new_x[k] = (x.double() - lr * new_buf[k]).float()
+    return new_x, new_buf

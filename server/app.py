@@ -6,19 +6,22 @@ import json
 import random
 import time
 import traceback
+from collections import OrderedDict
 from logging import ERROR, INFO
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import FedLoraConfig
 from common.data import load_splits, resolve_labels, tokenize
-from common.model import build_lora_model
+from common.lora_math import factorize, lora_modules
+from common.model import LoraModel, build_lora_model
 from common.records import adapter_to_record, record_to_adapter
 from server.evaluation import GlobalEvaluator
 from server.outputs import RunDirectory
-from server.strategies.fedavg import LoraFedAvg
+from server.strategies import build_strategy
 
 app = ServerApp()
 
@@ -39,15 +42,13 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
     log(INFO, "fedlora: run directory %s", run.path)
     try:
         evaluator = GlobalEvaluator(lora, tokenize(splits.test, lora.tokenizer, cfg, labels), cfg)
-        strategy = LoraFedAvg(
-            reference=lora.trainable_state(), transfer_dtype=cfg.transfer_dtype,
-            fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
-            min_train_nodes=cfg.min_train_clients, min_evaluate_nodes=cfg.min_evaluate_clients,
-            min_available_nodes=cfg.min_available_clients)
+        strategy = build_strategy(cfg, lora)
         client_config = ConfigRecord({"labels": json.dumps(labels)} if labels else {})
         round_started = [time.time()]
 
         def evaluate_and_record(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            if getattr(strategy, "residual", None):
+                lora.set_base_offsets(strategy.residual)
             server_metrics = evaluator(arrays)
             stats = strategy.round_stats.pop(server_round, {})
             now = time.time()
@@ -56,6 +57,9 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
                               "evaluate": stats.get("evaluate", {}),
                               "bytes-down": stats.get("bytes-down", 0),
                               "bytes-up": stats.get("bytes-up", 0),
+                              "bytes-down-per-client": stats.get("bytes-down-per-client", 0),
+                              "bytes-up-per-client": stats.get("bytes-up-per-client", 0),
+                              "agg-rel-error": stats.get("agg-rel-error"),
                               "clients": {k: v for k, v in stats.items()
                                           if k.endswith(("-sampled", "-aggregated",
                                                          "-rejected"))},
@@ -68,7 +72,8 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
             num_rounds=cfg.num_rounds, timeout=cfg.round_timeout, train_config=client_config,
             evaluate_config=client_config, evaluate_fn=evaluate_and_record)
         lora.load_trainable_state(record_to_adapter(result.arrays))
-        run.save_adapter(lora, labels)
+        run.save_adapter(exportable(cfg, lora, labels, getattr(strategy, "residual", None)),
+                         labels)
         rounds = run.read_rounds()
         run.write_summary({"status": "completed", "rounds": cfg.num_rounds,
                            "final": rounds[-1]["server"] if rounds else {},
@@ -81,3 +86,22 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
                            "seconds": time.time() - started})
         raise
     return run
+
+
+def exportable(cfg: FedLoraConfig, lora: LoraModel, labels: list[str] | None,
+               residual: dict[str, torch.Tensor] | None) -> LoraModel:
+    """A plain PEFT adapter that equals the global model. With a residual (strategy exact) the
+    adapter is re-factorised at the rank that holds global product + residual exactly."""
+    if not residual:
+        return lora
+    state = lora.trainable_state()
+    totals = {prefix: cfg.lora_scaling * state[b].double() @ state[a].double() + residual[prefix]
+              for prefix, (a, b) in lora_modules(state).items()}
+    rank = max(int(torch.linalg.matrix_rank(t, rtol=1e-7)) for t in totals.values())
+    export = build_lora_model(cfg, labels, device=lora.device, rank=rank)
+    full = OrderedDict((n, t) for n, t in state.items() if ".lora_" not in n)
+    for prefix, (a, b) in lora_modules(export.trainable_state()).items():
+        full[b], full[a], _ = factorize(totals[prefix], rank, cfg.lora_scaling)
+    export.load_trainable_state(full)
+    log(INFO, "fedlora: exported the exact global model as a rank-%s adapter", rank)
+    return export

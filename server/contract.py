@@ -34,7 +34,8 @@ def parse_metrics(msg: Message) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def parse_train_reply(msg: Message, reference: Mapping[str, torch.Tensor]) -> TrainUpdate:
+def parse_train_reply(msg: Message, reference: Mapping[str, torch.Tensor],
+                      any_rank: bool = False) -> TrainUpdate:
     """Decode a train reply; raise FedLoraError naming what is wrong."""
     if msg.has_error():
         raise FedLoraError(f"client failed: {msg.error.reason}")
@@ -45,7 +46,8 @@ def parse_train_reply(msg: Message, reference: Mapping[str, torch.Tensor]) -> Tr
     if len(records) != 1:
         raise FedLoraError(f"expected one ArrayRecord, got {len(records)}")
     state = record_to_adapter(records[0])
-    check_adapter_matches(state, reference, sender=f"node {msg.metadata.src_node_id}")
+    check_adapter_matches(state, reference, sender=f"node {msg.metadata.src_node_id}",
+                          any_rank=any_rank)
     for name, tensor in state.items():
         if not torch.isfinite(tensor).all():
             raise FedLoraError(f"tensor {name!r} has non-finite values")

@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from common.config import FedLoraConfig, parse_overrides
+from common.config import STRATEGIES, FedLoraConfig, parse_overrides
 from common.errors import FedLoraError
 
 
@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--data", help="data file, folder with train/test files, or hub data set")
     sim.add_argument("--model", help="Hugging Face model id or folder ('default': MiniLM-L6)")
     sim.add_argument("--task", choices=["classification", "causal-lm"])
+    sim.add_argument("--strategy", choices=list(STRATEGIES),
+                     help="aggregation (default fedavg); see docs/strategies.md")
     sim.add_argument("--out", help="run directory (default runs/<timestamp>)")
     sim.add_argument("--seed", type=int)
     sim.add_argument("--client-cpus", type=float, help="CPUs per simulated client (default 1)")
@@ -44,7 +46,8 @@ def config_from_args(args: argparse.Namespace) -> FedLoraConfig:
     values.update(parse_overrides(args.run_config))
     flags = {"num-clients": args.num_clients, "num-rounds": args.rounds,
              "partition": args.partition, "alpha": args.alpha, "data": args.data,
-             "model": args.model, "task": args.task, "out-dir": args.out, "seed": args.seed,
+             "model": args.model, "task": args.task, "strategy": args.strategy,
+             "out-dir": args.out, "seed": args.seed,
              "client-num-cpus": args.client_cpus, "client-num-gpus": args.client_gpus}
     values.update({k: v for k, v in flags.items() if v is not None})
     cfg = FedLoraConfig.from_run_config(values)

@@ -7,6 +7,7 @@ import torch
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from common.config import FedLoraConfig
 from common.records import adapter_to_record, record_bytes, record_to_adapter
 from server.aggregation import weighted_average
 from server.strategies.fedavg import LoraFedAvg
@@ -37,7 +38,7 @@ def _reply(instruction, state, num_examples, dtype="float32"):
 
 
 def test_bad_replies_are_dropped_and_the_rest_averaged():
-    strategy = LoraFedAvg(reference=_state(0), min_available_nodes=6, min_train_nodes=6)
+    strategy = LoraFedAvg(FedLoraConfig(min_available_clients=6, min_train_clients=6), _state(0))
     messages = list(strategy.configure_train(1, adapter_to_record(_state(0)), ConfigRecord(),
                                              StaticGrid([1, 2, 3, 4, 5, 6])))
     assert strategy.round_stats[1]["train-clients-sampled"] == 6
@@ -65,7 +66,7 @@ def test_bad_replies_are_dropped_and_the_rest_averaged():
 
 
 def test_no_usable_reply_leaves_the_global_adapter_alone():
-    strategy = LoraFedAvg(reference=_state(0), min_available_nodes=1, min_train_nodes=1)
+    strategy = LoraFedAvg(FedLoraConfig(min_available_clients=1, min_train_clients=1), _state(0))
     [message] = strategy.configure_train(1, adapter_to_record(_state(0)), ConfigRecord(),
                                          StaticGrid([5]))
     arrays, metrics = strategy.aggregate_train(1, [_reply(message, _state(2, (1, 1)), 3)])
@@ -73,15 +74,15 @@ def test_no_usable_reply_leaves_the_global_adapter_alone():
 
 
 def test_float16_transfer_sends_half_precision():
-    strategy = LoraFedAvg(reference=_state(0), transfer_dtype="float16", min_available_nodes=1,
-                          min_train_nodes=1)
+    strategy = LoraFedAvg(FedLoraConfig(transfer_dtype="float16", min_available_clients=1,
+                                        min_train_clients=1), _state(0))
     [message] = strategy.configure_train(1, adapter_to_record(_state(0.1)), ConfigRecord(),
                                          StaticGrid([3]))
     assert {a.dtype for a in message.content["arrays"].values()} == {"float16"}
 
 
 def test_evaluation_metrics_are_example_weighted():
-    strategy = LoraFedAvg(reference=_state(0), min_available_nodes=2, min_evaluate_nodes=2)
+    strategy = LoraFedAvg(FedLoraConfig(), _state(0))
     messages = list(strategy.configure_evaluate(2, adapter_to_record(_state(0)), ConfigRecord(),
                                                 StaticGrid([1, 2])))
     replies = [Message(RecordDict({"metrics": MetricRecord({"num-examples": n,

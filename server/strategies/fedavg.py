@@ -17,7 +17,9 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from common.config import FedLoraConfig
 from common.errors import FedLoraError
+from common.lora_math import exact_mean_deltas, lora_deltas, relative_error
 from common.records import adapter_to_record, record_bytes, record_to_adapter
 from server.aggregation import weighted_average, weighted_mean_metrics
 from server.contract import TrainUpdate, parse_metrics, parse_train_reply
@@ -25,30 +27,46 @@ from server.contract import TrainUpdate, parse_metrics, parse_train_reply
 
 class LoraFedAvg(FedAvg):
     needs_individual_updates = False  # a plain weighted sum: secure aggregation can compute it
+    accepts_mixed_ranks = False
 
-    def __init__(self, reference: Mapping[str, torch.Tensor], transfer_dtype: str = "float32",
-                 **fedavg_kwargs) -> None:
-        super().__init__(**fedavg_kwargs)
+    def __init__(self, cfg: FedLoraConfig, reference: Mapping[str, torch.Tensor],
+                 frozen: Mapping[str, torch.Tensor] | None = None) -> None:
+        super().__init__(fraction_train=cfg.fraction_train,
+                         fraction_evaluate=cfg.fraction_evaluate,
+                         min_train_nodes=cfg.min_train_clients,
+                         min_evaluate_nodes=cfg.min_evaluate_clients,
+                         min_available_nodes=cfg.min_available_clients)
+        self.cfg = cfg
         self.reference = OrderedDict((k, v.detach().clone()) for k, v in reference.items())
-        self.transfer_dtype = transfer_dtype
+        self.frozen = OrderedDict((k, v.detach().clone()) for k, v in (frozen or {}).items())
+        self.scaling = cfg.lora_scaling
+        self.current: OrderedDict[str, torch.Tensor] | None = None  # the global sent this round
         self.round_stats: dict[int, dict] = defaultdict(dict)
+        self._nodes_reached: dict[int, set[int]] = {}
 
     # -- what the clients receive ------------------------------------------------------------
     def _outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
-        if self.transfer_dtype == "float32":
+        if self.cfg.transfer_dtype == "float32":
             return arrays
-        return adapter_to_record(record_to_adapter(arrays), self.transfer_dtype)
+        return adapter_to_record(record_to_adapter(arrays), self.cfg.transfer_dtype)
 
     def _count_down(self, server_round: int, messages: list[Message], phase: str) -> None:
-        sent = sum(record_bytes(m.content[self.arrayrecord_key]) for m in messages)
+        sent = sum(record_bytes(r) for m in messages for r in m.content.values()
+                   if isinstance(r, ArrayRecord))
         stats = self.round_stats[server_round]
         stats["bytes-down"] = stats.get("bytes-down", 0) + sent
         stats[f"{phase}-clients-sampled"] = len(messages)
+        nodes = self._nodes_reached.setdefault(server_round, set())
+        nodes.update(m.metadata.dst_node_id for m in messages)
+        stats["bytes-down-per-client"] = stats["bytes-down"] / max(len(nodes), 1)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        self.current = record_to_adapter(arrays)
+        self._nodes_reached = {server_round: set()}
         messages = list(super().configure_train(server_round, self._outgoing(arrays), config,
                                                 grid))
+        self.attach(messages)
         self._count_down(server_round, messages, "train")
         return messages
 
@@ -56,6 +74,7 @@ class LoraFedAvg(FedAvg):
                            grid: Grid) -> Iterable[Message]:
         messages = list(super().configure_evaluate(server_round, self._outgoing(arrays), config,
                                                    grid))
+        self.attach(messages)
         self._count_down(server_round, messages, "evaluate")
         return messages
 
@@ -69,28 +88,57 @@ class LoraFedAvg(FedAvg):
                 if not msg.has_error() else []
             stats["bytes-up"] = stats.get("bytes-up", 0) + sum(map(record_bytes, arrays))
             try:
-                updates.append(parse_train_reply(msg, self.reference))
+                update = parse_train_reply(msg, self.reference,
+                                           any_rank=self.accepts_mixed_ranks)
+                self.check_update(update)
             except FedLoraError as err:
                 log(WARNING, "round %s: dropped the reply of node %s: %s", server_round,
                     msg.metadata.src_node_id, err)
                 stats["train-rejected"] = stats.get("train-rejected", 0) + 1
+                continue
+            updates.append(update)
         stats["train-clients-aggregated"] = len(updates)
         if not updates:
             log(WARNING, "round %s: no usable training reply; the global adapter is unchanged",
                 server_round)
             return None, None
         weights = [u.num_examples for u in updates]
+        target = exact_mean_deltas([self.with_frozen(u.state) for u in updates],
+                                   [self.scaling] * len(updates), weights)
+        target = self.adjust_target(target, updates, weights)
         aggregated = self.aggregate_updates(server_round, updates)
+        stats["agg-rel-error"] = relative_error(self.applied_deltas(aggregated), target)
         metrics = weighted_mean_metrics([u.metrics for u in updates], weights)
         metrics["num-examples"] = float(sum(weights))
         stats["train"] = metrics
+        stats["bytes-up-per-client"] = stats["bytes-up"] / len(updates)
         log(INFO, "round %s: aggregated %s updates (%s examples)", server_round, len(updates),
             sum(weights))
         return adapter_to_record(aggregated, "float32"), MetricRecord(metrics)
 
+    # -- what subclasses change ----------------------------------------------------------------
+    def attach(self, messages: list[Message]) -> None:
+        """Add records beyond the global adapter to the round's messages (see LoraExact)."""
+
+    def check_update(self, update: TrainUpdate) -> None:
+        """Strategy-specific checks beyond the message contract; raise FedLoraError."""
+
     def aggregate_updates(self, server_round: int, updates: list[TrainUpdate]
                           ) -> "OrderedDict[str, torch.Tensor]":
+        """The new global adapter. FedAvg (FedIT): average A and B separately."""
         return weighted_average([u.state for u in updates], [u.num_examples for u in updates])
+
+    def with_frozen(self, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """The adapter with factors that never travel (FFA's frozen A) put back."""
+        return {**self.frozen, **state} if self.frozen else state
+
+    def applied_deltas(self, new_state: Mapping[str, torch.Tensor]) -> dict:
+        """What the new global adds to each adapted weight: s * B @ A."""
+        return lora_deltas(self.with_frozen(new_state), self.scaling)
+
+    def adjust_target(self, target: dict, updates: list[TrainUpdate], weights: list) -> dict:
+        """The exact mean the applied update is measured against; see LoraExact."""
+        return target
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
