@@ -16,6 +16,24 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 REPO = Path(__file__).resolve().parent.parent
 
 
+class StaticGrid:
+    """The part of Flower's Grid that strategies use to sample: a fixed set of node ids."""
+
+    def __init__(self, nodes):
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+@pytest.fixture
+def task_identity():
+    """What Flower's runtime sets before a ServerApp builds messages."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
 @pytest.fixture(scope="session")
 def banking77_dir() -> Path:
     path = Path(os.environ.get("FEDLORA_BANKING77", REPO.parent / "shared/data/banking77"))

@@ -6,7 +6,6 @@ from collections import OrderedDict
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.sync import load_global
 from common.config import FedLoraConfig
@@ -14,19 +13,9 @@ from common.lora_math import lora_modules
 from common.model import build_lora_model
 from common.records import adapter_to_record, record_to_adapter
 from server.strategies import STRATEGIES
+from tests.conftest import StaticGrid
 
-
-class StaticGrid:
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return self.nodes
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _factors(rank, seed, with_a=True):

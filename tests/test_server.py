@@ -4,16 +4,12 @@ import json
 
 import pandas as pd
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import FedLoraConfig
 from server.app import run_federation
 from simulations import cli, runner
 
-
-@pytest.fixture(autouse=True)
-def task_identity():  # what Flower's runtime sets before a ServerApp builds messages
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 class LostGrid:

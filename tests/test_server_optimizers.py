@@ -9,11 +9,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvgM, FedYogi
 from flwr.supercore.task_identity import TaskIdentity
 
 from server.aggregation import fedadam_step, fedavgm_step, fedyogi_step, weighted_average
-
-
-class StaticGrid:
-    def get_node_ids(self):
-        return [1, 2]
+from tests.conftest import StaticGrid
 
 
 def _state(seed):
@@ -27,7 +23,7 @@ def _flower_rounds(strategy, rounds):
     current, results = ArrayRecord(_state(0)), []
     for server_round, (s1, s2) in enumerate(rounds, start=1):
         messages = list(strategy.configure_train(server_round, current, ConfigRecord(),
-                                                 StaticGrid()))
+                                                 StaticGrid([1, 2])))
         replies = [Message(RecordDict({"arrays": ArrayRecord(s), "metrics": MetricRecord(
             {"num-examples": n})}), reply_to=m) for m, s, n in zip(messages, (s1, s2), (10, 30))]
         current, _ = strategy.aggregate_train(server_round, replies)

@@ -5,25 +5,14 @@ from collections import OrderedDict
 import pytest
 import torch
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import FedLoraConfig
 from common.records import adapter_to_record, record_bytes, record_to_adapter
 from server.aggregation import weighted_average
 from server.strategies.fedavg import LoraFedAvg
+from tests.conftest import StaticGrid
 
-
-class StaticGrid:
-    def __init__(self, node_ids):
-        self.node_ids = node_ids
-
-    def get_node_ids(self):
-        return self.node_ids
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _state(value, shape_b=(4, 2)):
