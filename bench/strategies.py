@@ -13,7 +13,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,19 +44,20 @@ def main() -> None:
             if strategy in entry:
                 continue  # resumable: a finished run is not repeated
             run_dir = out / f"{strategy}-alpha{alpha}"
-            started = time.time()
-            subprocess.run([str(ROOT / ".venv/bin/fedlora"), "simulate", "--data", args.data,
-                            "--num-clients", str(args.clients), "--rounds", str(args.rounds),
-                            "--partition", "dirichlet", "--alpha", str(alpha),
-                            "--strategy", strategy, "--out", str(run_dir),
-                            "--run-config", args.run_config], check=True, cwd=ROOT)
-            rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().split()]
+            if not _completed(run_dir):  # a finished run directory is reused
+                subprocess.run([str(ROOT / ".venv/bin/fedlora"), "simulate", "--data",
+                                args.data, "--num-clients", str(args.clients), "--rounds",
+                                str(args.rounds), "--partition", "dirichlet", "--alpha",
+                                str(alpha), "--strategy", strategy, "--out", str(run_dir),
+                                "--run-config", args.run_config], check=True, cwd=ROOT)
+            rounds = [json.loads(x) for x in
+                      (run_dir / "metrics.jsonl").read_text().splitlines()]
             entry[strategy] = {
                 "accuracy": [r["server"]["accuracy"] for r in rounds],
                 "agg-rel-error": [r.get("agg-rel-error") for r in rounds[1:]],
                 "bytes-up-per-client": rounds[-1]["bytes-up-per-client"],
                 "bytes-down-per-client": rounds[-1]["bytes-down-per-client"],
-                "seconds": time.time() - started}
+                "seconds": json.loads((run_dir / "summary.json").read_text())["seconds"]}
             results_file.write_text(json.dumps(results, indent=1))
         cfg = FedLoraConfig.from_run_config({
             **_overrides(args.run_config), "data": args.data, "num-clients": args.clients,
@@ -69,6 +69,11 @@ def main() -> None:
         plot(entry, alpha, out / f"accuracy_alpha{alpha}.png")
     (out / "results.md").write_text(table(results))
     print(table(results))
+
+
+def _completed(run_dir: Path) -> bool:
+    summary = run_dir / "summary.json"
+    return summary.exists() and json.loads(summary.read_text()).get("status") == "completed"
 
 
 def _overrides(text: str) -> dict:

@@ -19,7 +19,8 @@ from common.errors import FedLoraError
 TASKS = ("classification", "causal-lm")
 PARTITIONS = ("iid", "dirichlet", "quantity")
 TRANSFER_DTYPES = ("float32", "float16")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "ffa", "exact", "hetlora")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "ffa", "exact", "hetlora",
+              "median", "trimmed-mean")
 MIXED_RANK_STRATEGIES = ("exact", "hetlora")
 DATA_ENV_VAR = "FEDLORA_DATA"
 
@@ -73,6 +74,8 @@ class FedLoraConfig:
     server_tau: float = 0.001
     client_ranks: str = ""  # per-site LoRA ranks "4,8,16", cycled over sites; empty = lora-r
     global_rank: int = 0  # rank of the global adapter; 0 = the largest client rank
+    max_update_norm: float = 0.0  # replies whose update is larger (L2) are dropped; 0 = off
+    trim_fraction: float = 0.2  # trimmed-mean: share cut from each end per coordinate
     # Simulation
     num_clients: int = 10
     partition: str = "iid"
@@ -99,7 +102,7 @@ class FedLoraConfig:
                                    f"{getattr(self, _field(name))}")
         for name in ("local-steps", "max-train-examples", "max-eval-examples", "weight-decay",
                      "max-grad-norm", "client-num-gpus", "proximal-mu", "server-learning-rate",
-                     "server-momentum", "global-rank"):
+                     "server-momentum", "global-rank", "max-update-norm"):
             if getattr(self, _field(name)) < 0:
                 raise FedLoraError(f"config {name} must not be negative, got "
                                    f"{getattr(self, _field(name))}")
@@ -113,6 +116,9 @@ class FedLoraConfig:
             if not 0 <= getattr(self, _field(name)) <= 1:
                 raise FedLoraError(f"config {name} must be in [0, 1], got "
                                    f"{getattr(self, _field(name))}")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise FedLoraError(f"config trim-fraction must be in [0, 0.5), got "
+                               f"{self.trim_fraction}")
         for name in ("server-beta1", "server-beta2"):
             if not 0 <= getattr(self, _field(name)) < 1:
                 raise FedLoraError(f"config {name} must be in [0, 1), got "

@@ -29,9 +29,14 @@ def record_to_adapter(record: ArrayRecord) -> "OrderedDict[str, torch.Tensor]":
     state: OrderedDict[str, torch.Tensor] = OrderedDict()
     for name, array in record.items():
         try:
-            state[name] = torch.from_numpy(array.numpy().copy()).to(torch.float32)
-        except (TypeError, ValueError) as err:
-            raise FedLoraError(f"adapter tensor {name!r} cannot be decoded: {err}") from None
+            decoded = array.numpy()
+            state[name] = torch.from_numpy(decoded.copy()).to(torch.float32)
+        except Exception as err:  # np.load on a peer's bytes can raise many types
+            raise FedLoraError(f"adapter tensor {name!r} cannot be decoded: "
+                               f"{type(err).__name__}: {err}") from None
+        if tuple(decoded.shape) != tuple(array.shape):
+            raise FedLoraError(f"adapter tensor {name!r} declares shape {tuple(array.shape)} "
+                               f"but holds {tuple(decoded.shape)}")
     return state
 
 

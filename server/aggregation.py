@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from common.lora_math import normalized_weights
@@ -85,3 +86,28 @@ def fedavgm_step(current: State, average: State, momentum: State | None, *, lr: 
             server_momentum * momentum[k] + grad
         new_x[k] = (x.double() - lr * new_buf[k]).float()
     return new_x, new_buf
+
+
+# -- Robust aggregation for federations that do not trust every site: unweighted, per
+#    coordinate, so a few outlying updates cannot drag the result (Yin et al., 2018).
+
+def coordinate_median(states: Sequence[State]) -> "OrderedDict[str, torch.Tensor]":
+    """Per-coordinate median (the mean of the two middle values for an even count)."""
+    return OrderedDict((k, torch.from_numpy(np.median(
+        np.stack([s[k].double().numpy() for s in states]), axis=0)).float())
+        for k in states[0])
+
+
+def trimmed_mean(states: Sequence[State], trim_fraction: float
+                 ) -> "OrderedDict[str, torch.Tensor]":
+    """Per coordinate, drop the floor(trim_fraction * n) largest and smallest values, average
+    the rest."""
+    if not 0 <= trim_fraction < 0.5:
+        raise ValueError("trim fraction must be in [0, 0.5)")
+    n = len(states)
+    cut = int(trim_fraction * n)
+    result = OrderedDict()
+    for k in states[0]:
+        stacked = torch.stack([s[k].double() for s in states]).sort(dim=0).values
+        result[k] = stacked[cut:n - cut].mean(dim=0).float()
+    return result

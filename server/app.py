@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import time
 import traceback
 from collections import OrderedDict
@@ -34,7 +33,6 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
     started = time.time()
-    random.seed(cfg.seed)  # Flower's client sampling draws from the global `random`
     splits = load_splits(cfg)
     labels = resolve_labels(cfg, splits) if cfg.is_classification else None
     lora = build_lora_model(cfg, labels)

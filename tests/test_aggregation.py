@@ -31,3 +31,21 @@ def test_metrics_are_example_weighted_over_common_keys():
     metrics = weighted_mean_metrics([{"loss": 1.0, "acc": 0.5, "only-a": 3.0},
                                      {"loss": 3.0, "acc": 1.0}], [1, 3])
     assert metrics == pytest.approx({"loss": 2.5, "acc": 0.875})
+
+
+def test_robust_rules_match_flower_and_resist_an_outlier():
+    import numpy as np
+    from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+
+    from server.aggregation import coordinate_median, trimmed_mean
+
+    g = torch.Generator().manual_seed(0)
+    states = [OrderedDict(w=torch.randn(4, 3, generator=g)) for _ in range(6)]
+    stacked = np.stack([s["w"].numpy() for s in states])
+    assert np.allclose(coordinate_median(states)["w"].numpy(), np.median(stacked, axis=0))
+    assert np.allclose(trimmed_mean(states, 0.2)["w"].numpy(), trim_mean(stacked, 0.2),
+                       atol=1e-6)
+    poisoned = states + [OrderedDict(w=torch.full((4, 3), 1e6))]
+    assert coordinate_median(poisoned)["w"].abs().max() < 10
+    assert trimmed_mean(poisoned, 0.2)["w"].abs().max() < 10
+    assert weighted_average(poisoned, [1] * 7)["w"].abs().max() > 1e4

@@ -155,6 +155,7 @@ def test_flwr_run_runs_the_same_apps(banking_subset, tmp_path):
 STRATEGY_RUNS = {
     "fedavg": "", "fedprox": "proximal-mu=0.1", "fedadam": "", "fedyogi": "", "fedavgm": "",
     "ffa": "", "exact": "client-ranks='2,4,4' global-rank=4", "hetlora": "client-ranks='2,4,4'",
+    "median": "", "trimmed-mean": "trim-fraction=0.34",
 }
 
 

@@ -12,6 +12,8 @@ from server.strategies.fedprox import LoraFedProx
 from server.strategies.fedyogi import LoraFedYogi
 from server.strategies.ffa import LoraFFA
 from server.strategies.hetlora import LoraHetLoRA
+from server.strategies.median import LoraMedian
+from server.strategies.trimmed_mean import LoraTrimmedMean
 
 STRATEGIES: dict[str, type[LoraFedAvg]] = {
     "fedavg": LoraFedAvg,
@@ -22,6 +24,8 @@ STRATEGIES: dict[str, type[LoraFedAvg]] = {
     "ffa": LoraFFA,
     "exact": LoraExact,
     "hetlora": LoraHetLoRA,
+    "median": LoraMedian,
+    "trimmed-mean": LoraTrimmedMean,
 }
 
 

@@ -7,12 +7,14 @@ that the ServerApp writes to metrics.jsonl. Subclasses change `aggregate_updates
 
 from __future__ import annotations
 
+import random
+import time
 from collections import OrderedDict, defaultdict
 from logging import INFO, WARNING
 from typing import Iterable, Mapping
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -22,7 +24,7 @@ from common.errors import FedLoraError
 from common.lora_math import exact_mean_deltas, lora_deltas, relative_error
 from common.records import adapter_to_record, record_bytes, record_to_adapter
 from server.aggregation import weighted_average, weighted_mean_metrics
-from server.contract import TrainUpdate, parse_metrics, parse_train_reply
+from server.contract import TrainUpdate, parse_metrics, parse_train_reply, state_digest
 
 
 class LoraFedAvg(FedAvg):
@@ -43,6 +45,7 @@ class LoraFedAvg(FedAvg):
         self.current: OrderedDict[str, torch.Tensor] | None = None  # the global sent this round
         self.round_stats: dict[int, dict] = defaultdict(dict)
         self._nodes_reached: dict[int, set[int]] = {}
+        self.rng = random.Random(cfg.seed)  # client sampling; checkpointed with the run
 
     # -- what the clients receive ------------------------------------------------------------
     def _outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -60,21 +63,42 @@ class LoraFedAvg(FedAvg):
         nodes.update(m.metadata.dst_node_id for m in messages)
         stats["bytes-down-per-client"] = stats["bytes-down"] / max(len(nodes), 1)
 
+    def sample_nodes(self, grid: Grid, fraction: float, min_nodes: int) -> list[int]:
+        """Flower's rule (fraction of the connected nodes, at least min_nodes, waiting for
+        min_available), drawn from the strategy's own seeded RNG so a resumed run samples
+        as the uninterrupted one would."""
+        if fraction == 0.0:
+            return []
+        while len(nodes := sorted(grid.get_node_ids())) < max(self.min_available_nodes,
+                                                               min_nodes):
+            log(INFO, "waiting for nodes: %d connected, %d needed", len(nodes),
+                max(self.min_available_nodes, min_nodes))
+            time.sleep(1)
+        size = min(max(int(len(nodes) * fraction), min_nodes), len(nodes))
+        return sorted(self.rng.sample(nodes, size)) if size < len(nodes) else nodes
+
+    def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                  nodes: list[int], message_type: str) -> list[Message]:
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: self._outgoing(arrays),
+                             self.configrecord_key: config})
+        messages = self._construct_messages(record, nodes, message_type)
+        self.attach(messages)
+        return list(messages)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.current = record_to_adapter(arrays)
         self._nodes_reached = {server_round: set()}
-        messages = list(super().configure_train(server_round, self._outgoing(arrays), config,
-                                                grid))
-        self.attach(messages)
+        nodes = self.sample_nodes(grid, self.fraction_train, self.min_train_nodes)
+        messages = self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)
         self._count_down(server_round, messages, "train")
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        messages = list(super().configure_evaluate(server_round, self._outgoing(arrays), config,
-                                                   grid))
-        self.attach(messages)
+        nodes = self.sample_nodes(grid, self.fraction_evaluate, self.min_evaluate_nodes)
+        messages = self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE)
         self._count_down(server_round, messages, "evaluate")
         return messages
 
@@ -89,7 +113,9 @@ class LoraFedAvg(FedAvg):
             stats["bytes-up"] = stats.get("bytes-up", 0) + sum(map(record_bytes, arrays))
             try:
                 update = parse_train_reply(msg, self.reference,
-                                           any_rank=self.accepts_mixed_ranks)
+                                           any_rank=self.accepts_mixed_ranks,
+                                           current=self.current,
+                                           max_update_norm=self.cfg.max_update_norm)
                 self.check_update(update)
             except FedLoraError as err:
                 log(WARNING, "round %s: dropped the reply of node %s: %s", server_round,
@@ -97,6 +123,8 @@ class LoraFedAvg(FedAvg):
                 stats["train-rejected"] = stats.get("train-rejected", 0) + 1
                 continue
             updates.append(update)
+        # Replies arrive in any order; a fixed order makes the float sums reproducible.
+        updates.sort(key=lambda u: (u.num_examples, state_digest(u.state)))
         stats["train-clients-aggregated"] = len(updates)
         if not updates:
             log(WARNING, "round %s: no usable training reply; the global adapter is unchanged",
