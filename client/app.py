@@ -14,6 +14,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.faults import apply_fault, fault_for
 from client.sync import load_global
 from client.training import train_adapter
 from common.config import FedLoraConfig
@@ -115,6 +116,9 @@ def _prepare(msg: Message, context: Context) -> tuple[FedLoraConfig, SiteRuntime
 def train(msg: Message, context: Context) -> Message:
     cfg, runtime = _prepare(msg, context)
     server_round = int(msg.content["config"]["server-round"])
+    fault = fault_for(runtime.site_id, server_round)
+    if fault and apply_fault(fault):
+        return Message(content=RecordDict({}), reply_to=msg)
     started = time.perf_counter()
     # FedProx pulls towards the global adapter this round started from.
     anchor = ([p.detach().clone() for p in runtime.lora.model.parameters() if p.requires_grad]

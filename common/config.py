@@ -54,7 +54,8 @@ class FedLoraConfig:
     min_train_clients: int = 2
     min_evaluate_clients: int = 2
     min_available_clients: int = 2
-    round_timeout: float = 3600.0
+    round_timeout: float = 3600.0  # seconds to wait for replies; late clients are left out
+    round_retries: int = 1  # a round with fewer usable replies than min-train-clients is retried
     # Local training
     local_epochs: int = 1
     local_steps: int = 0  # > 0 overrides local_epochs: a fixed number of optimiser steps
@@ -84,6 +85,7 @@ class FedLoraConfig:
     client_num_gpus: float = 0.0
     seed: int = 42
     out_dir: str = ""  # the run directory; empty = runs/<UTC timestamp>
+    resume: bool = False  # continue the run in out-dir after its last checkpointed round
 
     def __post_init__(self) -> None:
         _check_choice("task", self.task, TASKS)
@@ -102,7 +104,7 @@ class FedLoraConfig:
                                    f"{getattr(self, _field(name))}")
         for name in ("local-steps", "max-train-examples", "max-eval-examples", "weight-decay",
                      "max-grad-norm", "client-num-gpus", "proximal-mu", "server-learning-rate",
-                     "server-momentum", "global-rank", "max-update-norm"):
+                     "server-momentum", "global-rank", "max-update-norm", "round-retries"):
             if getattr(self, _field(name)) < 0:
                 raise FedLoraError(f"config {name} must not be negative, got "
                                    f"{getattr(self, _field(name))}")
@@ -252,6 +254,12 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 def _coerce(key: str, raw: Any, type_name: Any) -> Any:
     type_name = str(type_name)
+    if type_name == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if str(raw).lower() in ("true", "false"):
+            return str(raw).lower() == "true"
+        raise FedLoraError(f"config {key} must be true or false, got {raw!r}")
     if type_name == "int":
         if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
             raise FedLoraError(f"config {key} must be an integer, got {raw!r}")
@@ -270,3 +278,19 @@ def _coerce(key: str, raw: Any, type_name: Any) -> Any:
         except (TypeError, ValueError):
             raise FedLoraError(f"config {key} must be a number, got {raw!r}") from None
     return str(raw)
+
+
+# Keys a resumed run may change; every other key must equal the interrupted run's.
+RESUMABLE_CHANGES = {"num-rounds", "resume", "round-timeout", "round-retries", "out-dir",
+                     "client-num-cpus",
+                     "client-num-gpus", "data", "min-train-clients", "min-evaluate-clients",
+                     "min-available-clients"}
+
+
+def check_resumable(saved: Mapping[str, Any], cfg: FedLoraConfig) -> None:
+    current = cfg.to_run_config()
+    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and
+                     k in saved and saved[k] != current[k])
+    if changed:
+        raise FedLoraError(f"cannot resume with a different config: {', '.join(changed)} "
+                           f"differ from the interrupted run's")

@@ -13,11 +13,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import FedLoraConfig
+from common.config import FedLoraConfig, check_resumable
 from common.data import load_splits, resolve_labels, tokenize
 from common.lora_math import factorize, lora_modules
 from common.model import LoraModel, build_lora_model
 from common.records import adapter_to_record, record_to_adapter
+from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server.evaluation import GlobalEvaluator
 from server.outputs import RunDirectory
 from server.strategies import build_strategy
@@ -36,13 +37,27 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
     splits = load_splits(cfg)
     labels = resolve_labels(cfg, splits) if cfg.is_classification else None
     lora = build_lora_model(cfg, labels)
-    run = RunDirectory.create(cfg, labels)
+    if cfg.resume:
+        run = RunDirectory.reopen(cfg)
+        check_resumable(run.saved_config(), cfg)
+        run.write_summary({"status": "running"})
+    else:
+        run = RunDirectory.create(cfg, labels)
     log(INFO, "fedlora: run directory %s", run.path)
     try:
         evaluator = GlobalEvaluator(lora, tokenize(splits.test, lora.tokenizer, cfg, labels), cfg)
         strategy = build_strategy(cfg, lora)
         client_config = ConfigRecord({"labels": json.dumps(labels)} if labels else {})
         round_started = [time.time()]
+        initial, first_round = lora.trainable_state(), 1
+        if cfg.resume:
+            ckpt = load_checkpoint(run.checkpoint_dir)
+            run.keep_rounds_through(ckpt.round)
+            strategy.load_state_tensors(ckpt.strategy_state)
+            strategy.rng.setstate(ckpt.rng_state)
+            initial = OrderedDict((name, ckpt.adapter[name]) for name in initial)
+            first_round = ckpt.round + 1
+            log(INFO, "fedlora: resuming %s after round %s", run.path, ckpt.round)
 
         def evaluate_and_record(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             if getattr(strategy, "residual", None):
@@ -60,15 +75,22 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
                               "agg-rel-error": stats.get("agg-rel-error"),
                               "clients": {k: v for k, v in stats.items()
                                           if k.endswith(("-sampled", "-aggregated",
-                                                         "-rejected"))},
+                                                         "-rejected", "-missing"))},
+                              "dropped": stats.get("dropped", []),
                               "seconds": now - round_started[0]})
             round_started[0] = now
+            # After the round's line: a crash between the two repeats the round on resume,
+            # and keep_rounds_through drops its first line.
+            save_checkpoint(run.checkpoint_dir, Checkpoint(
+                round=server_round, adapter=record_to_adapter(arrays),
+                strategy_state=strategy.state_tensors(), rng_state=strategy.rng.getstate()))
             return MetricRecord(server_metrics)
 
         result = strategy.start(
-            grid=grid, initial_arrays=adapter_to_record(lora.trainable_state(), "float32"),
+            grid=grid, initial_arrays=adapter_to_record(initial, "float32"),
             num_rounds=cfg.num_rounds, timeout=cfg.round_timeout, train_config=client_config,
-            evaluate_config=client_config, evaluate_fn=evaluate_and_record)
+            evaluate_config=client_config, evaluate_fn=evaluate_and_record,
+            first_round=first_round)
         lora.load_trainable_state(record_to_adapter(result.arrays))
         run.save_adapter(exportable(cfg, lora, labels, getattr(strategy, "residual", None)),
                          labels)

@@ -5,6 +5,7 @@
     metrics.jsonl        one JSON object per round (round 0 = the initial adapter)
     final_adapter/       PEFT format: PeftModel.from_pretrained(base, path) loads it
     summary.json         status (running/completed/failed), final metrics, timing
+    checkpoint/          the last complete round (server/checkpoint.py), for resuming
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from flwr.common import log
 
 from common.atomic import append_line_atomic, atomic_directory, atomic_write_text
 from common.config import FedLoraConfig
+from common.errors import FedLoraError
 from common.model import LoraModel
 
 
@@ -49,6 +51,28 @@ class RunDirectory:
             atomic_write_text(run.path / "labels.json", json.dumps(labels, indent=1) + "\n")
         run.write_summary({"status": "running"})
         return run
+
+    @classmethod
+    def reopen(cls, cfg: FedLoraConfig) -> "RunDirectory":
+        """The directory of an interrupted run, to continue it."""
+        run = cls(cfg.out_dir)
+        if not cfg.out_dir or not (run.path / "config.json").is_file():
+            raise FedLoraError(f"nothing to resume: {cfg.out_dir or '(no out-dir)'} is not a "
+                               f"run directory")
+        return run
+
+    def saved_config(self) -> dict:
+        return json.loads((self.path / "config.json").read_text())
+
+    def keep_rounds_through(self, last_round: int) -> None:
+        """Drop rounds a crash recorded after its last checkpoint: each round once."""
+        kept = [r for r in self.read_rounds() if r["round"] <= last_round]
+        atomic_write_text(self.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n"
+                                                     for r in kept))
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoint"
 
     @property
     def metrics_file(self) -> Path:

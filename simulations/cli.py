@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import threading
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int)
     sim.add_argument("--client-cpus", type=float, help="CPUs per simulated client (default 1)")
     sim.add_argument("--client-gpus", type=float, help="GPU share per simulated client")
+    sim.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue an interrupted run after its last complete round (its "
+                          "config is reused; --rounds may extend it)")
     sim.add_argument("--run-config", default="", metavar='"KEY=VALUE ..."',
                      help="any config key, as for flwr run --run-config")
     sim.add_argument("--verbose", action="store_true", help="show Flower's own logs")
@@ -43,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> FedLoraConfig:
     values = dict(FedLoraConfig().to_run_config())
+    if args.resume:
+        saved = Path(args.resume) / "config.json"
+        if not saved.is_file():
+            raise FedLoraError(f"nothing to resume: {args.resume} is not a run directory")
+        values.update(json.loads(saved.read_text()))
+        values.update({"resume": True, "out-dir": str(Path(args.resume).resolve())})
     values.update(parse_overrides(args.run_config))
     flags = {"num-clients": args.num_clients, "num-rounds": args.rounds,
              "partition": args.partition, "alpha": args.alpha, "data": args.data,
@@ -121,7 +131,7 @@ def simulate_command(cfg: FedLoraConfig, verbose: bool) -> int:
                                           else "the run did not complete")
         if isinstance(failure, FedLoraError) and failure.__cause__ is None:
             reason = str(failure)
-        console.print(f"fedlora: error: run failed: {reason.splitlines()[0]}", highlight=False)
+        print(f"fedlora: error: run failed: {reason.splitlines()[0]}", file=sys.stderr)
         return 1
     progress.print_summary(time.time() - started)
     return 0

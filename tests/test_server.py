@@ -46,8 +46,8 @@ def test_the_cli_exits_non_zero_when_the_run_fails(small_config, monkeypatch, ca
     code = cli.main(["simulate", "--data", small_config.data, "--num-clients", "2",
                      "--out", small_config.out_dir])
     assert code == 1
-    out = capsys.readouterr().out
-    assert "fedlora: error: run failed: RuntimeError: connection to the SuperLink lost" in out
+    err = capsys.readouterr().err
+    assert "fedlora: error: run failed: RuntimeError: connection to the SuperLink lost" in err
 
 
 def test_an_earlier_run_in_the_same_directory_is_kept(small_config, tmp_path):

@@ -9,6 +9,7 @@ from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from common.config import FedLoraConfig
 from common.records import adapter_to_record, record_bytes, record_to_adapter
 from server.aggregation import weighted_average
+from server.strategies import STRATEGIES
 from server.strategies.fedavg import LoraFedAvg
 from tests.conftest import StaticGrid
 
@@ -27,7 +28,7 @@ def _reply(instruction, state, num_examples, dtype="float32"):
 
 
 def test_bad_replies_are_dropped_and_the_rest_averaged():
-    strategy = LoraFedAvg(FedLoraConfig(min_available_clients=6, min_train_clients=6), _state(0))
+    strategy = LoraFedAvg(FedLoraConfig(min_available_clients=6, min_train_clients=2), _state(0))
     messages = list(strategy.configure_train(1, adapter_to_record(_state(0)), ConfigRecord(),
                                              StaticGrid([1, 2, 3, 4, 5, 6])))
     assert strategy.round_stats[1]["train-clients-sampled"] == 6
@@ -79,3 +80,15 @@ def test_evaluation_metrics_are_example_weighted():
                        reply_to=m) for m, n, acc in zip(messages, [10, 30], [0.2, 0.6])]
     metrics = strategy.aggregate_evaluate(2, replies)
     assert metrics["eval-accuracy"] == pytest.approx(0.5) and metrics["num-examples"] == 40
+
+
+def test_too_few_usable_replies_change_nothing():
+    strategy = STRATEGIES["fedadam"](FedLoraConfig(strategy="fedadam", min_available_clients=3,
+                                                   min_train_clients=3), _state(0))
+    messages = strategy.configure_train(1, adapter_to_record(_state(0)), ConfigRecord(),
+                                        StaticGrid([1, 2, 3]))
+    replies = [_reply(messages[0], _state(1), 10), _reply(messages[1], _state(2), 10)]
+    assert strategy.aggregate_train(1, replies) == (None, None)
+    assert strategy.optimizer_state == {"m": None, "v": None}
+    assert strategy.round_stats[1]["train-missing"] == 1
+    assert strategy.round_stats[1]["dropped"][0]["reason"].startswith("no reply within")

@@ -81,6 +81,12 @@ class LoraExact(LoraFedAvg):
             self.residual[prefix] = self.residual.get(prefix, 0) + left
         return OrderedDict((k, new[k]) for k in self.reference)
 
+    def state_tensors(self):
+        return {"residual": dict(self.residual)}
+
+    def load_state_tensors(self, state):
+        self.residual = OrderedDict((k, v.double()) for k, v in state.get("residual", {}).items())
+
     def applied_deltas(self, new_state):
         applied = lora_deltas(new_state, self.scaling)
         return {k: v + self._round_residual[k] for k, v in applied.items()}

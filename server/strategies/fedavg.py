@@ -11,13 +11,13 @@ import random
 import time
 from collections import OrderedDict, defaultdict
 from logging import INFO, WARNING
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 
 from common.config import FedLoraConfig
 from common.errors import FedLoraError
@@ -46,6 +46,7 @@ class LoraFedAvg(FedAvg):
         self.round_stats: dict[int, dict] = defaultdict(dict)
         self._nodes_reached: dict[int, set[int]] = {}
         self.rng = random.Random(cfg.seed)  # client sampling; checkpointed with the run
+        self._sampled: set[int] = set()
 
     # -- what the clients receive ------------------------------------------------------------
     def _outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -92,6 +93,7 @@ class LoraFedAvg(FedAvg):
         self._nodes_reached = {server_round: set()}
         nodes = self.sample_nodes(grid, self.fraction_train, self.min_train_nodes)
         messages = self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)
+        self._sampled = set(nodes)
         self._count_down(server_round, messages, "train")
         return messages
 
@@ -107,6 +109,10 @@ class LoraFedAvg(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         updates: list[TrainUpdate] = []
         stats = self.round_stats[server_round]
+        replies = list(replies)
+        for node in sorted(self._sampled - {m.metadata.src_node_id for m in replies}):
+            self._drop(server_round, node, f"no reply within round-timeout "
+                                           f"({self.cfg.round_timeout:g}s)", "train-missing")
         for msg in replies:
             arrays = [r for r in msg.content.values() if isinstance(r, ArrayRecord)] \
                 if not msg.has_error() else []
@@ -118,17 +124,16 @@ class LoraFedAvg(FedAvg):
                                            max_update_norm=self.cfg.max_update_norm)
                 self.check_update(update)
             except FedLoraError as err:
-                log(WARNING, "round %s: dropped the reply of node %s: %s", server_round,
-                    msg.metadata.src_node_id, err)
-                stats["train-rejected"] = stats.get("train-rejected", 0) + 1
+                self._drop(server_round, msg.metadata.src_node_id, str(err), "train-rejected")
                 continue
             updates.append(update)
         # Replies arrive in any order; a fixed order makes the float sums reproducible.
         updates.sort(key=lambda u: (u.num_examples, state_digest(u.state)))
         stats["train-clients-aggregated"] = len(updates)
-        if not updates:
-            log(WARNING, "round %s: no usable training reply; the global adapter is unchanged",
-                server_round)
+        if not updates or len(updates) < self.min_train_nodes:
+            # Nothing is aggregated, so no strategy state (moments, residual) moves.
+            log(WARNING, "round %s: %s usable training replies, %s needed; the global adapter "
+                "is unchanged", server_round, len(updates), self.min_train_nodes)
             return None, None
         weights = [u.num_examples for u in updates]
         target = exact_mean_deltas([self.with_frozen(u.state) for u in updates],
@@ -144,7 +149,72 @@ class LoraFedAvg(FedAvg):
             sum(weights))
         return adapter_to_record(aggregated, "float32"), MetricRecord(metrics)
 
+    # -- the round loop, resumable ---------------------------------------------------------------
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              timeout: float = 3600, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              first_round: int = 1) -> Result:
+        """Flower's Strategy.start, able to begin at a later round (resume): the initial
+        evaluation (round 0) runs only when starting from round 1."""
+        train_config = train_config if train_config is not None else ConfigRecord()
+        evaluate_config = evaluate_config if evaluate_config is not None else ConfigRecord()
+        result, arrays = Result(), initial_arrays
+        if evaluate_fn and first_round == 1:
+            metrics = evaluate_fn(0, arrays)
+            if metrics is not None:
+                result.evaluate_metrics_serverapp[0] = metrics
+        for server_round in range(first_round, num_rounds + 1):
+            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+            for attempt in range(self.cfg.round_retries + 1):
+                replies = grid.send_and_receive(
+                    messages=self.configure_train(server_round, arrays, train_config, grid),
+                    timeout=timeout)
+                new_arrays, train_metrics = self.aggregate_train(server_round, replies)
+                usable = self.round_stats[server_round].get("train-clients-aggregated", 0)
+                if usable >= self.min_train_nodes:
+                    break
+                log(WARNING, "round %s: %s usable training replies, %s needed (attempt %s of "
+                    "%s)", server_round, usable, self.min_train_nodes, attempt + 1,
+                    self.cfg.round_retries + 1)
+            else:
+                raise FedLoraError(
+                    f"round {server_round}: only {usable} usable training replies, at least "
+                    f"{self.min_train_nodes} needed, after {self.cfg.round_retries + 1} "
+                    f"attempts; the run stopped with round {server_round - 1} checkpointed "
+                    f"(resume it with fedlora simulate --resume, or resume=true)")
+            if new_arrays is not None:
+                arrays = new_arrays
+            if train_metrics is not None:
+                result.train_metrics_clientapp[server_round] = train_metrics
+            replies = grid.send_and_receive(
+                messages=self.configure_evaluate(server_round, arrays, evaluate_config, grid),
+                timeout=timeout)
+            evaluate_metrics = self.aggregate_evaluate(server_round, replies)
+            if evaluate_metrics is not None:
+                result.evaluate_metrics_clientapp[server_round] = evaluate_metrics
+            if evaluate_fn:
+                metrics = evaluate_fn(server_round, arrays)
+                if metrics is not None:
+                    result.evaluate_metrics_serverapp[server_round] = metrics
+        result.arrays = arrays
+        return result
+
+    def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """What the strategy carries from round to round, for checkpoints."""
+        return {}
+
+    def load_state_tensors(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Restore what state_tensors() returned."""
+
     # -- what subclasses change ----------------------------------------------------------------
+    def _drop(self, server_round: int, node: int, reason: str, counter: str) -> None:
+        """A client left out of this round's aggregate: logged with its node and reason."""
+        log(WARNING, "round %s: left out node %s: %s", server_round, node, reason)
+        stats = self.round_stats[server_round]
+        stats[counter] = stats.get(counter, 0) + 1
+        stats.setdefault("dropped", []).append({"node": node, "reason": reason})
+
     def attach(self, messages: list[Message]) -> None:
         """Add records beyond the global adapter to the round's messages (see LoraExact)."""
 

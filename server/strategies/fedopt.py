@@ -25,3 +25,12 @@ class LoraServerOptimizer(LoraFedAvg):
 
     def step(self, server_round: int, current, average) -> "OrderedDict[str, torch.Tensor]":
         raise NotImplementedError
+
+    def state_tensors(self):
+        return {k: dict(v) for k, v in self.optimizer_state.items() if v is not None}
+
+    def load_state_tensors(self, state):
+        for key in self.optimizer_state:
+            if key in state:
+                self.optimizer_state[key] = OrderedDict(
+                    (name, tensor.double()) for name, tensor in state[key].items())

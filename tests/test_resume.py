@@ -1,0 +1,92 @@
+"""Kill the server process with SIGKILL mid-run, resume, and get the uninterrupted result."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+
+
+def _command(data, model, out, *extra):
+    return [str(BIN / "fedlora"), "simulate", "--num-clients", "3", "--rounds", "4", "--data",
+            str(data), "--model", str(model), "--out", str(out), "--strategy", "exact",
+            "--run-config", "label-column=category lora-r=4 local-steps=3 max-eval-examples=60",
+            *extra]
+
+
+def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final_adapter" / "adapter_model.safetensors"))
+
+
+def _rounds(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["round"] for line in path.read_text().splitlines() if line]
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    parent = psutil.Process(proc.pid)
+    tree = [parent] + parent.children(recursive=True)
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=20)
+
+
+def test_a_killed_run_resumes_to_the_same_adapter(banking_subset, tiny_llama_dir, tmp_path):
+    reference = tmp_path / "uninterrupted"
+    subprocess.run(_command(banking_subset, tiny_llama_dir, reference), cwd=REPO, check=True,
+                   capture_output=True, timeout=600)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_command(banking_subset, tiny_llama_dir, run), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(_rounds(run)) < 3:  # rounds 0, 1 and 2 recorded: kill during round 3
+        assert proc.poll() is None and time.time() < deadline, "run ended before the kill"
+        time.sleep(0.05)
+    _kill_tree(proc)
+    assert json.loads((run / "summary.json").read_text())["status"] == "running"
+    assert not (run / "final_adapter").exists()
+
+    result = subprocess.run([str(BIN / "fedlora"), "simulate", "--resume", str(run)], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert _rounds(run) == [0, 1, 2, 3, 4]  # every round exactly once
+    expected, resumed = _adapter(reference), _adapter(run)
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        assert torch.equal(expected[name], resumed[name]), name
+
+
+def test_resuming_with_another_config_or_nothing_is_refused(tmp_path, capsys):
+    from simulations.cli import main
+
+    assert main(["simulate", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change", ["lora-r=16", "strategy=fedavg"])
+def test_resume_refuses_a_changed_config(change):
+    from common.config import FedLoraConfig, check_resumable
+    from common.errors import FedLoraError
+
+    saved = FedLoraConfig(lora_r=4, strategy="exact").to_run_config()
+    with pytest.raises(FedLoraError, match="cannot resume with a different config"):
+        check_resumable(saved, FedLoraConfig.from_run_config(
+            {**saved, **dict([change.split("=")])}))
+    check_resumable(saved, FedLoraConfig.from_run_config({**saved, "num-rounds": 9}))
