@@ -5,9 +5,7 @@ from __future__ import annotations
 from common.config import FedLoraConfig
 from common.lora_math import lora_modules, rank_of, refactor_to_rank, truncate
 from common.model import LoraModel
-from common.records import check_adapter_matches, record_to_adapter
-
-RESIDUAL_KEY = "residual"
+from common.records import RESIDUAL_KEY, check_adapter_matches, record_to_adapter
 
 
 def load_global(lora: LoraModel, content, cfg: FedLoraConfig) -> None:

@@ -8,7 +8,6 @@ partitioners apply directly.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,10 +199,6 @@ def batches(examples: list[dict], batch_size: int, pad_id: int, shuffle_seed: in
             for row, example in enumerate(chunk):
                 labels[row, : len(example["labels"])] = torch.tensor(example["labels"])
         yield {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def num_batches(num_examples: int, batch_size: int) -> int:
-    return math.ceil(num_examples / batch_size)
 
 
 def train_val_split(indices: list[int], val_fraction: float,

@@ -14,6 +14,8 @@ from flwr.app import Array, ArrayRecord
 
 from common.errors import FedLoraError
 
+RESIDUAL_KEY = "residual"  # strategy exact: the dense residual record beside the adapter
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 

@@ -60,8 +60,7 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
             log(INFO, "fedlora: resuming %s after round %s", run.path, ckpt.round)
 
         def evaluate_and_record(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            if getattr(strategy, "residual", None):
-                lora.set_base_offsets(strategy.residual)
+            lora.set_base_offsets(strategy.base_offsets())
             server_metrics = evaluator(arrays)
             stats = strategy.round_stats.pop(server_round, {})
             now = time.time()
@@ -92,8 +91,7 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
             evaluate_config=client_config, evaluate_fn=evaluate_and_record,
             first_round=first_round)
         lora.load_trainable_state(record_to_adapter(result.arrays))
-        run.save_adapter(exportable(cfg, lora, labels, getattr(strategy, "residual", None)),
-                         labels)
+        run.save_adapter(exportable(cfg, lora, labels, strategy.base_offsets()), labels)
         rounds = run.read_rounds()
         run.write_summary({"status": "completed", "rounds": cfg.num_rounds,
                            "final": rounds[-1]["server"] if rounds else {},

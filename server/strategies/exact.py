@@ -30,12 +30,10 @@ from common.lora_math import (
     rank_of,
     refactor_to_rank,
 )
-from common.records import adapter_to_record
+from common.records import RESIDUAL_KEY, adapter_to_record
 from server.aggregation import weighted_average
 from server.contract import TrainUpdate
 from server.strategies.fedavg import LoraFedAvg
-
-RESIDUAL_KEY = "residual"
 
 
 class LoraExact(LoraFedAvg):
@@ -80,6 +78,9 @@ class LoraExact(LoraFedAvg):
             self._round_residual[prefix] = left
             self.residual[prefix] = self.residual.get(prefix, 0) + left
         return OrderedDict((k, new[k]) for k in self.reference)
+
+    def base_offsets(self):
+        return self.residual
 
     def state_tensors(self):
         return {"residual": dict(self.residual)}

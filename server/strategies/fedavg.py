@@ -44,7 +44,7 @@ class LoraFedAvg(FedAvg):
         self.scaling = cfg.lora_scaling
         self.current: OrderedDict[str, torch.Tensor] | None = None  # the global sent this round
         self.round_stats: dict[int, dict] = defaultdict(dict)
-        self._nodes_reached: dict[int, set[int]] = {}
+        self._nodes_reached: set[int] = set()  # this round's, for bytes per client
         self.rng = random.Random(cfg.seed)  # client sampling; checkpointed with the run
         self._sampled: set[int] = set()
 
@@ -60,9 +60,8 @@ class LoraFedAvg(FedAvg):
         stats = self.round_stats[server_round]
         stats["bytes-down"] = stats.get("bytes-down", 0) + sent
         stats[f"{phase}-clients-sampled"] = len(messages)
-        nodes = self._nodes_reached.setdefault(server_round, set())
-        nodes.update(m.metadata.dst_node_id for m in messages)
-        stats["bytes-down-per-client"] = stats["bytes-down"] / max(len(nodes), 1)
+        self._nodes_reached.update(m.metadata.dst_node_id for m in messages)
+        stats["bytes-down-per-client"] = stats["bytes-down"] / max(len(self._nodes_reached), 1)
 
     def sample_nodes(self, grid: Grid, fraction: float, min_nodes: int) -> list[int]:
         """Flower's rule (fraction of the connected nodes, at least min_nodes, waiting for
@@ -90,7 +89,7 @@ class LoraFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.current = record_to_adapter(arrays)
-        self._nodes_reached = {server_round: set()}
+        self._nodes_reached = set()
         nodes = self.sample_nodes(grid, self.fraction_train, self.min_train_nodes)
         messages = self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)
         self._sampled = set(nodes)
@@ -199,6 +198,10 @@ class LoraFedAvg(FedAvg):
                     result.evaluate_metrics_serverapp[server_round] = metrics
         result.arrays = arrays
         return result
+
+    def base_offsets(self) -> dict[str, torch.Tensor]:
+        """What the global model adds to the frozen base weights (exact's residual)."""
+        return {}
 
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         """What the strategy carries from round to round, for checkpoints."""
