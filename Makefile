@@ -22,7 +22,7 @@ run: $(VENV)/.installed
 		--run-config "label-column=category max-train-examples=3000 max-eval-examples=1000"
 
 test: $(VENV)/.installed
-	FEDLORA_BANKING77=$(abspath $(DATA)) $(BIN)/python -m pytest -q
+	FEDLORA_BANKING77=$(abspath $(DATA)) $(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

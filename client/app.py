@@ -17,8 +17,8 @@ from flwr.clientapp import ClientApp
 from client.faults import apply_fault, fault_for
 from client.sync import load_global
 from client.training import train_adapter
-from common.config import FedLoraConfig
-from common.data import DataSplits, load_splits, tokenize, train_val_split
+from common.config import FedLoraConfig, SiteConfig
+from common.data import DataSplits, load_site_rows, load_splits, tokenize, train_val_split
 from common.errors import FedLoraError
 from common.metrics import evaluate_examples
 from common.model import LoraModel, build_lora_model
@@ -67,14 +67,15 @@ def _model(cache: ProcessCache, cfg: FedLoraConfig, labels: list[str] | None,
     return cache.models[rank]
 
 
-def _site_runtime(cfg: FedLoraConfig, context: Context, labels: list[str] | None) -> SiteRuntime:
+def _site_runtime(cfg: FedLoraConfig, site: SiteConfig | None, context: Context,
+                  labels: list[str] | None) -> SiteRuntime:
     cache = _process_cache(cfg, labels)
     node = context.node_config
-    if "data-path" in node:  # deployment: this site's own data, nothing partitioned
+    if site is not None:  # deployment: this site's own data, nothing partitioned
         site_id = int(context.node_id) % (2**31)
-        rank = int(node.get("lora-r", cfg.global_lora_rank))
+        rank = site.lora_r or cfg.global_lora_rank
         if site_id not in cache.sites:
-            rows_source = load_splits(cfg.replace(data=str(node["data-path"]))).train
+            rows_source = load_site_rows(cfg, site.data_path)
             rows = list(range(len(rows_source)))
     elif "partition-id" in node:  # simulation: one partition of the shared data set
         site_id = int(node["partition-id"])
@@ -105,9 +106,12 @@ def _site_runtime(cfg: FedLoraConfig, context: Context, labels: list[str] | None
 
 def _prepare(msg: Message, context: Context) -> tuple[FedLoraConfig, SiteRuntime]:
     cfg = FedLoraConfig.from_run_config(context.run_config)
+    site = SiteConfig.from_node_config(context.node_config)
+    if site is not None:  # a deployed site's own batch size, device, 4-bit choice
+        cfg = site.apply(cfg)
     config = msg.content["config"]
     labels = json.loads(str(config["labels"])) if "labels" in config else None
-    runtime = _site_runtime(cfg, context, labels)
+    runtime = _site_runtime(cfg, site, context, labels)
     load_global(runtime.lora, msg.content, cfg)
     return cfg, runtime
 

@@ -8,6 +8,7 @@ import torch
 
 from common.config import FedLoraConfig
 from common.data import batches
+from common.model import autocast, compute_dtype
 
 
 def planned_steps(num_examples: int, cfg: FedLoraConfig) -> int:
@@ -28,24 +29,29 @@ def train_adapter(model: torch.nn.Module, examples: list[dict], cfg: FedLoraConf
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     total_steps = planned_steps(len(examples), cfg)
+    # fp16 (GPUs without bf16) needs loss scaling; bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype(device) == torch.float16)
     steps, micro, loss_sum, seen, epoch = 0, 0, 0.0, 0, 0
     while steps < total_steps:
         for batch in batches(examples, cfg.batch_size, pad_id, shuffle_seed=seed + epoch):
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch).loss
+            with autocast(device):
+                loss = model(**batch).loss.float()
             objective = loss
             if anchor is not None:
                 objective = loss + cfg.proximal_mu / 2 * sum(
                     (p - a).pow(2).sum() for p, a in zip(params, anchor))
-            (objective / cfg.grad_accum_steps).backward()
+            scaler.scale(objective / cfg.grad_accum_steps).backward()
             loss_sum += loss.detach().item()
             micro += 1
             seen += batch["input_ids"].shape[0]
             if micro % cfg.grad_accum_steps:
                 continue
+            scaler.unscale_(optimizer)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             steps += 1
             if steps == total_steps:

@@ -19,6 +19,7 @@ from common.errors import FedLoraError
 TASKS = ("classification", "causal-lm")
 PARTITIONS = ("iid", "dirichlet", "quantity")
 TRANSFER_DTYPES = ("float32", "float16")
+DEVICES = ("auto", "cuda", "mps", "cpu")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "ffa", "exact", "hetlora",
               "median", "trimmed-mean")
 MIXED_RANK_STRATEGIES = ("exact", "hetlora")
@@ -35,8 +36,11 @@ class FedLoraConfig:
     lora_dropout: float = 0.05
     lora_target_modules: str = "auto"  # comma-separated module names, or "auto" per architecture
     max_length: int = 128
+    device: str = "auto"  # auto = CUDA (bf16/fp16), else MPS, else CPU (float32)
+    load_in_4bit: bool = False  # QLoRA on the clients: needs CUDA and bitsandbytes
     # Data
     data: str = ""  # file, folder or hub data set; empty falls back to $FEDLORA_DATA
+    eval_data: str = ""  # the server's evaluation set (deployment); empty = data's test split
     text_column: str = "text"
     label_column: str = "label"
     prompt_column: str = "prompt"
@@ -91,6 +95,7 @@ class FedLoraConfig:
         _check_choice("task", self.task, TASKS)
         _check_choice("partition", self.partition, PARTITIONS)
         _check_choice("transfer-dtype", self.transfer_dtype, TRANSFER_DTYPES)
+        _check_choice("device", self.device, DEVICES)
         _check_choice("strategy", self.strategy, STRATEGIES)
         for name in ("lora-r", "max-length", "num-rounds", "local-epochs", "batch-size",
                      "grad-accum-steps", "num-clients", "min-train-clients",
@@ -137,6 +142,10 @@ class FedLoraConfig:
         if self.strategy == "hetlora" and self.global_lora_rank < max(ranks):
             raise FedLoraError(f"hetlora pads client adapters up to global-rank, which must be at "
                                f"least the largest client rank {max(ranks)}")
+        if self.load_in_4bit and self.strategy == "exact":
+            raise FedLoraError("strategy exact folds a residual into the base weights, which "
+                               "4-bit weights cannot hold: use another strategy or "
+                               "load-in-4bit=false")
         if "{prompt}" not in self.prompt_template:
             raise FedLoraError("config prompt-template must contain '{prompt}'")
 
@@ -212,6 +221,54 @@ class FedLoraConfig:
         return json.dumps(self.to_run_config(), indent=2, sort_keys=True)
 
 
+# Keys a SuperNode's --node-config may hold: Flower's own (simulation) and a site's settings.
+FLOWER_NODE_KEYS = ("partition-id", "num-partitions")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A deployed site's own settings, from its SuperNode's --node-config. The site's data is
+    read from data-path only; the other keys override the run's config on that site alone."""
+
+    data_path: str
+    lora_r: int = 0  # 0 = the run's global rank; differing ranks need strategy exact or hetlora
+    batch_size: int = 0  # 0 = the run's batch-size
+    device: str = ""  # "" = the run's device
+    load_in_4bit: bool = False  # QLoRA on this site (or on all, with the run's key)
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> "SiteConfig | None":
+        """None for a simulated node (no data-path); unknown keys and bad values are errors."""
+        if "data-path" not in node_config:
+            return None
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in node_config.items():
+            if key in FLOWER_NODE_KEYS:
+                continue
+            if _field(key) not in known or "_" in key:  # keys are spelled with dashes
+                raise FedLoraError(f"unknown node-config key {key!r} (known: "
+                                   f"{', '.join(_key(n) for n in known)})")
+            try:
+                values[_field(key)] = _coerce(key, raw, known[_field(key)].type)
+            except FedLoraError as err:
+                raise FedLoraError(f"node-{err}") from None  # "node-config KEY must be ..."
+        site = cls(**values)
+        if not site.data_path.strip():
+            raise FedLoraError("node-config data-path is empty")
+        if site.lora_r < 0 or site.batch_size < 0:
+            raise FedLoraError("node-config lora-r and batch-size must be positive integers")
+        if site.device:
+            _check_choice("device", site.device, DEVICES)
+        return site
+
+    def apply(self, cfg: FedLoraConfig) -> FedLoraConfig:
+        """The run's config as this site trains with it."""
+        return cfg.replace(batch_size=self.batch_size or cfg.batch_size,
+                           device=self.device or cfg.device,
+                           load_in_4bit=self.load_in_4bit or cfg.load_in_4bit)
+
+
 def config_keys() -> list[str]:
     return [_key(f.name) for f in fields(FedLoraConfig)]
 
@@ -220,7 +277,6 @@ def parse_overrides(text: str) -> dict[str, Any]:
     """Parse ``"key=value key2='a b'"`` as flwr's ``--run-config`` does (values in TOML syntax,
     bare words taken as strings)."""
     import shlex
-
     import tomllib
 
     result: dict[str, Any] = {}

@@ -109,6 +109,42 @@ def load_splits(cfg: FedLoraConfig) -> DataSplits:
     return DataSplits(train=train, test=test)
 
 
+def load_site_rows(cfg: FedLoraConfig, data_path: str):
+    """A deployed site's own rows (its SuperNode's node-config data-path), all of them for local
+    training and validation: the server evaluates on its own data, so nothing is held back. In
+    a folder, the train file is the site's data."""
+    return _load_rows(cfg, data_path, "node-config data-path", ("train",))
+
+
+def load_server_splits(cfg: FedLoraConfig) -> DataSplits:
+    """What the server evaluates on: all of eval-data when set (a deployment's coordinator
+    holds no training data), else the test split of data (a simulation's pooled data set)."""
+    if not cfg.eval_data:
+        return load_splits(cfg)
+    rows = _load_rows(cfg, cfg.eval_data, "config eval-data", ("test", "validation", "train"))
+    if cfg.max_eval_examples and len(rows) > cfg.max_eval_examples:
+        rows = rows.shuffle(seed=cfg.seed).select(range(cfg.max_eval_examples))
+    return DataSplits(train=rows.select([]), test=rows)
+
+
+def _load_rows(cfg: FedLoraConfig, data_path: str, what: str, stems: tuple[str, ...]):
+    """Every usable row of a file, or of a folder's first split file among `stems`."""
+    path = Path(data_path).expanduser()
+    if path.is_dir():
+        file = next((f for f in (_split_file(path, stem) for stem in stems) if f), None)
+        if file is None:
+            raise FedLoraError(f"{what} {data_path!r} is a folder without a "
+                               f"{' or '.join(stems)} file (.csv, .json, .jsonl or .parquet)")
+    elif path.is_file():
+        file = path
+    else:
+        raise FedLoraError(f"{what} {data_path!r} does not exist")
+    rows = _to_dataset(read_table(file), cfg, str(file))
+    if len(rows) == 0:
+        raise FedLoraError(f"{what} {data_path!r} has no usable rows")
+    return rows
+
+
 def _to_dataset(frame, cfg: FedLoraConfig, where: str):
     import datasets
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from common.data import batches
+from common.model import autocast
 
 
 def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -38,7 +39,8 @@ def evaluate_examples(model: torch.nn.Module, examples: list[dict], *, batch_siz
     predictions, targets = [], []
     for batch in batches(examples, batch_size, pad_id):
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(**batch)
+        with autocast(device):
+            out = model(**batch)
         if classification:
             n = batch["labels"].shape[0]
             predictions.append(out.logits.argmax(-1).cpu().numpy())

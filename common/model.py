@@ -6,6 +6,7 @@ the trainable tensors agree; only those tensors travel (see common/records.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -120,10 +121,50 @@ def target_modules_for(cfg: FedLoraConfig, model_type: str) -> list[str]:
                        f"lora-target-modules (comma-separated module names)")
 
 
-def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+def pick_device(requested: str = "auto") -> torch.device:
+    """auto: CUDA, else Apple's MPS, else CPU. A device asked for by name must be there."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
+                 "cpu": True}
+    if requested == "auto":
+        return torch.device(next(name for name, ok in available.items() if ok))
+    if not available[requested]:
+        raise FedLoraError(f"config device={requested} but this machine has no {requested} "
+                           f"device visible to torch {torch.__version__}")
+    return torch.device(requested)
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """The base model's dtype: bf16 on GPUs that support it, fp16 on older ones, else fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def autocast(device: torch.device):
+    """Mixed precision where the base model is in half precision; the LoRA factors and the
+    head stay float32 and autocast lets their products run in the base's dtype."""
+    dtype = compute_dtype(device)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def quantization_config(cfg: FedLoraConfig, device: torch.device):
+    """4-bit NF4 (QLoRA) when asked for; it needs CUDA and bitsandbytes."""
+    if not cfg.load_in_4bit:
+        return None
+    if device.type != "cuda":
+        raise FedLoraError(f"load-in-4bit needs a CUDA GPU; this site runs on {device.type}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise FedLoraError("load-in-4bit needs the bitsandbytes package: pip install "
+                           "'fedlora[qlora]' (or bitsandbytes) on this site") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype(device))
 
 
 def build_lora_model(cfg: FedLoraConfig, labels: list[str] | None = None,
@@ -145,19 +186,29 @@ def build_lora_model(cfg: FedLoraConfig, labels: list[str] | None = None,
         if tokenizer.eos_token is None:
             raise FedLoraError(f"tokenizer of {cfg.model!r} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
+    device = device or pick_device(cfg.device)
+    quantization = quantization_config(cfg, device)
+    # Half precision and 4-bit only on a GPU; on CPU the weights stay float32.
+    load = {"dtype": compute_dtype(device)}
+    if quantization is not None:
+        load.update(quantization_config=quantization, device_map={"": device})
     torch.manual_seed(cfg.seed)
     if cfg.is_classification:
         if not labels:
             raise FedLoraError("classification needs at least one label")
         base = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={label: i for i, label in enumerate(labels)})
+            label2id={label: i for i, label in enumerate(labels)}, **load)
         if base.config.pad_token_id is None:
             base.config.pad_token_id = tokenizer.pad_token_id
         task_type = TaskType.SEQ_CLS
     else:
-        base = AutoModelForCausalLM.from_pretrained(path)
+        base = AutoModelForCausalLM.from_pretrained(path, **load)
         task_type = TaskType.CAUSAL_LM
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     rank = rank or cfg.global_lora_rank
     lora = LoraConfig(task_type=task_type, r=rank, lora_alpha=cfg.lora_scaling * rank,
                       lora_dropout=cfg.lora_dropout,
@@ -172,6 +223,10 @@ def build_lora_model(cfg: FedLoraConfig, labels: list[str] | None = None,
         for name, param in model.named_parameters():
             if ".lora_A." in name:
                 param.requires_grad_(False)
-    device = device or pick_device()
-    model.to(device)
+    if quantization is None:
+        model.to(device)
+    with torch.no_grad():  # what trains and travels is float32, whatever the base's dtype
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
     return LoraModel(model=model, tokenizer=tokenizer, device=device)

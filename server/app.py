@@ -14,7 +14,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import FedLoraConfig, check_resumable
-from common.data import load_splits, resolve_labels, tokenize
+from common.data import load_server_splits, resolve_labels, tokenize
 from common.lora_math import factorize, lora_modules
 from common.model import LoraModel, build_lora_model
 from common.records import adapter_to_record, record_to_adapter
@@ -34,9 +34,10 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
     started = time.time()
-    splits = load_splits(cfg)
+    splits = load_server_splits(cfg)
     labels = resolve_labels(cfg, splits) if cfg.is_classification else None
-    lora = build_lora_model(cfg, labels)
+    # The server evaluates the full-precision base: 4-bit is a site's memory saving.
+    lora = build_lora_model(cfg.replace(load_in_4bit=False), labels)
     if cfg.resume:
         run = RunDirectory.reopen(cfg)
         check_resumable(run.saved_config(), cfg)

@@ -1,4 +1,5 @@
-"""The `fedlora` command. `fedlora simulate` runs a local federation and shows its progress."""
+"""The `fedlora` command. `fedlora simulate` runs a local federation and shows its progress;
+`fedlora certs` and `fedlora connect` prepare a real deployment (docs/deployment.md)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,69 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--run-config", default="", metavar='"KEY=VALUE ..."',
                      help="any config key, as for flwr run --run-config")
     sim.add_argument("--verbose", action="store_true", help="show Flower's own logs")
+
+    certs = commands.add_parser(
+        "certs", help="deployment credentials: CA + SuperLink certificate, site key pairs")
+    certs.add_argument("--out", required=True, help="folder for the files")
+    certs.add_argument("--san", action="append", default=[], metavar="HOST_OR_IP",
+                       help="coordinator: create ca.crt/ca.key and server.crt/server.key for "
+                            "this name or IP (repeat for several)")
+    certs.add_argument("--site", action="append", default=[], metavar="NAME",
+                       help="site: create NAME.key (stays on the site) and NAME.pub (goes to "
+                            "the coordinator); repeat for several")
+    certs.add_argument("--days", type=int, default=365, help="certificate validity (days)")
+    certs.add_argument("--force", action="store_true", help="replace existing files")
+
+    connect = commands.add_parser(
+        "connect", help="save a SuperLink connection for flwr run / flwr supernode register")
+    connect.add_argument("name", help="connection name, e.g. consortium")
+    connect.add_argument("--address", required=True, help="the SuperLink's HOST:PORT")
+    connect.add_argument("--ca", required=True, help="the federation's ca.crt")
+    connect.add_argument("--default", action="store_true", help="make it flwr's default")
     return parser
+
+
+def certs_command(args: argparse.Namespace) -> int:
+    from common.certs import write_ca_and_server_cert, write_site_keys
+
+    if not args.san and not args.site:
+        raise FedLoraError("certs: give --san (coordinator's CA and server certificate) "
+                           "and/or --site NAME (a site's key pair)")
+    if args.days <= 0:
+        raise FedLoraError(f"certs: --days must be positive, got {args.days}")
+    out = Path(args.out).expanduser()
+    written: list[Path] = []
+    if args.san:
+        written += write_ca_and_server_cert(out, args.san, force=args.force, days=args.days)
+    for site in args.site:
+        keys = write_site_keys(out, site, force=args.force)
+        written += [keys.private_key, keys.public_key]
+    for path in written:
+        print(path)
+    return 0
+
+
+def connect_command(args: argparse.Namespace) -> int:
+    """Writes [superlink.NAME] into $FLWR_HOME/config.toml with Flower's own code."""
+    from flwr.cli.flower_config import set_default_superlink_connection as set_default
+    from flwr.cli.flower_config import write_superlink_connection
+    from flwr.cli.typing import SuperLinkConnection
+
+    host, sep, port = args.address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise FedLoraError(f"connect: --address must be HOST:PORT, got {args.address!r}")
+    ca = Path(args.ca).expanduser().resolve()
+    if not ca.is_file():
+        raise FedLoraError(f"connect: CA certificate {args.ca!r} does not exist")
+    try:
+        write_superlink_connection(SuperLinkConnection(
+            name=args.name, address=args.address, root_certificates=str(ca)))
+        if args.default:
+            set_default(args.name)
+    except ValueError as err:
+        raise FedLoraError(f"connect: {err}") from None
+    print(f"saved SuperLink connection {args.name!r} ({args.address}, CA {ca})")
+    return 0
 
 
 def config_from_args(args: argparse.Namespace) -> FedLoraConfig:
@@ -142,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "simulate":
             return simulate_command(config_from_args(args), args.verbose)
+        if args.command == "certs":
+            return certs_command(args)
+        if args.command == "connect":
+            return connect_command(args)
     except FedLoraError as err:
         print(f"fedlora: error: {err}", file=sys.stderr)
         return 2

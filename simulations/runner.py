@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 from common.config import FedLoraConfig
 

@@ -1,5 +1,6 @@
-import pytest
 import tomllib
+
+import pytest
 
 from common.config import FedLoraConfig, config_keys, parse_overrides
 from common.errors import FedLoraError

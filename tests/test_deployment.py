@@ -1,0 +1,214 @@
+"""A real deployment on loopback: a SuperLink with TLS, SuperNode authentication and a database,
+two authenticated SuperNodes each with its own BANKING77 slice, `flwr run . <connection>`; then
+the refusals: an unregistered key, a plaintext connection, a certificate from another CA.
+Every process started here is stopped, and its ports are free afterwards."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+class Processes:
+    """Processes started in their own session, so that stopping one stops what it spawned
+    (the SuperLink's ServerApp, a SuperNode's ClientApp and SuperExec)."""
+
+    def __init__(self, env: dict[str, str], logs: Path):
+        self.env, self.logs, self.started = env, logs, []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
+        proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], cwd=REPO, env=self.env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.started.append((proc, log))
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text()
+
+    def stop_all(self) -> None:
+        self.stop([proc for proc, _ in self.started])
+
+    def stop(self, procs: list[subprocess.Popen]) -> None:
+        for proc, log in [(p, log) for p, log in self.started if p in procs]:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(timeout=10)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            log.close()
+
+
+def _run(env, *args: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(BIN / args[0]), *args[1:]], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def federation(banking77_dir, tmp_path_factory):
+    """The coordinator's side: credentials, a TLS SuperLink with SuperNode authentication and a
+    database, a saved connection, the two sites' public keys registered."""
+    root = tmp_path_factory.mktemp("deployment")
+    env = dict(os.environ, FLWR_HOME=str(root / "flwr_home"),
+               PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    _run(env, "fedlora", "certs", "--out", str(root / "certs"), "--san", "localhost",
+         "--san", "127.0.0.1")
+    _run(env, "fedlora", "certs", "--out", str(root / "keys"), "--site", "site-a",
+         "--site", "site-b", "--site", "unregistered")
+    _run(env, "fedlora", "certs", "--out", str(root / "other-ca"), "--san", "127.0.0.1")
+    # Each site a disjoint slice of ten intents; the coordinator holds a test set only.
+    train = pd.read_csv(banking77_dir / "train.csv")
+    test = pd.read_csv(banking77_dir / "test.csv")
+    intents = sorted(train["category"].unique())[:10]
+    pool = train[train.category.isin(intents)].groupby("category").head(30)
+    pool.iloc[0::2].to_csv(root / "site-a.csv", index=False)
+    pool.iloc[1::2].to_csv(root / "site-b.csv", index=False)
+    test[test.category.isin(intents)].groupby("category").head(10).to_csv(
+        root / "coordinator-test.csv", index=False)
+
+    port = _free_port()
+    procs = Processes(env, root)
+    try:
+        certs = root / "certs"
+        procs.start("superlink", "flower-superlink", "--ssl-ca-certfile", str(certs / "ca.crt"),
+                    "--ssl-certfile", str(certs / "server.crt"), "--ssl-keyfile",
+                    str(certs / "server.key"), "--enable-supernode-auth", "--database",
+                    str(root / "superlink.db"), "--port", str(port),
+                    "--disable-runtime-dependency-installation")
+        deadline = time.time() + 60
+        while _port_free(port):
+            assert time.time() < deadline, procs.log("superlink")
+            time.sleep(0.5)
+        _run(env, "fedlora", "connect", "consortium", "--address", f"127.0.0.1:{port}",
+             "--ca", str(certs / "ca.crt"))
+        for site in ("site-a", "site-b"):
+            _run(env, "flwr", "supernode", "register", str(root / "keys" / f"{site}.pub"),
+                 "consortium")
+        yield {"root": root, "port": port, "env": env, "procs": procs}
+    finally:
+        procs.stop_all()
+    deadline = time.time() + 20
+    while not _port_free(port):
+        assert time.time() < deadline, f"SuperLink port {port} still in use"
+        time.sleep(0.5)
+
+
+def _supernode(fed, name: str, key: str | None, ca: Path | None, data: str,
+               insecure: bool = False) -> tuple[subprocess.Popen, int]:
+    args = ["flower-supernode", "--superlink", f"127.0.0.1:{fed['port']}", "--node-config",
+            f"data-path='{data}'", "--port", str(port := _free_port()),
+            "--max-retries", "2", "--max-wait-time", "15"]
+    if insecure:
+        args.append("--insecure")
+    if ca is not None:
+        args += ["--root-certificates", str(ca)]
+    if key is not None:
+        args += ["--auth-supernode-private-key", str(fed["root"] / "keys" / f"{key}.key")]
+    return fed["procs"].start(name, *args), port
+
+
+def test_two_authenticated_sites_train_over_tls(federation):
+    fed, root = federation, federation["root"]
+    ca = root / "certs" / "ca.crt"
+    sites = [_supernode(fed, site, site, ca, str(root / f"{site}.csv"))
+             for site in ("site-a", "site-b")]
+    out = root / "run"
+    overrides = (f"eval-data='{root / 'coordinator-test.csv'}' label-column='category' "
+                 f"num-rounds=2 learning-rate=0.005 local-epochs=2 out-dir='{out}'")
+    result = subprocess.run([str(BIN / "flwr"), "run", ".", "consortium", "--stream",
+                             "--run-config", overrides], cwd=REPO, env=fed["env"],
+                            capture_output=True, text=True, timeout=480)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # flwr run exits 0 even when the run failed: the run's own summary says how it ended.
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed", summary
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert rounds[2]["server"]["accuracy"] > rounds[0]["server"]["accuracy"] + 0.3, rounds
+    assert rounds[2]["server"]["num-examples"] == 100  # the coordinator's whole test set
+    for r in rounds[1:]:
+        assert r["clients"]["train-clients-aggregated"] == 2
+        # Each site trains on all of its own 150 rows but the 10% it keeps for validation.
+        assert r["train"]["num-examples"] == 270
+    assert (out / "final_adapter" / "adapter_config.json").is_file()
+    assert (out / "checkpoint").is_dir() and (out / "config.json").is_file()
+    # Stopping a SuperNode frees its port (the fixture checks the SuperLink's).
+    fed["procs"].stop([proc for proc, _ in sites])
+    assert all(_port_free(port) for _, port in sites)
+
+
+def _refused(proc: subprocess.Popen, fed, name: str) -> str:
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{name} was not refused: {fed['procs'].log(name)[-2000:]}")
+    assert proc.returncode != 0
+    return fed["procs"].log(name)
+
+
+def test_a_site_whose_key_is_not_registered_is_refused(federation):
+    fed = federation
+    proc, _ = _supernode(fed, "unregistered", "unregistered", fed["root"] / "certs" / "ca.crt",
+                         str(fed["root"] / "site-a.csv"))
+    log = _refused(proc, fed, "unregistered")
+    assert "Failed to activate SuperNode" in log
+    assert "No SuperNode found with the given public key" in fed["procs"].log("superlink")
+
+
+def test_a_plaintext_connection_is_refused(federation):
+    fed = federation
+    proc, _ = _supernode(fed, "plaintext", None, None, str(fed["root"] / "site-a.csv"),
+                         insecure=True)
+    log = _refused(proc, fed, "plaintext")
+    assert "could not establish a connection" in log
+    # Any plaintext HTTP client gets no answer at all from the TLS port.
+    connection = http.client.HTTPConnection("127.0.0.1", fed["port"], timeout=10)
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+        connection.request("GET", "/")
+        connection.getresponse()
+
+
+def test_a_certificate_from_another_ca_is_refused(federation):
+    fed = federation
+    proc, _ = _supernode(fed, "other-ca", "site-a", fed["root"] / "other-ca" / "ca.crt",
+                         str(fed["root"] / "site-a.csv"))
+    log = _refused(proc, fed, "other-ca")
+    assert "CERTIFICATE_VERIFY_FAILED" in log
