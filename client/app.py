@@ -15,6 +15,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.faults import apply_fault, fault_for
+from client.privacy import train_adapter_private
 from client.sync import load_global
 from client.training import train_adapter
 from common.config import FedLoraConfig, SiteConfig
@@ -127,15 +128,21 @@ def train(msg: Message, context: Context) -> Message:
     # FedProx pulls towards the global adapter this round started from.
     anchor = ([p.detach().clone() for p in runtime.lora.model.parameters() if p.requires_grad]
               if cfg.strategy == "fedprox" else None)
-    stats = train_adapter(runtime.lora.model, runtime.train_examples, cfg,
-                          seed=cfg.seed + 1000 * server_round + runtime.site_id,
-                          pad_id=runtime.lora.tokenizer.pad_token_id, device=runtime.lora.device,
-                          anchor=anchor)
+    seed = cfg.seed + 1000 * server_round + runtime.site_id
+    pad_id, device = runtime.lora.tokenizer.pad_token_id, runtime.lora.device
+    if cfg.differential_privacy:
+        stats = train_adapter_private(runtime.lora.model, runtime.train_examples, cfg,
+                                      server_round=server_round, seed=seed, pad_id=pad_id,
+                                      device=device)
+    else:
+        stats = train_adapter(runtime.lora.model, runtime.train_examples, cfg, seed=seed,
+                              pad_id=pad_id, device=device, anchor=anchor)
     metrics = MetricRecord({
         "num-examples": len(runtime.train_examples),
         "train-loss": stats["loss"],
         "train-steps": stats["steps"],
         "train-seconds": time.perf_counter() - started,
+        **({"dp-epsilon": stats["epsilon"]} if cfg.differential_privacy else {}),
     })
     arrays = adapter_to_record(runtime.lora.trainable_state(), cfg.transfer_dtype)
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)

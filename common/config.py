@@ -69,6 +69,11 @@ class FedLoraConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     grad_accum_steps: int = 1
     transfer_dtype: str = "float32"
+    # Example-level differential privacy (DP-SGD on each site); noise multiplier 0 = off
+    dp_noise_multiplier: float = 0.0
+    dp_clip_norm: float = 1.0  # per-example gradient norm bound
+    dp_delta: float = 1e-5
+    dp_target_epsilon: float = 0.0  # a site stops training before it would exceed this; 0 = none
     # Aggregation
     strategy: str = "fedavg"
     proximal_mu: float = 0.01  # fedprox: weight of (mu/2) * ||w - w_global||^2
@@ -142,6 +147,20 @@ class FedLoraConfig:
         if self.strategy == "hetlora" and self.global_lora_rank < max(ranks):
             raise FedLoraError(f"hetlora pads client adapters up to global-rank, which must be at "
                                f"least the largest client rank {max(ranks)}")
+        for name in ("dp-noise-multiplier", "dp-target-epsilon"):
+            if getattr(self, _field(name)) < 0:
+                raise FedLoraError(f"config {name} must not be negative, got "
+                                   f"{getattr(self, _field(name))}")
+        if self.dp_clip_norm <= 0 or not 0 < self.dp_delta < 1:
+            raise FedLoraError(f"config dp-clip-norm must be positive and dp-delta in (0, 1), "
+                               f"got {self.dp_clip_norm} and {self.dp_delta}")
+        if self.differential_privacy and self.strategy == "fedprox":
+            raise FedLoraError("DP-SGD clips per-example gradients of the loss; fedprox's "
+                               "proximal term is not per example: use another strategy")
+        if self.differential_privacy and self.grad_accum_steps != 1:
+            raise FedLoraError("DP-SGD samples its own batches: set grad-accum-steps=1")
+        if self.dp_target_epsilon and not self.differential_privacy:
+            raise FedLoraError("dp-target-epsilon needs DP-SGD: set dp-noise-multiplier > 0")
         if self.load_in_4bit and self.strategy == "exact":
             raise FedLoraError("strategy exact folds a residual into the base weights, which "
                                "4-bit weights cannot hold: use another strategy or "
@@ -212,6 +231,10 @@ class FedLoraConfig:
     def effective_server_lr(self) -> float:
         defaults = {"fedadam": 0.01, "fedyogi": 0.01, "fedavgm": 1.0}
         return self.server_learning_rate or defaults.get(self.strategy, 1.0)
+
+    @property
+    def differential_privacy(self) -> bool:
+        return self.dp_noise_multiplier > 0
 
     @property
     def is_classification(self) -> bool:

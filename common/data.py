@@ -221,20 +221,24 @@ def batches(examples: list[dict], batch_size: int, pad_id: int, shuffle_seed: in
         generator = torch.Generator().manual_seed(shuffle_seed)
         order = torch.randperm(len(examples), generator=generator).tolist()
     for start in range(0, len(order), batch_size):
-        chunk = [examples[i] for i in order[start:start + batch_size]]
-        width = max(len(e["input_ids"]) for e in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        yield collate([examples[i] for i in order[start:start + batch_size]], pad_id)
+
+
+def collate(chunk: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a list of examples to the longest of them: input ids, attention mask, labels."""
+    width = max(len(e["input_ids"]) for e in chunk)
+    ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for row, example in enumerate(chunk):
+        ids[row, : len(example["input_ids"])] = torch.tensor(example["input_ids"])
+        mask[row, : len(example["attention_mask"])] = 1
+    if isinstance(chunk[0]["labels"], int):
+        labels = torch.tensor([e["labels"] for e in chunk])
+    else:
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
         for row, example in enumerate(chunk):
-            ids[row, : len(example["input_ids"])] = torch.tensor(example["input_ids"])
-            mask[row, : len(example["attention_mask"])] = 1
-        if isinstance(chunk[0]["labels"], int):
-            labels = torch.tensor([e["labels"] for e in chunk])
-        else:
-            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-            for row, example in enumerate(chunk):
-                labels[row, : len(example["labels"])] = torch.tensor(example["labels"])
-        yield {"input_ids": ids, "attention_mask": mask, "labels": labels}
+            labels[row, : len(example["labels"])] = torch.tensor(example["labels"])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def train_val_split(indices: list[int], val_fraction: float,

@@ -67,6 +67,7 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
             now = time.time()
             run.append_round({"round": server_round, "server": server_metrics,
                               "train": stats.get("train", {}),
+                              "train-per-client": stats.get("train-per-client", []),
                               "evaluate": stats.get("evaluate", {}),
                               "bytes-down": stats.get("bytes-down", 0),
                               "bytes-up": stats.get("bytes-up", 0),
@@ -94,7 +95,9 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
         lora.load_trainable_state(record_to_adapter(result.arrays))
         run.save_adapter(exportable(cfg, lora, labels, strategy.base_offsets()), labels)
         rounds = run.read_rounds()
-        run.write_summary({"status": "completed", "rounds": cfg.num_rounds,
+        early = {"stopped-early": strategy.stopped_early} if strategy.stopped_early else {}
+        run.write_summary({"status": "completed", "rounds": rounds[-1]["round"] if rounds else 0,
+                           **early,
                            "final": rounds[-1]["server"] if rounds else {},
                            "initial": rounds[0]["server"] if rounds else {},
                            "seconds": time.time() - started})

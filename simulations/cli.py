@@ -197,6 +197,9 @@ def simulate_command(cfg: FedLoraConfig, verbose: bool) -> int:
         print(f"fedlora: error: run failed: {reason.splitlines()[0]}", file=sys.stderr)
         return 1
     progress.print_summary(time.time() - started)
+    if summary.get("stopped-early"):
+        console.print(f"[yellow]stopped after round {summary['rounds']}:[/] "
+                      f"{summary['stopped-early']}", soft_wrap=True)
     return 0
 
 

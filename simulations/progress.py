@@ -27,6 +27,12 @@ def format_round(record: dict, cfg: FedLoraConfig) -> str:
     parts.append(f"loss {server.get('loss', float('nan')):.4f}")
     if record.get("train"):
         parts.append(f"train-loss {record['train'].get('train-loss', float('nan')):.4f}")
+    epsilons = [c["dp-epsilon"] for c in record.get("train-per-client", []) if "dp-epsilon" in c]
+    if epsilons:
+        parts.append(f"epsilon {max(epsilons):.2f}")
+    dropped = record.get("dropped", [])
+    if dropped:
+        parts.append(f"left out {len(dropped)}: {dropped[0]['reason'][:80]}")
     parts.append(f"{record.get('seconds', 0):.1f}s")
     return " | ".join(parts)
 

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
 from common.config import FedLoraConfig
-from common.errors import FedLoraError
+from common.errors import PRIVACY_BUDGET_REACHED, FedLoraError
 from common.lora_math import exact_mean_deltas, lora_deltas, relative_error
 from common.records import adapter_to_record, record_bytes, record_to_adapter
 from server.aggregation import weighted_average, weighted_mean_metrics
@@ -44,6 +44,7 @@ class LoraFedAvg(FedAvg):
         self.scaling = cfg.lora_scaling
         self.current: OrderedDict[str, torch.Tensor] | None = None  # the global sent this round
         self.round_stats: dict[int, dict] = defaultdict(dict)
+        self.stopped_early = ""  # why the run ended before num-rounds, if it did
         self._nodes_reached: set[int] = set()  # this round's, for bytes per client
         self.rng = random.Random(cfg.seed)  # client sampling; checkpointed with the run
         self._sampled: set[int] = set()
@@ -143,6 +144,7 @@ class LoraFedAvg(FedAvg):
         metrics = weighted_mean_metrics([u.metrics for u in updates], weights)
         metrics["num-examples"] = float(sum(weights))
         stats["train"] = metrics
+        stats["train-per-client"] = [{"node": u.node_id, **u.metrics} for u in updates]
         stats["bytes-up-per-client"] = stats["bytes-up"] / len(updates)
         log(INFO, "round %s: aggregated %s updates (%s examples)", server_round, len(updates),
             sum(weights))
@@ -173,6 +175,8 @@ class LoraFedAvg(FedAvg):
                 usable = self.round_stats[server_round].get("train-clients-aggregated", 0)
                 if usable >= self.min_train_nodes:
                     break
+                if self._privacy_budget_spent(server_round):
+                    break  # retrying cannot help: those sites will refuse again
                 log(WARNING, "round %s: %s usable training replies, %s needed (attempt %s of "
                     "%s)", server_round, usable, self.min_train_nodes, attempt + 1,
                     self.cfg.round_retries + 1)
@@ -182,6 +186,10 @@ class LoraFedAvg(FedAvg):
                     f"{self.min_train_nodes} needed, after {self.cfg.round_retries + 1} "
                     f"attempts; the run stopped with round {server_round - 1} checkpointed "
                     f"(resume it with fedlora simulate --resume, or resume=true)")
+            if self.stopped_early:
+                log(WARNING, "round %s: %s; the run ends with round %s's adapter",
+                    server_round, self.stopped_early, server_round - 1)
+                break
             if new_arrays is not None:
                 arrays = new_arrays
             if train_metrics is not None:
@@ -198,6 +206,16 @@ class LoraFedAvg(FedAvg):
                     result.evaluate_metrics_serverapp[server_round] = metrics
         result.arrays = arrays
         return result
+
+    def _privacy_budget_spent(self, server_round: int) -> bool:
+        """Too few sites left because the others reached dp-target-epsilon: the run is over."""
+        dropped = self.round_stats[server_round].get("dropped", [])
+        spent = [d for d in dropped if PRIVACY_BUDGET_REACHED in d["reason"]]
+        if not spent:
+            return False
+        self.stopped_early = (f"{len(spent)} site(s) reached dp-target-epsilon "
+                              f"({self.cfg.dp_target_epsilon:g}) and train no more")
+        return True
 
     def base_offsets(self) -> dict[str, torch.Tensor]:
         """What the global model adds to the frozen base weights (exact's residual)."""

@@ -1,0 +1,90 @@
+"""Example-level differential privacy on a site: DP-SGD with Opacus on the trainable (LoRA +
+head) parameters, and the ε it spends, from Opacus' RDP accountant.
+
+Each step samples every example independently with probability q = batch-size / n (Poisson
+sampling, what the accountant assumes), clips each example's gradient to dp-clip-norm and adds
+Gaussian noise of std dp-noise-multiplier * dp-clip-norm to the sum.
+
+The ε reported after round t counts t rounds of this site's steps, as if the site had trained in
+every round so far: exact when every site trains every round, an upper bound otherwise. It
+needs no state on the site, so it stays right after a resume or a restarted SuperNode.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from client.training import planned_steps
+from common.config import FedLoraConfig
+from common.data import collate
+from common.errors import PRIVACY_BUDGET_REACHED, FedLoraError
+
+
+class PrivacyBudgetExhausted(FedLoraError):
+    """Training this round would spend more than dp-target-epsilon."""
+
+
+def sample_rate(num_examples: int, cfg: FedLoraConfig) -> float:
+    return min(1.0, cfg.batch_size / num_examples)
+
+
+def epsilon_after(server_round: int, num_examples: int, cfg: FedLoraConfig) -> float:
+    """ε spent by this site through `server_round` rounds of DP-SGD."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [(cfg.dp_noise_multiplier, sample_rate(num_examples, cfg),
+                           planned_steps(num_examples, cfg) * server_round)]
+    return float(accountant.get_epsilon(cfg.dp_delta))
+
+
+def train_adapter_private(model: torch.nn.Module, examples: list[dict], cfg: FedLoraConfig, *,
+                          server_round: int, seed: int, pad_id: int,
+                          device: torch.device) -> dict:
+    """DP-SGD in place; the stats say the ε spent through this round. Refuses (raises
+    PrivacyBudgetExhausted, nothing trained) when that would exceed dp-target-epsilon."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    n = len(examples)
+    epsilon = epsilon_after(server_round, n, cfg)
+    if cfg.dp_target_epsilon and epsilon > cfg.dp_target_epsilon:
+        raise PrivacyBudgetExhausted(
+            f"{PRIVACY_BUDGET_REACHED}: round {server_round} would bring this site to "
+            f"epsilon={epsilon:.2f} > dp-target-epsilon {cfg.dp_target_epsilon:g} (spent: "
+            f"{epsilon_after(server_round - 1, n, cfg):.2f}); this site trains no more")
+    torch.manual_seed(seed)  # LoRA dropout and the DP noise
+    model.train()  # Opacus sees no activations in eval mode
+    params = [p for p in model.parameters() if p.requires_grad]
+    q = sample_rate(n, cfg)
+    private = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    optimizer = DPOptimizer(
+        torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
+        noise_multiplier=cfg.dp_noise_multiplier, max_grad_norm=cfg.dp_clip_norm,
+        expected_batch_size=max(1, round(q * n)), loss_reduction="mean")
+    generator = torch.Generator().manual_seed(seed)
+    steps, loss_sum, seen = planned_steps(n, cfg), 0.0, 0
+    try:
+        for _ in range(steps):
+            chosen = (torch.rand(n, generator=generator) < q).nonzero().flatten().tolist()
+            if not chosen:
+                # P = (1-q)^n, about e^-batch-size: negligible; the step is skipped.
+                continue
+            batch = {k: v.to(device) for k, v in
+                     collate([examples[i] for i in chosen], pad_id).items()}
+            loss = private(**batch).loss
+            with warnings.catch_warnings():  # frozen embeddings: no input needs a gradient
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach().item() * len(chosen)
+            seen += len(chosen)
+    finally:
+        private._close()  # hooks off: evaluation and the next round see the plain model
+        for p in params:
+            p.grad = None
+    return {"loss": loss_sum / max(seen, 1), "steps": steps, "examples-seen": seen,
+            "epsilon": epsilon}
