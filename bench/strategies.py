@@ -86,6 +86,8 @@ def table(results: dict) -> str:
     lines = []
     for key, entry in results.items():
         central = entry.get("centralized", {}).get("accuracy")
+        if central is None:  # baselines not run yet for this alpha
+            continue
         lines += [f"\n### {key}\n", f"centralized LoRA: {central:.4f}; local-only (mean of "
                   f"sites): {entry.get('local-only', {}).get('accuracy', float('nan')):.4f}\n",
                   "| strategy | final acc. | best acc. | % of centralized | rounds to 90% of "
