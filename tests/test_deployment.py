@@ -176,7 +176,9 @@ def test_two_authenticated_sites_train_over_tls(federation):
     assert all(_port_free(port) for _, port in sites)
 
 
-def _refused(proc: subprocess.Popen, fed, name: str) -> str:
+def _refused(fed, name: str, key: str | None, ca: Path | None, insecure: bool = False) -> str:
+    """Start a SuperNode that must be turned away; return its log."""
+    proc, _ = _supernode(fed, name, key, ca, str(fed["root"] / "site-a.csv"), insecure=insecure)
     try:
         proc.wait(timeout=90)
     except subprocess.TimeoutExpired:
@@ -186,30 +188,22 @@ def _refused(proc: subprocess.Popen, fed, name: str) -> str:
 
 
 def test_a_site_whose_key_is_not_registered_is_refused(federation):
-    fed = federation
-    proc, _ = _supernode(fed, "unregistered", "unregistered", fed["root"] / "certs" / "ca.crt",
-                         str(fed["root"] / "site-a.csv"))
-    log = _refused(proc, fed, "unregistered")
+    log = _refused(federation, "unregistered", "unregistered",
+                   federation["root"] / "certs" / "ca.crt")
     assert "Failed to activate SuperNode" in log
-    assert "No SuperNode found with the given public key" in fed["procs"].log("superlink")
+    assert "No SuperNode found with the given public key" in federation["procs"].log("superlink")
 
 
 def test_a_plaintext_connection_is_refused(federation):
-    fed = federation
-    proc, _ = _supernode(fed, "plaintext", None, None, str(fed["root"] / "site-a.csv"),
-                         insecure=True)
-    log = _refused(proc, fed, "plaintext")
+    log = _refused(federation, "plaintext", None, None, insecure=True)
     assert "could not establish a connection" in log
     # Any plaintext HTTP client gets no answer at all from the TLS port.
-    connection = http.client.HTTPConnection("127.0.0.1", fed["port"], timeout=10)
+    connection = http.client.HTTPConnection("127.0.0.1", federation["port"], timeout=10)
     with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
         connection.request("GET", "/")
         connection.getresponse()
 
 
 def test_a_certificate_from_another_ca_is_refused(federation):
-    fed = federation
-    proc, _ = _supernode(fed, "other-ca", "site-a", fed["root"] / "other-ca" / "ca.crt",
-                         str(fed["root"] / "site-a.csv"))
-    log = _refused(proc, fed, "other-ca")
+    log = _refused(federation, "other-ca", "site-a", federation["root"] / "other-ca" / "ca.crt")
     assert "CERTIFICATE_VERIFY_FAILED" in log
