@@ -1,5 +1,6 @@
 """Check the CUDA paths of a site on a real GPU: device choice, bf16 / fp16 mixed precision, 4-bit
-QLoRA (bitsandbytes), and the error when 4-bit is asked for without what it needs.
+QLoRA (bitsandbytes), DP-SGD (Opacus) in bf16, and the error when 4-bit is asked for without
+what it needs.
 
 A tiny Llama-style classifier (random weights, word-level tokenizer from the data) trains on a
 BANKING77 slice with the very functions a ClientApp uses (build_lora_model, train_adapter,
@@ -24,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from client.privacy import train_adapter_private  # noqa: E402
 from client.training import train_adapter  # noqa: E402
 from common.config import FedLoraConfig  # noqa: E402
 from common.errors import FedLoraError  # noqa: E402
@@ -68,7 +70,11 @@ def check(name: str, cfg: FedLoraConfig, labels, train, test) -> dict:
     before = evaluate_examples(lora.model, test_ex, batch_size=64, pad_id=pad,
                                device=lora.device, classification=True)
     started = time.perf_counter()
-    stats = train_adapter(lora.model, train_ex, cfg, seed=0, pad_id=pad, device=lora.device)
+    if cfg.differential_privacy:
+        stats = train_adapter_private(lora.model, train_ex, cfg, server_round=1, seed=0,
+                                      pad_id=pad, device=lora.device)
+    else:
+        stats = train_adapter(lora.model, train_ex, cfg, seed=0, pad_id=pad, device=lora.device)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     after = evaluate_examples(lora.model, test_ex, batch_size=64, pad_id=pad,
@@ -106,6 +112,14 @@ def main() -> None:
         with mock.patch("torch.cuda.is_bf16_supported", return_value=False):
             results["fp16"] = check("fp16", base, labels, train, test)
         results["cpu"] = check("cpu", base.replace(device="cpu"), labels, train, test)
+        try:
+            import opacus
+
+            results["opacus"] = opacus.__version__
+            results["dp-sgd-bf16"] = check("dp-sgd-bf16", base.replace(dp_noise_multiplier=0.5),
+                                           labels, train, test)
+        except ImportError:
+            results["opacus"] = None
         try:
             import bitsandbytes
 

@@ -20,6 +20,7 @@ from client.training import planned_steps
 from common.config import FedLoraConfig
 from common.data import collate
 from common.errors import PRIVACY_BUDGET_REACHED, FedLoraError
+from common.model import autocast
 
 
 class PrivacyBudgetExhausted(FedLoraError):
@@ -74,7 +75,8 @@ def train_adapter_private(model: torch.nn.Module, examples: list[dict], cfg: Fed
                 continue
             batch = {k: v.to(device) for k, v in
                      collate([examples[i] for i in chosen], pad_id).items()}
-            loss = private(**batch).loss
+            with autocast(device):
+                loss = private(**batch).loss.float()
             with warnings.catch_warnings():  # frozen embeddings: no input needs a gradient
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 loss.backward()
