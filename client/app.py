@@ -131,8 +131,9 @@ def train(msg: Message, context: Context) -> Message:
     seed = cfg.seed + 1000 * server_round + runtime.site_id
     pad_id, device = runtime.lora.tokenizer.pad_token_id, runtime.lora.device
     if cfg.differential_privacy:
+        releases = int(msg.content["config"].get("train-releases", server_round))
         stats = train_adapter_private(runtime.lora.model, runtime.train_examples, cfg,
-                                      server_round=server_round, seed=seed, pad_id=pad_id,
+                                      releases=releases, seed=seed, pad_id=pad_id,
                                       device=device)
     else:
         stats = train_adapter(runtime.lora.model, runtime.train_examples, cfg, seed=seed,

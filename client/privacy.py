@@ -5,13 +5,17 @@ Each step samples every example independently with probability q = batch-size / 
 sampling, what the accountant assumes), clips each example's gradient to dp-clip-norm and adds
 Gaussian noise of std dp-noise-multiplier * dp-clip-norm to the sum.
 
-The ε reported after round t counts t rounds of this site's steps, as if the site had trained in
-every round so far: exact when every site trains every round, an upper bound otherwise. It
-needs no state on the site, so it stays right after a resume or a restarted SuperNode.
+The ε reported counts every training release the server asked for so far (rounds, plus retried
+rounds) as one of this site's: exact when every site trains every round, an upper bound
+otherwise. It needs no state on the site, so it stays right after a restarted SuperNode.
+
+The sample and the noise come from the operating system's randomness on the site, never from
+the run's seed: the coordinator knows the seed, and noise it can re-draw protects nothing.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -31,32 +35,33 @@ def sample_rate(num_examples: int, cfg: FedLoraConfig) -> float:
     return min(1.0, cfg.batch_size / num_examples)
 
 
-def epsilon_after(server_round: int, num_examples: int, cfg: FedLoraConfig) -> float:
-    """ε spent by this site through `server_round` rounds of DP-SGD."""
+def epsilon_after(releases: int, num_examples: int, cfg: FedLoraConfig) -> float:
+    """ε spent by this site after `releases` rounds of DP-SGD."""
     from opacus.accountants import RDPAccountant
 
     accountant = RDPAccountant()
     accountant.history = [(cfg.dp_noise_multiplier, sample_rate(num_examples, cfg),
-                           planned_steps(num_examples, cfg) * server_round)]
+                           planned_steps(num_examples, cfg) * releases)]
     return float(accountant.get_epsilon(cfg.dp_delta))
 
 
 def train_adapter_private(model: torch.nn.Module, examples: list[dict], cfg: FedLoraConfig, *,
-                          server_round: int, seed: int, pad_id: int,
+                          releases: int, seed: int, pad_id: int,
                           device: torch.device) -> dict:
-    """DP-SGD in place; the stats say the ε spent through this round. Refuses (raises
-    PrivacyBudgetExhausted, nothing trained) when that would exceed dp-target-epsilon."""
+    """DP-SGD in place, as the site's `releases`-th training release; the stats say the ε
+    spent with it. Refuses (raises PrivacyBudgetExhausted, nothing trained) when that would
+    exceed dp-target-epsilon. `seed` drives LoRA dropout only."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
     n = len(examples)
-    epsilon = epsilon_after(server_round, n, cfg)
+    epsilon = epsilon_after(releases, n, cfg)
     if cfg.dp_target_epsilon and epsilon > cfg.dp_target_epsilon:
         raise PrivacyBudgetExhausted(
-            f"{PRIVACY_BUDGET_REACHED}: round {server_round} would bring this site to "
+            f"{PRIVACY_BUDGET_REACHED}: release {releases} would bring this site to "
             f"epsilon={epsilon:.2f} > dp-target-epsilon {cfg.dp_target_epsilon:g} (spent: "
-            f"{epsilon_after(server_round - 1, n, cfg):.2f}); this site trains no more")
-    torch.manual_seed(seed)  # LoRA dropout and the DP noise
+            f"{epsilon_after(releases - 1, n, cfg):.2f}); this site trains no more")
+    torch.manual_seed(seed)  # LoRA dropout
     model.train()  # Opacus sees no activations in eval mode
     params = [p for p in model.parameters() if p.requires_grad]
     q = sample_rate(n, cfg)
@@ -64,12 +69,13 @@ def train_adapter_private(model: torch.nn.Module, examples: list[dict], cfg: Fed
     optimizer = DPOptimizer(
         torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
         noise_multiplier=cfg.dp_noise_multiplier, max_grad_norm=cfg.dp_clip_norm,
-        expected_batch_size=max(1, round(q * n)), loss_reduction="mean")
-    generator = torch.Generator().manual_seed(seed)
+        expected_batch_size=max(1, round(q * n)), loss_reduction="mean",
+        generator=torch.Generator(device=device).manual_seed(_site_secret_seed()))
+    sampler = torch.Generator().manual_seed(_site_secret_seed())
     steps, loss_sum, seen = planned_steps(n, cfg), 0.0, 0
     try:
         for _ in range(steps):
-            chosen = (torch.rand(n, generator=generator) < q).nonzero().flatten().tolist()
+            chosen = (torch.rand(n, generator=sampler) < q).nonzero().flatten().tolist()
             if not chosen:
                 # P = (1-q)^n, about e^-batch-size: negligible; the step is skipped.
                 continue
@@ -90,3 +96,7 @@ def train_adapter_private(model: torch.nn.Module, examples: list[dict], cfg: Fed
             p.grad = None
     return {"loss": loss_sum / max(seen, 1), "steps": steps, "examples-seen": seen,
             "epsilon": epsilon}
+
+
+def _site_secret_seed() -> int:
+    return int.from_bytes(os.urandom(8), "little")

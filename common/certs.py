@@ -88,9 +88,7 @@ def write_site_keys(out: Path, site: str, force: bool = False) -> SiteKeys:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    if not SITE_NAME.match(site):
-        raise FedLoraError(f"site name {site!r} must be 1-64 letters, digits, '.', '_' or '-', "
-                           f"starting with a letter or digit")
+    _check_site_name(site)
     keys = SiteKeys(private_key=out / f"{site}.key", public_key=out / f"{site}.pub")
     _refuse_overwrite([keys.private_key, keys.public_key], force)
     key = ec.generate_private_key(ec.SECP384R1())
@@ -101,6 +99,29 @@ def write_site_keys(out: Path, site: str, force: bool = False) -> SiteKeys:
     atomic_write_bytes(keys.public_key, key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
     return keys
+
+
+def check_before_writing(out: Path, sans: list[str], sites: list[str], force: bool) -> None:
+    """Every name valid and no file in the way, before anything is written: a bad request
+    leaves the folder as it was."""
+    paths = []
+    if sans:
+        for value in sans:
+            _san(value)
+        if len(sans[0]) > 64:
+            raise FedLoraError(f"--san {sans[0]!r}: the first name becomes the certificate's "
+                               f"common name, at most 64 characters")
+        paths += [out / CA_CERT, out / CA_KEY, out / SERVER_CERT, out / SERVER_KEY]
+    for site in sites:
+        _check_site_name(site)
+        paths += [out / f"{site}.key", out / f"{site}.pub"]
+    _refuse_overwrite(paths, force)
+
+
+def _check_site_name(site: str) -> None:
+    if not SITE_NAME.match(site):
+        raise FedLoraError(f"site name {site!r} must be 1-64 letters, digits, '.', '_' or '-', "
+                           f"starting with a letter or digit")
 
 
 def _san(value: str):

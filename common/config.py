@@ -157,6 +157,9 @@ class FedLoraConfig:
         if self.differential_privacy and self.strategy == "fedprox":
             raise FedLoraError("DP-SGD clips per-example gradients of the loss; fedprox's "
                                "proximal term is not per example: use another strategy")
+        if self.differential_privacy and not self.is_classification:
+            raise FedLoraError("DP-SGD needs a loss per example; causal-lm averages over the "
+                               "batch's tokens, which does not bound one example's gradient")
         if self.differential_privacy and self.grad_accum_steps != 1:
             raise FedLoraError("DP-SGD samples its own batches: set grad-accum-steps=1")
         if self.dp_target_epsilon and not self.differential_privacy:

@@ -122,9 +122,11 @@ def load_server_splits(cfg: FedLoraConfig) -> DataSplits:
     if not cfg.eval_data:
         return load_splits(cfg)
     rows = _load_rows(cfg, cfg.eval_data, "config eval-data", ("test", "validation", "train"))
+    test = rows
     if cfg.max_eval_examples and len(rows) > cfg.max_eval_examples:
-        rows = rows.shuffle(seed=cfg.seed).select(range(cfg.max_eval_examples))
-    return DataSplits(train=rows.select([]), test=rows)
+        test = rows.shuffle(seed=cfg.seed).select(range(cfg.max_eval_examples))
+    # train: every row, so the label set read from the splits misses none of them.
+    return DataSplits(train=rows, test=test)
 
 
 def _load_rows(cfg: FedLoraConfig, data_path: str, what: str, stems: tuple[str, ...]):

@@ -136,7 +136,8 @@ def pick_device(requested: str = "auto") -> torch.device:
 def compute_dtype(device: torch.device) -> torch.dtype:
     """The base model's dtype: bf16 on GPUs that support it, fp16 on older ones, else fp32."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native_bf16 else torch.float16
     return torch.float32
 
 
@@ -189,7 +190,10 @@ def build_lora_model(cfg: FedLoraConfig, labels: list[str] | None = None,
     device = device or pick_device(cfg.device)
     quantization = quantization_config(cfg, device)
     # Half precision and 4-bit only on a GPU; on CPU the weights stay float32.
-    load = {"dtype": compute_dtype(device)}
+    # exact folds a residual into the base weights and ffa never sends its frozen A: both need
+    # a float32 base so that every site and the server hold the same numbers.
+    exact_base = cfg.strategy in ("exact", "ffa")
+    load = {"dtype": torch.float32 if exact_base else compute_dtype(device)}
     if quantization is not None:
         load.update(quantization_config=quantization, device_map={"": device})
     torch.manual_seed(cfg.seed)

@@ -66,14 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def certs_command(args: argparse.Namespace) -> int:
-    from common.certs import write_ca_and_server_cert, write_site_keys
+    from common.certs import check_before_writing, write_ca_and_server_cert, write_site_keys
 
     if not args.san and not args.site:
         raise FedLoraError("certs: give --san (coordinator's CA and server certificate) "
                            "and/or --site NAME (a site's key pair)")
-    if args.days <= 0:
-        raise FedLoraError(f"certs: --days must be positive, got {args.days}")
+    if not 0 < args.days <= 36500:
+        raise FedLoraError(f"certs: --days must be between 1 and 36500, got {args.days}")
     out = Path(args.out).expanduser()
+    if len(set(args.site)) != len(args.site):
+        raise FedLoraError("certs: a --site is named twice")
+    check_before_writing(out, args.san, args.site, force=args.force)
     written: list[Path] = []
     if args.san:
         written += write_ca_and_server_cert(out, args.san, force=args.force, days=args.days)
@@ -87,12 +90,19 @@ def certs_command(args: argparse.Namespace) -> int:
 
 def connect_command(args: argparse.Namespace) -> int:
     """Writes [superlink.NAME] into $FLWR_HOME/config.toml with Flower's own code."""
+    import re
+
+    import click
     from flwr.cli.flower_config import set_default_superlink_connection as set_default
     from flwr.cli.flower_config import write_superlink_connection
     from flwr.cli.typing import SuperLinkConnection
 
+    # The name becomes a TOML table under [superlink], beside its `default` key.
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", args.name) or args.name == "default":
+        raise FedLoraError(f"connect: connection name {args.name!r} must be letters, digits, "
+                           f"'_' or '-' (and not 'default')")
     host, sep, port = args.address.rpartition(":")
-    if not sep or not host or not port.isdigit():
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise FedLoraError(f"connect: --address must be HOST:PORT, got {args.address!r}")
     ca = Path(args.ca).expanduser().resolve()
     if not ca.is_file():
@@ -102,7 +112,7 @@ def connect_command(args: argparse.Namespace) -> int:
             name=args.name, address=args.address, root_certificates=str(ca)))
         if args.default:
             set_default(args.name)
-    except ValueError as err:
+    except (ValueError, click.ClickException) as err:
         raise FedLoraError(f"connect: {err}") from None
     print(f"saved SuperLink connection {args.name!r} ({args.address}, CA {ca})")
     return 0

@@ -53,7 +53,9 @@ def test_existing_files_are_kept_without_force(tmp_path, capsys):
     ([], "give --san"),
     (["--san", "not a host!"], "neither an IP address nor a host name"),
     (["--site", "../escape"], "site name '../escape'"),
-    (["--san", "localhost", "--days", "0"], "--days must be positive"),
+    (["--san", "localhost", "--days", "0"], "--days must be between"),
+    (["--site", "ok", "--site", "bad/name"], "site name 'bad/name'"),
+    (["--site", "twice", "--site", "twice"], "named twice"),
 ])
 def test_bad_certs_input_is_one_line(tmp_path, capsys, args, message):
     assert main(["certs", "--out", str(tmp_path), *args]) == 2
@@ -73,5 +75,9 @@ def test_connect_saves_a_tls_connection_for_flwr(tmp_path, monkeypatch, capsys):
         "address": "coordinator:9092", "root-certificates": str(tmp_path / "ca.crt")}
     assert main(["connect", "x", "--address", "no-port", "--ca", str(tmp_path / "ca.crt")]) == 2
     assert main(["connect", "x", "--address", "h:1", "--ca", str(tmp_path / "nope.crt")]) == 2
+    assert main(["connect", "default", "--address", "h:1", "--ca",
+                 str(tmp_path / "ca.crt")]) == 2
     err = capsys.readouterr().err
-    assert "HOST:PORT" in err and "does not exist" in err
+    assert "HOST:PORT" in err and "does not exist" in err and "not 'default'" in err
+    assert tomllib.loads((tmp_path / "home" / "config.toml").read_text())["superlink"][
+        "default"] == "consortium"

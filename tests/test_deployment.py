@@ -61,17 +61,19 @@ class Processes:
 
     def stop(self, procs: list[subprocess.Popen]) -> None:
         for proc, log in [(p, log) for p, log in self.started if p in procs]:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=10)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+            # What the leader spawned (ServerApp, ClientApp, SuperExec) may outlive it.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=10)
             log.close()
+        self.started = [(p, log) for p, log in self.started if p not in procs]
 
 
 def _run(env, *args: str, timeout: int = 60) -> subprocess.CompletedProcess:

@@ -58,7 +58,7 @@ def test_dp_sgd_learns_and_leaves_a_plain_model(site):
     before = {n: p.clone() for n, p in lora.trainable_state().items()}
     loss_before = evaluate_examples(lora.model, train, batch_size=64, pad_id=pad,
                                     device=lora.device, classification=True)["loss"]
-    stats = train_adapter_private(lora.model, train, cfg, server_round=1, seed=0, pad_id=pad,
+    stats = train_adapter_private(lora.model, train, cfg, releases=1, seed=0, pad_id=pad,
                                   device=lora.device)
     loss_after = evaluate_examples(lora.model, train, batch_size=64, pad_id=pad,
                                    device=lora.device, classification=True)["loss"]
@@ -78,13 +78,26 @@ def test_dp_sgd_learns_and_leaves_a_plain_model(site):
     lora.model.zero_grad(set_to_none=True)
 
 
+def test_the_noise_is_the_sites_own_not_the_runs_seed(site):
+    """The coordinator knows the run's seed: noise drawn from it could be subtracted again."""
+    cfg, lora, train, _ = site
+    start = {n: p.clone() for n, p in lora.trainable_state().items()}
+    updates = []
+    for _ in range(2):
+        lora.load_trainable_state(start)
+        train_adapter_private(lora.model, train, cfg.replace(local_steps=2), releases=1, seed=7,
+                              pad_id=lora.tokenizer.pad_token_id, device=lora.device)
+        updates.append({n: p.clone() for n, p in lora.trainable_state().items()})
+    assert any(not torch.equal(updates[0][n], updates[1][n]) for n in start)
+
+
 def test_a_site_refuses_the_round_that_would_exceed_its_budget(site):
     cfg, lora, train, _ = site
     eps_1, eps_2 = epsilon_after(1, len(train), cfg), epsilon_after(2, len(train), cfg)
     limited = cfg.replace(dp_target_epsilon=(eps_1 + eps_2) / 2)
     before = {n: p.clone() for n, p in lora.trainable_state().items()}
-    with pytest.raises(PrivacyBudgetExhausted, match="privacy budget reached: round 2"):
-        train_adapter_private(lora.model, train, limited, server_round=2, seed=0,
+    with pytest.raises(PrivacyBudgetExhausted, match="privacy budget reached: release 2"):
+        train_adapter_private(lora.model, train, limited, releases=2, seed=0,
                               pad_id=lora.tokenizer.pad_token_id, device=lora.device)
     assert all(torch.equal(before[n], p) for n, p in lora.trainable_state().items())
 
@@ -94,6 +107,7 @@ def test_a_site_refuses_the_round_that_would_exceed_its_budget(site):
     ({"grad_accum_steps": 2}, "grad-accum-steps=1"),
     ({"dp_delta": 1.0}, "dp-delta in"),
     ({"dp_noise_multiplier": 0.0, "dp_target_epsilon": 3.0}, "needs DP-SGD"),
+    ({"task": "causal-lm"}, "loss per example"),
 ])
 def test_dp_config_errors(change, message):
     with pytest.raises(FedLoraError, match=message):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from common.config import FedLoraConfig, SiteConfig
-from common.data import load_server_splits, load_site_rows
+from common.data import load_server_splits, load_site_rows, resolve_labels
 from common.errors import FedLoraError
 from common.model import build_lora_model, compute_dtype, pick_device, quantization_config
 
@@ -55,8 +55,11 @@ def test_the_coordinator_evaluates_on_all_of_eval_data(tmp_path):
     frame.to_csv(tmp_path / "eval.csv", index=False)
     cfg = FedLoraConfig(label_column="category", eval_data=str(tmp_path / "eval.csv"))
     splits = load_server_splits(cfg)
-    assert len(splits.test) == 30 and len(splits.train) == 0
-    assert len(load_server_splits(cfg.replace(max_eval_examples=7)).test) == 7
+    assert len(splits.test) == 30
+    trimmed = load_server_splits(cfg.replace(max_eval_examples=2))
+    assert len(trimmed.test) == 2
+    # The label set still comes from every row, not from the two evaluated.
+    assert resolve_labels(cfg, trimmed) == ["x", "y", "z"]
 
 
 def test_device_choice_and_precision():

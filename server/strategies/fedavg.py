@@ -45,6 +45,7 @@ class LoraFedAvg(FedAvg):
         self.current: OrderedDict[str, torch.Tensor] | None = None  # the global sent this round
         self.round_stats: dict[int, dict] = defaultdict(dict)
         self.stopped_early = ""  # why the run ended before num-rounds, if it did
+        self.retried_attempts = 0
         self._nodes_reached: set[int] = set()  # this round's, for bytes per client
         self.rng = random.Random(cfg.seed)  # client sampling; checkpointed with the run
         self._sampled: set[int] = set()
@@ -168,6 +169,9 @@ class LoraFedAvg(FedAvg):
         for server_round in range(first_round, num_rounds + 1):
             log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
             for attempt in range(self.cfg.round_retries + 1):
+                # A retried round is one more release of each site's DP-SGD: counted for epsilon.
+                self.retried_attempts += attempt > 0
+                train_config["train-releases"] = server_round + self.retried_attempts
                 replies = grid.send_and_receive(
                     messages=self.configure_train(server_round, arrays, train_config, grid),
                     timeout=timeout)
