@@ -11,7 +11,6 @@ privacy.json, privacy.md and privacy.png under --out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from strategies import federation_parser  # noqa: E402  (bench/strategies.py)
 
 from common.config import FedLoraConfig, parse_overrides  # noqa: E402
 
@@ -35,15 +36,7 @@ def noise_for(epsilon: float, cfg: FedLoraConfig, site_examples: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/banking77"))
-    parser.add_argument("--out", default=str(ROOT / "runs/bench-privacy"))
-    parser.add_argument("--strategies", nargs="+", default=["fedavg", "ffa"])
-    parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--run-config", default="label-column=category local-steps=6 "
-                        "max-train-examples=2000 max-eval-examples=1000")
-    args = parser.parse_args()
+    args = federation_parser("bench-privacy", ["fedavg", "ffa"]).parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "privacy.json"

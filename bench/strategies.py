@@ -22,16 +22,22 @@ from common.config import STRATEGIES, FedLoraConfig  # noqa: E402
 from simulations.baselines import centralized, local_only  # noqa: E402
 
 
-def main() -> None:
+def federation_parser(out: str, strategies: list[str]) -> argparse.ArgumentParser:
+    """The options every BANKING77 benchmark shares: data, output, strategies, size."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/banking77"))
-    parser.add_argument("--out", default=str(ROOT / "runs/bench-strategies"))
-    parser.add_argument("--alphas", type=float, nargs="+", default=[0.1, 1.0])
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    parser.add_argument("--out", default=str(ROOT / "runs" / out))
+    parser.add_argument("--strategies", nargs="+", default=strategies)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--run-config", default="label-column=category local-steps=6 "
                         "max-train-examples=2000 max-eval-examples=1000")
+    return parser
+
+
+def main() -> None:
+    parser = federation_parser("bench-strategies", list(STRATEGIES))
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.1, 1.0])
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
