@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from strategies import federation_parser  # noqa: E402  (bench/strategies.py)
+from strategies import federation_parser, save_figure  # noqa: E402  (bench/strategies.py)
 
 from common.config import FedLoraConfig, parse_overrides  # noqa: E402
 
@@ -103,10 +103,7 @@ def plot(results: dict, path: Path) -> None:
                            label=f"{strategy}, no DP")
     ax.set(xscale="log", xlabel="epsilon (delta 1e-5)", ylabel="final server accuracy",
            title="BANKING77, 10 IID sites, DP-SGD on every site")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, ax, path)
 
 
 if __name__ == "__main__":

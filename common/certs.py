@@ -33,7 +33,7 @@ def write_ca_and_server_cert(out: Path, sans: list[str], force: bool = False,
     """A self-signed CA and a SuperLink certificate for `sans` (host names and IP addresses)
     signed by it. Returns the files written: ca.crt, ca.key, server.crt, server.key."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -78,8 +78,8 @@ def write_ca_and_server_cert(out: Path, sans: list[str], force: bool = False,
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / CA_KEY, _pem_private(ca_key), mode=0o600)
     atomic_write_bytes(out / SERVER_KEY, _pem_private(server_key), mode=0o600)
-    atomic_write_bytes(out / CA_CERT, ca_cert.public_bytes(_encoding()))
-    atomic_write_bytes(out / SERVER_CERT, server_cert.public_bytes(_encoding()))
+    atomic_write_bytes(out / CA_CERT, ca_cert.public_bytes(serialization.Encoding.PEM))
+    atomic_write_bytes(out / SERVER_CERT, server_cert.public_bytes(serialization.Encoding.PEM))
     return paths
 
 
@@ -140,12 +140,6 @@ def _refuse_overwrite(paths: list[Path], force: bool) -> None:
     existing = [str(p) for p in paths if p.exists()]
     if existing and not force:
         raise FedLoraError(f"{', '.join(existing)} already exist(s); pass --force to replace")
-
-
-def _encoding():
-    from cryptography.hazmat.primitives import serialization
-
-    return serialization.Encoding.PEM
 
 
 def _pem_private(key) -> bytes:
