@@ -15,6 +15,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.faults import apply_fault, fault_for
+from client.mods import client_dp_clipping_mod, secure_aggregation_mod
 from client.privacy import train_adapter_private
 from client.sync import load_global
 from client.training import train_adapter
@@ -117,7 +118,7 @@ def _prepare(msg: Message, context: Context) -> tuple[FedLoraConfig, SiteRuntime
     return cfg, runtime
 
 
-@app.train()
+@app.train(mods=[secure_aggregation_mod, client_dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     cfg, runtime = _prepare(msg, context)
     server_round = int(msg.content["config"]["server-round"])

@@ -20,6 +20,7 @@ TASKS = ("classification", "causal-lm")
 PARTITIONS = ("iid", "dirichlet", "quantity")
 TRANSFER_DTYPES = ("float32", "float16")
 DEVICES = ("auto", "cuda", "mps", "cpu")
+CLIENT_DP_CLIPPING = ("client", "server")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "ffa", "exact", "hetlora",
               "median", "trimmed-mean")
 MIXED_RANK_STRATEGIES = ("exact", "hetlora")
@@ -74,6 +75,18 @@ class FedLoraConfig:
     dp_clip_norm: float = 1.0  # per-example gradient norm bound
     dp_delta: float = 1e-5
     dp_target_epsilon: float = 0.0  # a site stops training before it would exceed this; 0 = none
+    # Client-level differential privacy (Flower's fixed-clipping wrappers); noise 0 = off
+    client_dp_noise_multiplier: float = 0.0  # Gaussian noise std / (clip norm / clients sampled)
+    client_dp_clip_norm: float = 0.1  # L2 bound on each site's update (its adapter - the global)
+    client_dp_clipping: str = "client"  # where updates are clipped: client (mod) or server
+    client_dp_delta: float = 1e-5
+    client_dp_target_epsilon: float = 0.0  # the run ends before a release would exceed it
+    # Secure aggregation (Flower's SecAgg+): the server learns only the sum of the updates
+    secure_aggregation: bool = False
+    secagg_shares: float = 1.0  # share each site's secrets with this fraction of the sampled
+    secagg_threshold: float = 0.5  # fraction of a site's shares that reconstructs its secrets
+    secagg_clipping_range: float = 8.0  # adapter values must lie within +- this to be summed
+    secagg_max_weight: float = 10000.0  # the most training examples any one site may weigh
     # Aggregation
     strategy: str = "fedavg"
     proximal_mu: float = 0.01  # fedprox: weight of (mu/2) * ||w - w_global||^2
@@ -164,12 +177,44 @@ class FedLoraConfig:
             raise FedLoraError("DP-SGD samples its own batches: set grad-accum-steps=1")
         if self.dp_target_epsilon and not self.differential_privacy:
             raise FedLoraError("dp-target-epsilon needs DP-SGD: set dp-noise-multiplier > 0")
+        self._check_client_dp_and_secagg()
         if self.load_in_4bit and self.strategy == "exact":
             raise FedLoraError("strategy exact folds a residual into the base weights, which "
                                "4-bit weights cannot hold: use another strategy or "
                                "load-in-4bit=false")
         if "{prompt}" not in self.prompt_template:
             raise FedLoraError("config prompt-template must contain '{prompt}'")
+
+    def _check_client_dp_and_secagg(self) -> None:
+        _check_choice("client-dp-clipping", self.client_dp_clipping, CLIENT_DP_CLIPPING)
+        for name in ("client-dp-noise-multiplier", "client-dp-target-epsilon"):
+            if getattr(self, _field(name)) < 0:
+                raise FedLoraError(f"config {name} must not be negative, got "
+                                   f"{getattr(self, _field(name))}")
+        if self.client_dp_clip_norm <= 0 or not 0 < self.client_dp_delta < 1:
+            raise FedLoraError(f"config client-dp-clip-norm must be positive and client-dp-delta "
+                               f"in (0, 1), got {self.client_dp_clip_norm} and "
+                               f"{self.client_dp_delta}")
+        if self.client_dp_target_epsilon and not self.client_level_dp:
+            raise FedLoraError("client-dp-target-epsilon needs client-level DP: set "
+                               "client-dp-noise-multiplier > 0")
+        if self.client_level_dp and self.differential_privacy:
+            raise FedLoraError("choose one kind of differential privacy: example-level "
+                               "(dp-noise-multiplier) or client-level (client-dp-noise-multiplier)")
+        for name in ("secagg-shares", "secagg-threshold"):
+            if not 0 < getattr(self, _field(name)) <= 1:
+                raise FedLoraError(f"config {name} must be in (0, 1], got "
+                                   f"{getattr(self, _field(name))}")
+        for name in ("secagg-clipping-range", "secagg-max-weight"):
+            if getattr(self, _field(name)) <= 0:
+                raise FedLoraError(f"config {name} must be positive, got "
+                                   f"{getattr(self, _field(name))}")
+        if self.secure_aggregation and self.client_level_dp and self.client_dp_clipping != "client":
+            raise FedLoraError("with secure-aggregation the server never sees an update to clip: "
+                               "set client-dp-clipping=client")
+        if self.secure_aggregation and self.max_update_norm:
+            raise FedLoraError("with secure-aggregation the server cannot check each update's "
+                               "norm: set max-update-norm=0 (or clip with client-level DP)")
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -238,6 +283,10 @@ class FedLoraConfig:
     @property
     def differential_privacy(self) -> bool:
         return self.dp_noise_multiplier > 0
+
+    @property
+    def client_level_dp(self) -> bool:
+        return self.client_dp_noise_multiplier > 0
 
     @property
     def is_classification(self) -> bool:

@@ -11,9 +11,11 @@ from typing import Mapping
 
 import torch
 from flwr.app import Array, ArrayRecord
+from flwr.common import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 
 from common.errors import FedLoraError
 
+NUM_EXAMPLES = "num-examples"  # the example count every train reply reports
 RESIDUAL_KEY = "residual"  # strategy exact: the dense residual record beside the adapter
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -76,3 +78,23 @@ def check_adapter_matches(state: Mapping[str, torch.Tensor],
 def record_bytes(record: ArrayRecord) -> int:
     """Bytes of the serialised arrays, as they travel."""
     return sum(len(array.data) for array in record.values())
+
+
+# -- Flower's legacy Parameters (what the SecAgg+ workflow and mod speak) -----------------------
+ARRAY_NAMES_KEY = "fedlora-array-names"  # in the legacy config: the names Parameters lack
+
+
+def record_to_parameters(record: ArrayRecord) -> tuple[Parameters, list[str]]:
+    """Legacy Parameters hold unnamed arrays in order: the names travel beside them."""
+    return ndarrays_to_parameters(record.to_numpy_ndarrays()), list(record.keys())
+
+
+def parameters_to_record(parameters: Parameters, names: list[str]) -> ArrayRecord:
+    if len(parameters.tensors) != len(names):
+        raise FedLoraError(f"{len(parameters.tensors)} arrays arrived for {len(names)} names")
+    try:
+        arrays = parameters_to_ndarrays(parameters)
+    except Exception as err:  # np.load on a peer's bytes can raise many types
+        raise FedLoraError(f"arrays cannot be decoded: {type(err).__name__}: {err}") from None
+    return ArrayRecord(OrderedDict((name, Array.from_numpy_ndarray(array))
+                                   for name, array in zip(names, arrays)))

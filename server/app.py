@@ -19,9 +19,12 @@ from common.lora_math import factorize, lora_modules
 from common.model import LoraModel, build_lora_model
 from common.records import adapter_to_record, record_to_adapter
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from server.client_dp import ClientLevelDP
 from server.evaluation import GlobalEvaluator
 from server.outputs import RunDirectory
+from server.secure_aggregation import SecAggPlusRound
 from server.strategies import build_strategy
+from server.strategies.fedavg import LoraFedAvg
 
 app = ServerApp()
 
@@ -48,6 +51,7 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
     try:
         evaluator = GlobalEvaluator(lora, tokenize(splits.test, lora.tokenizer, cfg, labels), cfg)
         strategy = build_strategy(cfg, lora)
+        client_dp = protect(strategy, cfg)
         client_config = ConfigRecord({"labels": json.dumps(labels)} if labels else {})
         round_started = [time.time()]
         initial, first_round = lora.trainable_state(), 1
@@ -55,6 +59,8 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
             ckpt = load_checkpoint(run.checkpoint_dir)
             run.keep_rounds_through(ckpt.round)
             strategy.load_state_tensors(ckpt.strategy_state)
+            if client_dp:
+                client_dp.load_state_tensors(ckpt.strategy_state)
             strategy.rng.setstate(ckpt.rng_state)
             initial = OrderedDict((name, ckpt.adapter[name]) for name in initial)
             first_round = ckpt.round + 1
@@ -78,13 +84,17 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
                                           if k.endswith(("-sampled", "-aggregated",
                                                          "-rejected", "-missing"))},
                               "dropped": stats.get("dropped", []),
+                              **{key: stats[key] for key in ("client-dp", "train-exchange-seconds")
+                                 if key in stats},
                               "seconds": now - round_started[0]})
             round_started[0] = now
             # After the round's line: a crash between the two repeats the round on resume,
             # and keep_rounds_through drops its first line.
             save_checkpoint(run.checkpoint_dir, Checkpoint(
                 round=server_round, adapter=record_to_adapter(arrays),
-                strategy_state=strategy.state_tensors(), rng_state=strategy.rng.getstate()))
+                strategy_state={**strategy.state_tensors(),
+                                **(client_dp.state_tensors() if client_dp else {})},
+                rng_state=strategy.rng.getstate()))
             return MetricRecord(server_metrics)
 
         result = strategy.start(
@@ -108,6 +118,16 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
                            "seconds": time.time() - started})
         raise
     return run
+
+
+def protect(strategy: LoraFedAvg, cfg: FedLoraConfig) -> ClientLevelDP | None:
+    """Route the rounds' training through client-level DP and/or SecAgg+ when configured."""
+    client_dp = ClientLevelDP(strategy, cfg) if cfg.client_level_dp else None
+    if cfg.secure_aggregation:
+        strategy.train_exchange = SecAggPlusRound(strategy, cfg, client_dp)
+    elif client_dp:
+        strategy.train_exchange = client_dp
+    return client_dp
 
 
 def exportable(cfg: FedLoraConfig, lora: LoraModel, labels: list[str] | None,

@@ -11,9 +11,8 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
 from common.errors import FedLoraError
-from common.records import check_adapter_matches, record_to_adapter
+from common.records import NUM_EXAMPLES, check_adapter_matches, record_to_adapter
 
-NUM_EXAMPLES = "num-examples"
 MAX_EXAMPLES = 2**31  # more examples than this from one site is not a real count
 TRANSFER_DTYPES = ("float32", "float16")
 
@@ -24,6 +23,10 @@ class TrainUpdate:
     state: "dict[str, torch.Tensor]"
     num_examples: int
     metrics: dict[str, float]
+    weight: float = 0.0  # its share of the average: num_examples, or 1 under client-level DP
+
+    def __post_init__(self) -> None:
+        self.weight = self.weight or float(self.num_examples)
 
 
 def parse_metrics(msg: Message) -> dict[str, float]:

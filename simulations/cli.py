@@ -160,8 +160,10 @@ def preflight(cfg: FedLoraConfig) -> None:
     """Find bad input (data, columns, model, partition sizes) before any process starts."""
     from common.data import load_splits, resolve_labels
     from common.model import load_model_config, target_modules_for
+    from server.strategies import check_privacy_fits_strategy
     from simulations.partitioning import partition_indices
 
+    check_privacy_fits_strategy(cfg)
     target_modules_for(cfg, load_model_config(cfg).model_type)
     splits = load_splits(cfg)
     if cfg.is_classification:

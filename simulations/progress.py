@@ -30,6 +30,8 @@ def format_round(record: dict, cfg: FedLoraConfig) -> str:
     epsilons = [c["dp-epsilon"] for c in record.get("train-per-client", []) if "dp-epsilon" in c]
     if epsilons:
         parts.append(f"epsilon {max(epsilons):.2f}")
+    if "client-dp" in record:
+        parts.append(f"client-level epsilon {record['client-dp']['epsilon']:.2f}")
     dropped = record.get("dropped", [])
     if dropped:
         parts.append(f"left out {len(dropped)}: {dropped[0]['reason'][:80]}")

@@ -37,7 +37,8 @@ from server.strategies.fedavg import LoraFedAvg
 
 
 class LoraExact(LoraFedAvg):
-    needs_individual_updates = True
+    needs_individual_updates = True  # each site's own product B_k A_k, not just the sums
+    aggregate_is_mean = False
     accepts_mixed_ranks = True
 
     def __init__(self, *args, **kwargs) -> None:
@@ -68,7 +69,7 @@ class LoraExact(LoraFedAvg):
 
     def aggregate_updates(self, server_round, updates: list[TrainUpdate]):
         new = weighted_average([{k: v for k, v in u.state.items() if ".lora_" not in k}
-                                for u in updates], [u.num_examples for u in updates])
+                                for u in updates], [u.weight for u in updates])
         rank = self.cfg.global_lora_rank
         for prefix, (a_name, b_name) in lora_modules(self.current).items():
             b, a, _ = factorize(self._target[prefix], rank, self.scaling,

@@ -28,7 +28,12 @@ from server.contract import TrainUpdate, parse_metrics, parse_train_reply, state
 
 
 class LoraFedAvg(FedAvg):
-    needs_individual_updates = False  # a plain weighted sum: secure aggregation can compute it
+    # The aggregate depends on the replies only through their weighted sum, so SecAgg+ (which
+    # reveals nothing else) can compute it.
+    needs_individual_updates = False
+    # The new global adapter IS the weighted mean, so noise added to it by Flower's client-level
+    # DP wrappers has the sensitivity they assume (clip norm / clients).
+    aggregate_is_mean = True
     accepts_mixed_ranks = False
 
     def __init__(self, cfg: FedLoraConfig, reference: Mapping[str, torch.Tensor],
@@ -49,6 +54,8 @@ class LoraFedAvg(FedAvg):
         self._nodes_reached: set[int] = set()  # this round's, for bytes per client
         self.rng = random.Random(cfg.seed)  # client sampling; checkpointed with the run
         self._sampled: set[int] = set()
+        self.train_exchange: Callable[..., tuple[ArrayRecord | None, MetricRecord | None]] = \
+            self.train_round
 
     # -- what the clients receive ------------------------------------------------------------
     def _outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -61,6 +68,7 @@ class LoraFedAvg(FedAvg):
                    if isinstance(r, ArrayRecord))
         stats = self.round_stats[server_round]
         stats["bytes-down"] = stats.get("bytes-down", 0) + sent
+        stats[f"{phase}-bytes-down"] = sent
         stats[f"{phase}-clients-sampled"] = len(messages)
         self._nodes_reached.update(m.metadata.dst_node_id for m in messages)
         stats["bytes-down-per-client"] = stats["bytes-down"] / max(len(self._nodes_reached), 1)
@@ -130,26 +138,33 @@ class LoraFedAvg(FedAvg):
             updates.append(update)
         # Replies arrive in any order; a fixed order makes the float sums reproducible.
         updates.sort(key=lambda u: (u.num_examples, state_digest(u.state)))
+        if self.cfg.client_level_dp:
+            updates = self._uniform_and_complete(server_round, updates)
         stats["train-clients-aggregated"] = len(updates)
         if not updates or len(updates) < self.min_train_nodes:
             # Nothing is aggregated, so no strategy state (moments, residual) moves.
             log(WARNING, "round %s: %s usable training replies, %s needed; the global adapter "
                 "is unchanged", server_round, len(updates), self.min_train_nodes)
             return None, None
-        weights = [u.num_examples for u in updates]
+        weights = [u.weight for u in updates]
         target = exact_mean_deltas([self.with_frozen(u.state) for u in updates],
                                    [self.scaling] * len(updates), weights)
         target = self.adjust_target(target, updates, weights)
         aggregated = self.aggregate_updates(server_round, updates)
         stats["agg-rel-error"] = relative_error(self.applied_deltas(aggregated), target)
-        metrics = weighted_mean_metrics([u.metrics for u in updates], weights)
-        metrics["num-examples"] = float(sum(weights))
+        return adapter_to_record(aggregated, "float32"), self.record_train(server_round, updates)
+
+    def record_train(self, server_round: int, updates: list[TrainUpdate]) -> MetricRecord:
+        """The round's training metrics, per site and weighted like the adapters."""
+        stats = self.round_stats[server_round]
+        metrics = weighted_mean_metrics([u.metrics for u in updates], [u.weight for u in updates])
+        metrics["num-examples"] = float(sum(u.num_examples for u in updates))
         stats["train"] = metrics
         stats["train-per-client"] = [{"node": u.node_id, **u.metrics} for u in updates]
-        stats["bytes-up-per-client"] = stats["bytes-up"] / len(updates)
+        stats["bytes-up-per-client"] = stats.get("bytes-up", 0) / len(updates)
         log(INFO, "round %s: aggregated %s updates (%s examples)", server_round, len(updates),
-            sum(weights))
-        return adapter_to_record(aggregated, "float32"), MetricRecord(metrics)
+            int(metrics["num-examples"]))
+        return MetricRecord(metrics)
 
     # -- the round loop, resumable ---------------------------------------------------------------
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
@@ -172,12 +187,13 @@ class LoraFedAvg(FedAvg):
                 # A retried round is one more release of each site's DP-SGD: counted for epsilon.
                 self.retried_attempts += attempt > 0
                 train_config["train-releases"] = server_round + self.retried_attempts
-                replies = grid.send_and_receive(
-                    messages=self.configure_train(server_round, arrays, train_config, grid),
-                    timeout=timeout)
-                new_arrays, train_metrics = self.aggregate_train(server_round, replies)
+                started = time.perf_counter()
+                new_arrays, train_metrics = self.train_exchange(grid, server_round, arrays,
+                                                                train_config, timeout)
+                self.round_stats[server_round]["train-exchange-seconds"] = \
+                    time.perf_counter() - started
                 usable = self.round_stats[server_round].get("train-clients-aggregated", 0)
-                if usable >= self.min_train_nodes:
+                if usable >= self.min_train_nodes or self.stopped_early:
                     break
                 if self._privacy_budget_spent(server_round):
                     break  # retrying cannot help: those sites will refuse again
@@ -210,6 +226,28 @@ class LoraFedAvg(FedAvg):
                     result.evaluate_metrics_serverapp[server_round] = metrics
         result.arrays = arrays
         return result
+
+    def _uniform_and_complete(self, server_round: int, updates: list[TrainUpdate]
+                              ) -> list[TrainUpdate]:
+        """Client-level DP noise is calibrated to clip norm / clients sampled: every sampled
+        site's update must be in the mean, each with the same weight."""
+        if len(updates) < len(self._sampled):
+            log(WARNING, "round %s: client-level DP needs all %s sampled updates, %s usable: "
+                "no release this round", server_round, len(self._sampled), len(updates))
+            return []
+        for update in updates:
+            update.weight = 1.0
+        return updates
+
+    def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord,
+                    config: ConfigRecord, timeout: float
+                    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """A round's training exchange: configure, send, aggregate. Client-level DP
+        (server/client_dp.py) and secure aggregation (server/secure_aggregation.py) replace it
+        through `train_exchange`."""
+        replies = grid.send_and_receive(
+            messages=self.configure_train(server_round, arrays, config, grid), timeout=timeout)
+        return self.aggregate_train(server_round, replies)
 
     def _privacy_budget_spent(self, server_round: int) -> bool:
         """Too few sites left because the others reached dp-target-epsilon: the run is over."""
@@ -249,7 +287,15 @@ class LoraFedAvg(FedAvg):
     def aggregate_updates(self, server_round: int, updates: list[TrainUpdate]
                           ) -> "OrderedDict[str, torch.Tensor]":
         """The new global adapter. FedAvg (FedIT): average A and B separately."""
-        return weighted_average([u.state for u in updates], [u.num_examples for u in updates])
+        return self.apply_mean(server_round,
+                               weighted_average([u.state for u in updates],
+                                                [u.weight for u in updates]))
+
+    def apply_mean(self, server_round: int, mean: "OrderedDict[str, torch.Tensor]"
+                   ) -> "OrderedDict[str, torch.Tensor]":
+        """The new global adapter from the weighted mean of the replies (all that secure
+        aggregation reveals). FedAvg takes the mean itself."""
+        return mean
 
     def with_frozen(self, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """The adapter with factors that never travel (FFA's frozen A) put back."""

@@ -8,20 +8,18 @@ from collections import OrderedDict
 
 import torch
 
-from server.aggregation import weighted_average
-from server.contract import TrainUpdate
 from server.strategies.fedavg import LoraFedAvg
 
 
 class LoraServerOptimizer(LoraFedAvg):
+    aggregate_is_mean = False  # an optimiser step on the mean: DP noise belongs before it
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.optimizer_state: dict[str, dict | None] = {"m": None, "v": None}
 
-    def aggregate_updates(self, server_round: int, updates: list[TrainUpdate]
-                          ) -> "OrderedDict[str, torch.Tensor]":
-        average = weighted_average([u.state for u in updates], [u.num_examples for u in updates])
-        return self.step(server_round, self.current, average)
+    def apply_mean(self, server_round: int, mean) -> "OrderedDict[str, torch.Tensor]":
+        return self.step(server_round, self.current, mean)
 
     def step(self, server_round: int, current, average) -> "OrderedDict[str, torch.Tensor]":
         raise NotImplementedError

@@ -13,6 +13,8 @@ from server.strategies.fedavg import LoraFedAvg
 
 class LoraHetLoRA(LoraFedAvg):
     accepts_mixed_ranks = True
+    needs_individual_updates = True  # sites of different ranks send different shapes to pad
+    aggregate_is_mean = False
 
     def check_update(self, update: TrainUpdate) -> None:
         try:
@@ -24,4 +26,4 @@ class LoraHetLoRA(LoraFedAvg):
 
     def aggregate_updates(self, server_round, updates: list[TrainUpdate]):
         padded = [zero_pad(u.state, self.cfg.global_lora_rank) for u in updates]
-        return weighted_average(padded, [u.num_examples for u in updates])
+        return weighted_average(padded, [u.weight for u in updates])

@@ -5,6 +5,7 @@ from server.strategies.fedavg import LoraFedAvg
 
 
 class LoraMedian(LoraFedAvg):
+    aggregate_is_mean = False
     needs_individual_updates = True  # a median is not a sum: no secure aggregation
 
     def aggregate_updates(self, server_round, updates):

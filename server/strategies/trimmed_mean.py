@@ -6,6 +6,7 @@ from server.strategies.fedavg import LoraFedAvg
 
 
 class LoraTrimmedMean(LoraFedAvg):
+    aggregate_is_mean = False
     needs_individual_updates = True  # sorting needs each client's values
 
     def aggregate_updates(self, server_round, updates):

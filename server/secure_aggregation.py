@@ -1,0 +1,208 @@
+"""Secure aggregation: a round's training exchange through Flower's SecAgg+ workflow.
+
+Each sampled site masks its weighted, fixed-point adapter with pairwise and private masks; the
+server sums the masked vectors and unmasks only the sum (with secret shares from the sites, so a
+site that drops out mid-round can still be unmasked away). The server never holds one site's
+adapter: the strategy gets the weighted mean (`apply_mean`), which is why only strategies whose
+aggregate depends on the replies through that mean alone qualify (`needs_individual_updates`).
+What stays in the clear: each site's example count and training metrics.
+
+Flower ships SecAgg+ for its legacy strategy API; a one-round legacy strategy hands the workflow
+the sites this strategy sampled and takes back the unmasked mean.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common import FitIns, FitRes, Parameters
+from flwr.common.serde import recorddict_to_proto
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.serverapp import Grid
+
+from common.config import FedLoraConfig
+from common.errors import FedLoraError
+from common.records import (
+    ARRAY_NAMES_KEY,
+    adapter_to_record,
+    parameters_to_record,
+    record_to_adapter,
+    record_to_parameters,
+)
+from server.contract import TrainUpdate
+from server.strategies.fedavg import LoraFedAvg
+
+if TYPE_CHECKING:
+    from server.client_dp import ClientLevelDP
+
+MODULUS_BITS = 32  # SecAgg+ sums masked integers modulo 2**32
+
+
+def quantization_range(num_sites: int) -> int:
+    """The finest fixed-point grid whose sum over num_sites sites (plus the weights) cannot
+    wrap around the modulus, and whose values fit numpy's int32 (Flower quantises to it)."""
+    return min(2 ** (MODULUS_BITS - num_sites.bit_length()), 2 ** 30)
+
+
+def message_bytes(messages: list[Message]) -> int:
+    """Bytes of the messages' contents as serialised for the wire."""
+    return sum(recorddict_to_proto(m.content).ByteSize() for m in messages
+               if not m.has_error())
+
+
+class ObservedGrid:
+    """The Grid the workflow talks to: counts what travels and keeps each site's error."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.bytes_down = self.bytes_up = 0
+        self.errors: dict[int, str] = {}
+        self.replied: set[int] = set()
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        self.bytes_down += message_bytes(messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self.bytes_up += message_bytes(replies)
+        for reply in replies:
+            self.replied.add(reply.metadata.src_node_id)
+            if reply.has_error():
+                self.errors[reply.metadata.src_node_id] = reply.error.reason
+        return replies
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+
+class FixedSample(Strategy):
+    """A legacy strategy for one SecAgg+ round: the sites and FitIns are chosen already; what
+    comes back is the unmasked mean (every FitRes carries the same aggregate)."""
+
+    def __init__(self, grid: Grid, nodes: list[int], fitins: FitIns) -> None:
+        super().__init__()
+        self.proxies = [GridClientProxy(node, grid, run_id=0) for node in nodes]
+        self.fitins = fitins
+        self.results: list[tuple[ClientProxy, FitRes]] | None = None
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        return [(proxy, self.fitins) for proxy in self.proxies]
+
+    def aggregate_fit(self, server_round, results, failures):
+        self.results = list(results)
+        return None, {}
+
+    def initialize_parameters(self, client_manager):
+        return None
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+class SecAggPlusRound:
+    """The training exchange of a round (see LoraFedAvg.train_round) under SecAgg+."""
+
+    def __init__(self, strategy: LoraFedAvg, cfg: FedLoraConfig,
+                 client_dp: "ClientLevelDP | None" = None) -> None:
+        self.strategy, self.cfg, self.client_dp = strategy, cfg, client_dp
+
+    def __call__(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                 timeout: float) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        configure = self.client_dp.configure_train if self.client_dp else \
+            self.strategy.configure_train
+        messages = list(configure(server_round, arrays, config, grid))
+        if len(messages) < 2:  # SecAgg+ needs two sites at least, or a sum is one site's update
+            return None, None
+        nodes = [m.metadata.dst_node_id for m in messages]
+        content = messages[0].content  # the same record for every sampled site
+        parameters, names = record_to_parameters(content[self.strategy.arrayrecord_key])
+        fit_config = dict(content[self.strategy.configrecord_key])
+        fit_config[ARRAY_NAMES_KEY] = names
+        sample = FixedSample(grid, nodes, FitIns(parameters, fit_config))
+        observed = ObservedGrid(grid)
+        SecAggPlusWorkflow(
+            num_shares=self.cfg.secagg_shares, reconstruction_threshold=self.cfg.secagg_threshold,
+            max_weight=self.cfg.secagg_max_weight,
+            clipping_range=self.cfg.secagg_clipping_range,
+            quantization_range=quantization_range(len(nodes)), modulus_range=2 ** MODULUS_BITS,
+            timeout=timeout)(observed, _legacy_context(server_round, sample))
+        stats = self.strategy.round_stats[server_round]
+        # Every SecAgg+ message of the round, in place of the adapter bytes counted so far.
+        stats["bytes-down"] = stats.get("bytes-down", 0) - stats.get("train-bytes-down", 0) \
+            + observed.bytes_down
+        stats["bytes-up"] = stats.get("bytes-up", 0) + observed.bytes_up
+        return self._aggregate(server_round, nodes, sample.results or [], observed, names)
+
+    def _aggregate(self, server_round: int, nodes: list[int],
+                   results: list[tuple[ClientProxy, FitRes]], observed: ObservedGrid,
+                   names: list[str]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        strategy, stats = self.strategy, self.strategy.round_stats[server_round]
+        summed = {proxy.node_id for proxy, _ in results}
+        for node in sorted(set(nodes) - summed):
+            if node in observed.errors:
+                reason = f"client failed: {observed.errors[node]}"
+            elif node in observed.replied:
+                reason = "secure aggregation halted: too few sites left to unmask the sum"
+            else:
+                reason = f"no reply within round-timeout ({self.cfg.round_timeout:g}s)"
+            strategy._drop(server_round, node, reason, "train-rejected")
+        stats["train-clients-aggregated"] = len(results)
+        if len(results) < max(strategy.min_train_nodes, 2):
+            return None, None
+        if self.client_dp and len(results) < len(nodes):
+            # Client-level DP noise is calibrated to every sampled site's clipped update.
+            stats["train-clients-aggregated"] = 0
+            return None, None
+        try:
+            mean = self._decode_mean(results[0][1].parameters, names)
+        except FedLoraError as err:
+            for proxy, _ in results:
+                strategy._drop(server_round, proxy.node_id, f"unusable secure sum: {err}",
+                               "train-rejected")
+            stats["train-clients-aggregated"] = 0
+            return None, None
+        if self.client_dp:
+            mean = self.client_dp.add_noise(mean, len(nodes))
+            self.client_dp.record_release(server_round)
+        updates = [TrainUpdate(node_id=proxy.node_id, state={},
+                               num_examples=int(res.metrics.get("num-examples", res.num_examples)),
+                               metrics={k: float(v) for k, v in res.metrics.items()
+                                        if isinstance(v, (int, float))},
+                               weight=float(res.num_examples))
+                   for proxy, res in results]
+        aggregated = strategy.apply_mean(server_round, mean)
+        return adapter_to_record(aggregated, "float32"), strategy.record_train(server_round,
+                                                                               updates)
+
+    def _decode_mean(self, parameters: Parameters, names: list[str]
+                     ) -> "OrderedDict[str, torch.Tensor]":
+        mean = record_to_adapter(parameters_to_record(parameters, names))
+        reference = self.strategy.reference
+        for name, tensor in mean.items():
+            if name not in reference or tensor.shape != reference[name].shape:
+                raise FedLoraError(f"tensor {name!r} does not match the global adapter")
+            if not torch.isfinite(tensor).all():
+                raise FedLoraError(f"tensor {name!r} has non-finite values")
+        return OrderedDict((name, mean[name]) for name in reference)
+
+
+def _legacy_context(server_round: int, strategy: Strategy) -> LegacyContext:
+    context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
+                                    run_config={}), strategy=strategy)
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+        {Key.CURRENT_ROUND: server_round})
+    context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()  # the adapter is in FitIns
+    return context
