@@ -47,8 +47,26 @@ class InProcessGrid:
     def send_and_receive(self, messages, timeout=None):
         from client.app import app
 
-        return [app(message=msg, context=self.contexts[msg.metadata.dst_node_id])
-                for msg in messages]
+        return [over_the_wire(self._handle(app, over_the_wire(msg))) for msg in messages]
+
+    def _handle(self, app, msg):
+        from flwr.app import Error, Message
+        from flwr.common.constant import ErrorCode
+
+        try:
+            return app(message=msg, context=self.contexts[msg.metadata.dst_node_id])
+        except Exception as ex:  # as the SuperNode's runtime answers for a ClientApp that raised
+            reason = str(type(ex)) + ":<'" + str(ex) + "'>"
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                           reply_to=msg)
+
+
+def over_the_wire(message):
+    """A serialised copy, as a transport delivers it: records a receiver changes (SecAgg+'s mod
+    pops keys) must not change what the sender or the next receiver holds."""
+    from flwr.common.serde import message_from_proto, message_to_proto
+
+    return message_from_proto(message_to_proto(message))
 
 
 @pytest.fixture
