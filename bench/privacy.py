@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from strategies import federation_parser, save_figure  # noqa: E402  (bench/strategies.py)
+from strategies import federation_parser, load_results, save_figure  # noqa: E402  (bench/strategies.py)
 
 from common.config import FedLoraConfig, parse_overrides  # noqa: E402
 
@@ -38,9 +38,7 @@ def noise_for(epsilon: float, cfg: FedLoraConfig, site_examples: int) -> float:
 def main() -> None:
     args = federation_parser("bench-privacy", ["fedavg", "ffa"]).parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results_file = out / "privacy.json"
-    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    results_file, results = load_results(out, "privacy.json")
     cfg = FedLoraConfig.from_run_config({**parse_overrides(args.run_config),
                                          "num-rounds": args.rounds, "num-clients": args.clients})
     # IID: every site holds max-train-examples / clients rows, minus its validation share.

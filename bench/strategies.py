@@ -35,14 +35,20 @@ def federation_parser(out: str, strategies: list[str]) -> argparse.ArgumentParse
     return parser
 
 
+def load_results(out: Path, name: str) -> tuple[Path, dict]:
+    """The benchmark's results file under out (made), and what an earlier run left in it:
+    every benchmark resumes where it stopped."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    return path, json.loads(path.read_text()) if path.exists() else {}
+
+
 def main() -> None:
     parser = federation_parser("bench-strategies", list(STRATEGIES))
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.1, 1.0])
     args = parser.parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results_file = out / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    results_file, results = load_results(out, "results.json")
     for alpha in args.alphas:
         key = f"alpha={alpha}"
         entry = results.setdefault(key, {})

@@ -12,13 +12,13 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from common.errors import FedLoraError
 
 TASKS = ("classification", "causal-lm")
 PARTITIONS = ("iid", "dirichlet", "quantity")
-TRANSFER_DTYPES = ("float32", "float16")
+TRANSFER_DTYPES = ("float32", "float16", "int8")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 CLIENT_DP_CLIPPING = ("client", "server")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "ffa", "exact", "hetlora",
@@ -69,7 +69,7 @@ class FedLoraConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 disables clipping
     grad_accum_steps: int = 1
-    transfer_dtype: str = "float32"
+    transfer_dtype: str = "float32"  # adapters on the wire: float32, float16, int8 (+ scales)
     # Example-level differential privacy (DP-SGD on each site); noise multiplier 0 = off
     dp_noise_multiplier: float = 0.0
     dp_clip_norm: float = 1.0  # per-example gradient norm bound
@@ -115,39 +115,26 @@ class FedLoraConfig:
         _check_choice("transfer-dtype", self.transfer_dtype, TRANSFER_DTYPES)
         _check_choice("device", self.device, DEVICES)
         _check_choice("strategy", self.strategy, STRATEGIES)
-        for name in ("lora-r", "max-length", "num-rounds", "local-epochs", "batch-size",
-                     "grad-accum-steps", "num-clients", "min-train-clients",
-                     "min-evaluate-clients", "min-available-clients"):
-            if getattr(self, _field(name)) <= 0:
-                raise FedLoraError(f"config {name} must be a positive integer, got "
-                                   f"{getattr(self, _field(name))}")
-        for name in ("lora-alpha", "learning-rate", "alpha", "round-timeout", "client-num-cpus"):
-            if getattr(self, _field(name)) <= 0:
-                raise FedLoraError(f"config {name} must be positive, got "
-                                   f"{getattr(self, _field(name))}")
-        for name in ("local-steps", "max-train-examples", "max-eval-examples", "weight-decay",
-                     "max-grad-norm", "client-num-gpus", "proximal-mu", "server-learning-rate",
-                     "server-momentum", "global-rank", "max-update-norm", "round-retries"):
-            if getattr(self, _field(name)) < 0:
-                raise FedLoraError(f"config {name} must not be negative, got "
-                                   f"{getattr(self, _field(name))}")
-        if not 0 <= self.lora_dropout < 1:
-            raise FedLoraError(f"config lora-dropout must be in [0, 1), got {self.lora_dropout}")
-        for name in ("test-fraction", "val-fraction"):
-            if not 0 <= getattr(self, _field(name)) < 1:
-                raise FedLoraError(f"config {name} must be in [0, 1), got "
-                                   f"{getattr(self, _field(name))}")
-        for name in ("fraction-train", "fraction-evaluate"):
-            if not 0 <= getattr(self, _field(name)) <= 1:
-                raise FedLoraError(f"config {name} must be in [0, 1], got "
-                                   f"{getattr(self, _field(name))}")
-        if not 0 <= self.trim_fraction < 0.5:
-            raise FedLoraError(f"config trim-fraction must be in [0, 0.5), got "
-                               f"{self.trim_fraction}")
-        for name in ("server-beta1", "server-beta2"):
-            if not 0 <= getattr(self, _field(name)) < 1:
-                raise FedLoraError(f"config {name} must be in [0, 1), got "
-                                   f"{getattr(self, _field(name))}")
+        self._require(("lora-r", "max-length", "num-rounds", "local-epochs", "batch-size",
+                       "grad-accum-steps", "num-clients", "min-train-clients",
+                       "min-evaluate-clients", "min-available-clients"),
+                      lambda v: v > 0, "be a positive integer")
+        self._require(("lora-alpha", "learning-rate", "alpha", "round-timeout",
+                       "client-num-cpus", "secagg-clipping-range", "secagg-max-weight"),
+                      lambda v: v > 0, "be positive")
+        self._require(("local-steps", "max-train-examples", "max-eval-examples", "weight-decay",
+                       "max-grad-norm", "client-num-gpus", "proximal-mu", "server-learning-rate",
+                       "server-momentum", "global-rank", "max-update-norm", "round-retries",
+                       "dp-noise-multiplier", "dp-target-epsilon", "client-dp-noise-multiplier",
+                       "client-dp-target-epsilon"),
+                      lambda v: v >= 0, "not be negative")
+        self._require(("lora-dropout", "test-fraction", "val-fraction", "server-beta1",
+                       "server-beta2"), lambda v: 0 <= v < 1, "be in [0, 1)")
+        self._require(("fraction-train", "fraction-evaluate"), lambda v: 0 <= v <= 1,
+                      "be in [0, 1]")
+        self._require(("secagg-shares", "secagg-threshold"), lambda v: 0 < v <= 1,
+                      "be in (0, 1]")
+        self._require(("trim-fraction",), lambda v: 0 <= v < 0.5, "be in [0, 0.5)")
         ranks = self.site_ranks  # parses client-ranks
         if len(set(ranks)) > 1 and self.strategy not in MIXED_RANK_STRATEGIES:
             raise FedLoraError(f"strategy {self.strategy} needs one LoRA rank for all clients; "
@@ -160,10 +147,6 @@ class FedLoraConfig:
         if self.strategy == "hetlora" and self.global_lora_rank < max(ranks):
             raise FedLoraError(f"hetlora pads client adapters up to global-rank, which must be at "
                                f"least the largest client rank {max(ranks)}")
-        for name in ("dp-noise-multiplier", "dp-target-epsilon"):
-            if getattr(self, _field(name)) < 0:
-                raise FedLoraError(f"config {name} must not be negative, got "
-                                   f"{getattr(self, _field(name))}")
         if self.dp_clip_norm <= 0 or not 0 < self.dp_delta < 1:
             raise FedLoraError(f"config dp-clip-norm must be positive and dp-delta in (0, 1), "
                                f"got {self.dp_clip_norm} and {self.dp_delta}")
@@ -185,12 +168,14 @@ class FedLoraConfig:
         if "{prompt}" not in self.prompt_template:
             raise FedLoraError("config prompt-template must contain '{prompt}'")
 
+    def _require(self, keys: tuple[str, ...], test: Callable[[Any], bool], wording: str) -> None:
+        for key in keys:
+            value = getattr(self, _field(key))
+            if not test(value):
+                raise FedLoraError(f"config {key} must {wording}, got {value}")
+
     def _check_client_dp_and_secagg(self) -> None:
         _check_choice("client-dp-clipping", self.client_dp_clipping, CLIENT_DP_CLIPPING)
-        for name in ("client-dp-noise-multiplier", "client-dp-target-epsilon"):
-            if getattr(self, _field(name)) < 0:
-                raise FedLoraError(f"config {name} must not be negative, got "
-                                   f"{getattr(self, _field(name))}")
         if self.client_dp_clip_norm <= 0 or not 0 < self.client_dp_delta < 1:
             raise FedLoraError(f"config client-dp-clip-norm must be positive and client-dp-delta "
                                f"in (0, 1), got {self.client_dp_clip_norm} and "
@@ -201,17 +186,13 @@ class FedLoraConfig:
         if self.client_level_dp and self.differential_privacy:
             raise FedLoraError("choose one kind of differential privacy: example-level "
                                "(dp-noise-multiplier) or client-level (client-dp-noise-multiplier)")
-        for name in ("secagg-shares", "secagg-threshold"):
-            if not 0 < getattr(self, _field(name)) <= 1:
-                raise FedLoraError(f"config {name} must be in (0, 1], got "
-                                   f"{getattr(self, _field(name))}")
-        for name in ("secagg-clipping-range", "secagg-max-weight"):
-            if getattr(self, _field(name)) <= 0:
-                raise FedLoraError(f"config {name} must be positive, got "
-                                   f"{getattr(self, _field(name))}")
         if self.secure_aggregation and self.client_level_dp and self.client_dp_clipping != "client":
             raise FedLoraError("with secure-aggregation the server never sees an update to clip: "
                                "set client-dp-clipping=client")
+        if self.client_level_dp and self.transfer_dtype == "int8":
+            raise FedLoraError("client-level DP clips updates of the arrays as sent, which int8 "
+                               "values and their scales are not: use transfer-dtype float32 or "
+                               "float16")
         if self.secure_aggregation and self.max_update_norm:
             raise FedLoraError("with secure-aggregation the server cannot check each update's "
                                "norm: set max-update-norm=0 (or clip with client-level DP)")

@@ -12,36 +12,76 @@ from typing import Mapping
 import torch
 from flwr.app import Array, ArrayRecord
 from flwr.common import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.serde import recorddict_to_proto
 
 from common.errors import FedLoraError
+from common.quantization import dequantize, num_scales, quantize
 
 NUM_EXAMPLES = "num-examples"  # the example count every train reply reports
 RESIDUAL_KEY = "residual"  # strategy exact: the dense residual record beside the adapter
 
+INT8_SCALES_KEY = "int8-scales"  # transfer-dtype int8: every tensor's scales, in record order
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def adapter_to_record(state: Mapping[str, torch.Tensor], dtype: str = "float32") -> ArrayRecord:
+    if dtype == "int8":
+        return _int8_record(state)
     torch_dtype = _DTYPES[dtype]
     return ArrayRecord(OrderedDict(
         (name, Array.from_numpy_ndarray(tensor.detach().to("cpu", torch_dtype).numpy()))
         for name, tensor in state.items()))
 
 
+def _int8_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    arrays: OrderedDict[str, Array] = OrderedDict()
+    scales = []
+    for name, tensor in state.items():
+        values, tensor_scales = quantize(tensor.cpu())
+        arrays[name] = Array.from_numpy_ndarray(values.numpy())
+        scales.append(tensor_scales)
+    # One array for all scales: a small array's own header would cost more than its values.
+    arrays[INT8_SCALES_KEY] = Array.from_numpy_ndarray(torch.cat(scales).numpy())
+    return ArrayRecord(arrays)
+
+
 def record_to_adapter(record: ArrayRecord) -> "OrderedDict[str, torch.Tensor]":
-    """Decode an ArrayRecord into float32 tensors (arithmetic on the server happens in fp32+)."""
+    """Decode an ArrayRecord into float32 tensors (arithmetic on the server happens in fp32+);
+    int8 tensors are dequantised with the record's scales."""
     state: OrderedDict[str, torch.Tensor] = OrderedDict()
     for name, array in record.items():
         try:
             decoded = array.numpy()
-            state[name] = torch.from_numpy(decoded.copy()).to(torch.float32)
+            state[name] = torch.from_numpy(decoded.copy())
         except Exception as err:  # np.load on a peer's bytes can raise many types
             raise FedLoraError(f"adapter tensor {name!r} cannot be decoded: "
                                f"{type(err).__name__}: {err}") from None
         if tuple(decoded.shape) != tuple(array.shape):
             raise FedLoraError(f"adapter tensor {name!r} declares shape {tuple(array.shape)} "
                                f"but holds {tuple(decoded.shape)}")
-    return state
+    scales = state.pop(INT8_SCALES_KEY, None)
+    if scales is not None or any(t.dtype == torch.int8 for t in state.values()):
+        return _dequantized(state, scales)
+    return OrderedDict((name, t.to(torch.float32)) for name, t in state.items())
+
+
+def _dequantized(state: "OrderedDict[str, torch.Tensor]", scales: torch.Tensor | None
+                 ) -> "OrderedDict[str, torch.Tensor]":
+    if scales is None or scales.dtype != torch.float32 or scales.dim() != 1:
+        raise FedLoraError(f"int8 tensors need a 1-D float32 {INT8_SCALES_KEY!r} array")
+    needed = sum(num_scales(t.shape) for t in state.values())
+    if scales.numel() != needed or not torch.isfinite(scales).all():
+        raise FedLoraError(f"{INT8_SCALES_KEY!r} holds {scales.numel()} values, the int8 "
+                           f"tensors need {needed} finite ones")
+    out, offset = OrderedDict(), 0
+    for name, values in state.items():
+        if values.dtype != torch.int8:
+            raise FedLoraError(f"adapter tensor {name!r} is {values.dtype}, not int8 like the "
+                               f"rest of the record")
+        count = num_scales(values.shape)
+        out[name] = dequantize(values, scales[offset:offset + count])
+        offset += count
+    return out
 
 
 def check_adapter_matches(state: Mapping[str, torch.Tensor],
@@ -75,9 +115,9 @@ def check_adapter_matches(state: Mapping[str, torch.Tensor],
                                f"{tuple(tensor.shape)}, the local model expects {expected}")
 
 
-def record_bytes(record: ArrayRecord) -> int:
-    """Bytes of the serialised arrays, as they travel."""
-    return sum(len(array.data) for array in record.values())
+def message_bytes(messages) -> int:
+    """Bytes of the messages' contents as serialised for the wire (error replies: none)."""
+    return sum(recorddict_to_proto(m.content).ByteSize() for m in messages if not m.has_error())
 
 
 # -- Flower's legacy Parameters (what the SecAgg+ workflow and mod speak) -----------------------

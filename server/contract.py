@@ -10,11 +10,11 @@ from typing import Mapping
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
+from common.config import TRANSFER_DTYPES
 from common.errors import FedLoraError
 from common.records import NUM_EXAMPLES, check_adapter_matches, record_to_adapter
 
 MAX_EXAMPLES = 2**31  # more examples than this from one site is not a real count
-TRANSFER_DTYPES = ("float32", "float16")
 
 
 @dataclass
@@ -46,9 +46,10 @@ def parse_train_reply(msg: Message, reference: Mapping[str, torch.Tensor],
                       any_rank: bool = False, current: Mapping[str, torch.Tensor] | None = None,
                       max_update_norm: float = 0.0) -> TrainUpdate:
     """Decode a train reply; raise FedLoraError naming what is wrong. Checked: the client's
-    own error, one MetricRecord with a plausible example count, one ArrayRecord of float32 or
-    float16 arrays that decode, the local model's names and shapes, finite values, and (with
-    max_update_norm > 0) the L2 norm of the update against the current global adapter."""
+    own error, one MetricRecord with a plausible example count, one ArrayRecord of float32,
+    float16 or int8 (with its scales) arrays that decode, the local model's names and shapes,
+    finite values, and (with max_update_norm > 0) the L2 norm of the update against the
+    current global adapter."""
     if msg.has_error():
         raise FedLoraError(f"client failed: {msg.error.reason}")
     metrics = parse_metrics(msg)
@@ -60,7 +61,7 @@ def parse_train_reply(msg: Message, reference: Mapping[str, torch.Tensor],
     for name, array in records[0].items():
         if array.dtype not in TRANSFER_DTYPES:
             raise FedLoraError(f"tensor {name!r} has dtype {array.dtype}; adapters travel as "
-                               f"{' or '.join(TRANSFER_DTYPES)}")
+                               f"{', '.join(TRANSFER_DTYPES)}")
     state = record_to_adapter(records[0])
     check_adapter_matches(state, reference, sender=f"node {msg.metadata.src_node_id}",
                           any_rank=any_rank)

@@ -17,9 +17,8 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.common import FitIns, FitRes, Parameters
-from flwr.common.serde import recorddict_to_proto
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
@@ -33,6 +32,7 @@ from common.errors import FedLoraError
 from common.records import (
     ARRAY_NAMES_KEY,
     adapter_to_record,
+    message_bytes,
     parameters_to_record,
     record_to_adapter,
     record_to_parameters,
@@ -50,12 +50,6 @@ def quantization_range(num_sites: int) -> int:
     """The finest fixed-point grid whose sum over num_sites sites (plus the weights) cannot
     wrap around the modulus, and whose values fit numpy's int32 (Flower quantises to it)."""
     return min(2 ** (MODULUS_BITS - num_sites.bit_length()), 2 ** 30)
-
-
-def message_bytes(messages: list[Message]) -> int:
-    """Bytes of the messages' contents as serialised for the wire."""
-    return sum(recorddict_to_proto(m.content).ByteSize() for m in messages
-               if not m.has_error())
 
 
 class ObservedGrid:

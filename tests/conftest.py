@@ -26,49 +26,6 @@ class StaticGrid:
         return self.nodes
 
 
-class InProcessGrid:
-    """Flower's Grid for a federation inside this process: every message goes straight to our
-    ClientApp with its node's Context (partition-id, persistent state), as a simulation's
-    SuperNodes would hand it over, without Ray's start-up or serialisation."""
-
-    def __init__(self, cfg, num_nodes: int):
-        from flwr.app import Context, RecordDict
-
-        run_config = cfg.to_run_config()
-        self.contexts = {
-            1000 + i: Context(run_id=1, node_id=1000 + i, state=RecordDict(),
-                              node_config={"partition-id": i, "num-partitions": num_nodes},
-                              run_config=run_config)
-            for i in range(num_nodes)}
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, timeout=None):
-        from client.app import app
-
-        return [over_the_wire(self._handle(app, over_the_wire(msg))) for msg in messages]
-
-    def _handle(self, app, msg):
-        from flwr.app import Error, Message
-        from flwr.common.constant import ErrorCode
-
-        try:
-            return app(message=msg, context=self.contexts[msg.metadata.dst_node_id])
-        except Exception as ex:  # as the SuperNode's runtime answers for a ClientApp that raised
-            reason = str(type(ex)) + ":<'" + str(ex) + "'>"
-            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
-                           reply_to=msg)
-
-
-def over_the_wire(message):
-    """A serialised copy, as a transport delivers it: records a receiver changes (SecAgg+'s mod
-    pops keys) must not change what the sender or the next receiver holds."""
-    from flwr.common.serde import message_from_proto, message_to_proto
-
-    return message_from_proto(message_to_proto(message))
-
-
 @pytest.fixture
 def task_identity():
     """What Flower's runtime sets before a ServerApp builds messages."""

@@ -20,8 +20,8 @@ from server.app import protect, run_federation
 from server.client_dp import ClientLevelDP
 from server.strategies import build_strategy, check_privacy_fits_strategy
 from server.strategies.fedavg import LoraFedAvg
+from simulations.inprocess import InProcessGrid
 from simulations.progress import format_round
-from tests.conftest import InProcessGrid
 from tests.test_secure_aggregation import SITES, RecordingGrid, _cfg
 
 DP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024]

@@ -17,7 +17,7 @@ from common.records import adapter_to_record, record_to_adapter
 from server.app import protect, run_federation
 from server.secure_aggregation import quantization_range
 from server.strategies import build_strategy, check_privacy_fits_strategy
-from tests.conftest import InProcessGrid, over_the_wire
+from simulations.inprocess import InProcessGrid, over_the_wire
 
 SITES = 3
 

@@ -153,7 +153,8 @@ def test_flwr_run_runs_the_same_apps(banking_subset, tmp_path):
 
 
 STRATEGY_RUNS = {
-    "fedavg": "", "fedprox": "proximal-mu=0.1", "fedadam": "", "fedyogi": "", "fedavgm": "",
+    "fedavg": "", "fedprox": "proximal-mu=0.1 transfer-dtype=int8", "fedadam": "",
+    "fedyogi": "", "fedavgm": "",
     "ffa": "", "exact": "client-ranks='2,4,4' global-rank=4", "hetlora": "client-ranks='2,4,4'",
     "median": "", "trimmed-mean": "trim-fraction=0.34",
 }
@@ -171,7 +172,7 @@ def test_every_strategy_runs_end_to_end(strategy, banking_subset, tiny_llama_dir
 
     from common.config import parse_overrides
     from server.app import run_federation
-    from tests.conftest import InProcessGrid
+    from simulations.inprocess import InProcessGrid
 
     out = tmp_path / "run"
     sites = 3

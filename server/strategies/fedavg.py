@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from common.config import FedLoraConfig
 from common.errors import PRIVACY_BUDGET_REACHED, FedLoraError
 from common.lora_math import exact_mean_deltas, lora_deltas, relative_error
-from common.records import adapter_to_record, record_bytes, record_to_adapter
+from common.records import adapter_to_record, message_bytes, record_to_adapter
 from server.aggregation import weighted_average, weighted_mean_metrics
 from server.contract import TrainUpdate, parse_metrics, parse_train_reply, state_digest
 
@@ -64,8 +64,7 @@ class LoraFedAvg(FedAvg):
         return adapter_to_record(record_to_adapter(arrays), self.cfg.transfer_dtype)
 
     def _count_down(self, server_round: int, messages: list[Message], phase: str) -> None:
-        sent = sum(record_bytes(r) for m in messages for r in m.content.values()
-                   if isinstance(r, ArrayRecord))
+        sent = message_bytes(messages)
         stats = self.round_stats[server_round]
         stats["bytes-down"] = stats.get("bytes-down", 0) + sent
         stats[f"{phase}-bytes-down"] = sent
@@ -123,9 +122,7 @@ class LoraFedAvg(FedAvg):
             self._drop(server_round, node, f"no reply within round-timeout "
                                            f"({self.cfg.round_timeout:g}s)", "train-missing")
         for msg in replies:
-            arrays = [r for r in msg.content.values() if isinstance(r, ArrayRecord)] \
-                if not msg.has_error() else []
-            stats["bytes-up"] = stats.get("bytes-up", 0) + sum(map(record_bytes, arrays))
+            stats["bytes-up"] = stats.get("bytes-up", 0) + message_bytes([msg])
             try:
                 update = parse_train_reply(msg, self.reference,
                                            any_rank=self.accepts_mixed_ranks,
