@@ -173,6 +173,22 @@ def test_two_authenticated_sites_train_over_tls(federation):
         assert r["train"]["num-examples"] == 270 and r["train"]["train-steps"] == 6
     assert (out / "final_adapter" / "adapter_config.json").is_file()
     assert (out / "checkpoint").is_dir() and (out / "config.json").is_file()
+
+    # The same first round under SecAgg+: its four stages cross the SuperNodes' processes
+    # (the mod keeps its keys in the run's context between them), and the sum the server
+    # unmasks gives the plain round's accuracy.
+    secure_out = root / "secure-run"
+    result = subprocess.run(
+        [str(BIN / "flwr"), "run", ".", "consortium", "--stream", "--run-config",
+         overrides.replace(str(out), str(secure_out)).replace("num-rounds=2", "num-rounds=1")
+         + " secure-aggregation=true"], cwd=REPO, env=fed["env"], capture_output=True,
+        text=True, timeout=480)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((secure_out / "summary.json").read_text())["status"] == "completed"
+    secure = [json.loads(line) for line in (secure_out / "metrics.jsonl").read_text().splitlines()]
+    assert secure[1]["clients"]["train-clients-aggregated"] == 2
+    assert secure[1]["train"]["num-examples"] == 270
+    assert abs(secure[1]["server"]["accuracy"] - rounds[1]["server"]["accuracy"]) <= 0.01
     # Stopping a SuperNode frees its port (the fixture checks the SuperLink's).
     fed["procs"].stop([proc for proc, _ in sites])
     assert all(_port_free(port) for _, port in sites)
