@@ -125,7 +125,7 @@ def train(msg: Message, context: Context) -> Message:
     fault = fault_for(runtime.site_id, server_round)
     if fault and apply_fault(fault):
         return Message(content=RecordDict({}), reply_to=msg)
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     # FedProx pulls towards the global adapter this round started from.
     anchor = ([p.detach().clone() for p in runtime.lora.model.parameters() if p.requires_grad]
               if cfg.strategy == "fedprox" else None)
@@ -144,6 +144,7 @@ def train(msg: Message, context: Context) -> Message:
         "train-loss": stats["loss"],
         "train-steps": stats["steps"],
         "train-seconds": time.perf_counter() - started,
+        "train-started-at": started_at,  # wall clock, for the time to the first step
         **({"dp-epsilon": stats["epsilon"]} if cfg.differential_privacy else {}),
     })
     arrays = adapter_to_record(runtime.lora.trainable_state(), cfg.transfer_dtype)
@@ -153,11 +154,12 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, runtime = _prepare(msg, context)
+    started = time.perf_counter()
     examples = runtime.val_examples
     result = evaluate_examples(runtime.lora.model, examples, batch_size=cfg.batch_size,
                                pad_id=runtime.lora.tokenizer.pad_token_id,
                                device=runtime.lora.device,
                                classification=cfg.is_classification) if examples else {}
-    metrics = {"num-examples": len(examples)}
+    metrics = {"num-examples": len(examples), "eval-seconds": time.perf_counter() - started}
     metrics.update({f"eval-{name}": value for name, value in result.items()})
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -75,6 +75,7 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
                               "train": stats.get("train", {}),
                               "train-per-client": stats.get("train-per-client", []),
                               "evaluate": stats.get("evaluate", {}),
+                              "evaluate-per-client": stats.get("evaluate-per-client", []),
                               "bytes-down": stats.get("bytes-down", 0),
                               "bytes-up": stats.get("bytes-up", 0),
                               "bytes-down-per-client": stats.get("bytes-down-per-client", 0),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from flwr.app import ArrayRecord
 
 from common.config import FedLoraConfig
@@ -17,9 +19,11 @@ class GlobalEvaluator:
         self.lora, self.examples, self.cfg = lora, examples, cfg
 
     def __call__(self, arrays: ArrayRecord) -> dict[str, float]:
+        started = time.perf_counter()
         self.lora.load_trainable_state(record_to_adapter(arrays))
         metrics = evaluate_examples(self.lora.model, self.examples, batch_size=max(
             self.cfg.batch_size, 64), pad_id=self.lora.tokenizer.pad_token_id,
             device=self.lora.device, classification=self.cfg.is_classification)
         metrics["num-examples"] = len(self.examples)
+        metrics["eval-seconds"] = time.perf_counter() - started
         return metrics

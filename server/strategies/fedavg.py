@@ -313,13 +313,15 @@ class LoraFedAvg(FedAvg):
             try:
                 if msg.has_error():
                     raise FedLoraError(f"client failed: {msg.error.reason}")
-                parsed.append(parse_metrics(msg))
+                parsed.append({"node": msg.metadata.src_node_id, **parse_metrics(msg)})
             except FedLoraError as err:
                 log(WARNING, "round %s: dropped the evaluation of node %s: %s", server_round,
                     msg.metadata.src_node_id, err)
         parsed = [m for m in parsed if m["num-examples"] > 0]
         if not parsed:
             return None
+        self.round_stats[server_round]["evaluate-per-client"] = parsed
+        parsed = [{k: v for k, v in m.items() if k != "node"} for m in parsed]
         weights = [m["num-examples"] for m in parsed]
         metrics = weighted_mean_metrics(parsed, weights)
         metrics["num-examples"] = float(sum(weights))

@@ -1,0 +1,91 @@
+"""Overhead against the ideal time (issue: performance, item 2): the default model on BANKING77,
+4 and 10 clients, 3 rounds, through `fedlora simulate`.
+
+Ideal time: the clients' pure training and evaluation seconds (measured inside the clients:
+train-seconds, eval-seconds), divided by how many clients run at once (cores / client-num-cpus),
+plus the server's evaluation seconds (every round, round 0 included). Measured:
+(a) end to end, from the command's start to the final adapter written;
+(b) a steady-state round (rounds 2 and 3): the round's seconds against its ideal;
+(c) from the command's start to the first training step of any client.
+Resumable. Writes overhead.json and overhead.md under --out.
+
+    .venv/bin/python bench/overhead.py --data ../shared/data/banking77
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from strategies import federation_parser, load_results  # noqa: E402  (bench/strategies.py)
+
+
+def ideal_round(record: dict, concurrency: int) -> float:
+    clients = sum(c.get("train-seconds", 0) for c in record.get("train-per-client", [])) + \
+        sum(c.get("eval-seconds", 0) for c in record.get("evaluate-per-client", []))
+    return clients / concurrency + record["server"]["eval-seconds"]
+
+
+def measure(run_dir: Path, started: float, concurrency: int) -> dict:
+    rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    adapter = run_dir / "final_adapter" / "adapter_model.safetensors"
+    end_to_end = adapter.stat().st_mtime - started
+    ideal = [ideal_round(r, concurrency) for r in rounds]
+    steady = [r["seconds"] / i for r, i in zip(rounds[2:], ideal[2:])]
+    first_step = min(c["train-started-at"] for c in rounds[1]["train-per-client"]) - started
+    return {"end-to-end-seconds": end_to_end, "ideal-seconds": sum(ideal),
+            "end-to-end-ratio": end_to_end / sum(ideal),
+            "round-seconds": [r["seconds"] for r in rounds[1:]],
+            "round-ideal-seconds": ideal[1:], "steady-round-ratio": max(steady),
+            "first-training-step-seconds": first_step,
+            "server-eval-seconds": [r["server"]["eval-seconds"] for r in rounds],
+            "accuracy": rounds[-1]["server"]["accuracy"]}
+
+
+def main() -> None:
+    parser = federation_parser("bench-overhead", ["fedavg"])
+    parser.add_argument("--sites", type=int, nargs="+", default=[4, 10])
+    parser.set_defaults(rounds=3, run_config="label-column=category local-epochs=1 "
+                        "max-train-examples=4000 max-eval-examples=1000")
+    args = parser.parse_args()
+    out = Path(args.out)
+    results_file, results = load_results(out, "overhead.json")
+    cpus_per_client = 1.0  # fedlora simulate's default client-num-cpus
+    for sites in args.sites:
+        key = f"sites={sites}"
+        if key in results:
+            continue  # resumable
+        run_dir = out / f"sites{sites}"
+        started = time.time()
+        subprocess.run([str(ROOT / ".venv/bin/fedlora"), "simulate", "--data", args.data,
+                        "--num-clients", str(sites), "--rounds", str(args.rounds),
+                        "--out", str(run_dir), "--run-config", args.run_config],
+                       check=True, cwd=ROOT)
+        concurrency = min(sites, int(os.cpu_count() // cpus_per_client))
+        results[key] = {"sites": sites, "concurrency": concurrency,
+                        **measure(run_dir, started, concurrency)}
+        results_file.write_text(json.dumps(results, indent=1))
+    (out / "overhead.md").write_text(table(results))
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    lines = ["| sites | at once | end to end s | ideal s | (a) ratio | (b) steady round ratio | "
+             "(c) first step s | final acc. |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results.values():
+        lines.append(f"| {r['sites']} | {r['concurrency']} | {r['end-to-end-seconds']:.0f} | "
+                     f"{r['ideal-seconds']:.0f} | {r['end-to-end-ratio']:.2f} | "
+                     f"{r['steady-round-ratio']:.2f} | {r['first-training-step-seconds']:.1f} | "
+                     f"{r['accuracy']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
