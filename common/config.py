@@ -39,6 +39,7 @@ class FedLoraConfig:
     max_length: int = 128
     device: str = "auto"  # auto = CUDA (bf16/fp16), else MPS, else CPU (float32)
     load_in_4bit: bool = False  # QLoRA on the clients: needs CUDA and bitsandbytes
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
     # Data
     data: str = ""  # file, folder or hub data set; empty falls back to $FEDLORA_DATA
     eval_data: str = ""  # the server's evaluation set (deployment); empty = data's test split
@@ -291,6 +292,7 @@ class SiteConfig:
     batch_size: int = 0  # 0 = the run's batch-size
     device: str = ""  # "" = the run's device
     load_in_4bit: bool = False  # QLoRA on this site (or on all, with the run's key)
+    gradient_checkpointing: bool = False  # on this site (or on all, with the run's key)
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> "SiteConfig | None":
@@ -322,7 +324,9 @@ class SiteConfig:
         """The run's config as this site trains with it."""
         return cfg.replace(batch_size=self.batch_size or cfg.batch_size,
                            device=self.device or cfg.device,
-                           load_in_4bit=self.load_in_4bit or cfg.load_in_4bit)
+                           load_in_4bit=self.load_in_4bit or cfg.load_in_4bit,
+                           gradient_checkpointing=(self.gradient_checkpointing
+                                                   or cfg.gradient_checkpointing))
 
 
 def config_keys() -> list[str]:
@@ -394,6 +398,7 @@ def _coerce(key: str, raw: Any, type_name: Any) -> Any:
 
 # Keys a resumed run may change; every other key must equal the interrupted run's.
 RESUMABLE_CHANGES = {"num-rounds", "resume", "round-timeout", "round-retries", "out-dir",
+                     "gradient-checkpointing",
                      "client-num-cpus",
                      "client-num-gpus", "data", "min-train-clients", "min-evaluate-clients",
                      "min-available-clients"}

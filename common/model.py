@@ -212,7 +212,14 @@ def build_lora_model(cfg: FedLoraConfig, labels: list[str] | None = None,
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        base = prepare_model_for_kbit_training(
+            base, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
+        # Non-reentrant: gradients reach the LoRA factors although the frozen inputs need none.
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:
+        base.config.use_cache = False  # a KV cache is useless in training and clashes with it
     rank = rank or cfg.global_lora_rank
     lora = LoraConfig(task_type=task_type, r=rank, lora_alpha=cfg.lora_scaling * rank,
                       lora_dropout=cfg.lora_dropout,

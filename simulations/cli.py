@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--run-config", default="", metavar='"KEY=VALUE ..."',
                      help="any config key, as for flwr run --run-config")
     sim.add_argument("--verbose", action="store_true", help="show Flower's own logs")
+    sim.add_argument("--ray-address", metavar="ADDRESS",
+                     help="run the simulated sites on an existing Ray cluster (HOST:PORT of its "
+                          "head, or 'auto'); default: a Ray instance of this machine")
 
     certs = commands.add_parser(
         "certs", help="deployment credentials: CA + SuperLink certificate, site key pairs")
@@ -171,7 +174,7 @@ def preflight(cfg: FedLoraConfig) -> None:
     partition_indices(splits.train, cfg)
 
 
-def simulate_command(cfg: FedLoraConfig, verbose: bool) -> int:
+def simulate_command(cfg: FedLoraConfig, verbose: bool, ray_address: str | None = None) -> int:
     from rich.console import Console
 
     from server.outputs import RunDirectory
@@ -194,7 +197,7 @@ def simulate_command(cfg: FedLoraConfig, verbose: bool) -> int:
         worker = threading.Thread(target=progress.follow, daemon=True)
         worker.start()
         try:
-            simulate(cfg, verbose=verbose)
+            simulate(cfg, verbose=verbose, ray_address=ray_address)
         except BaseException as err:  # reported below from the run's own summary
             failure = err
         finally:
@@ -219,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command == "simulate":
-            return simulate_command(config_from_args(args), args.verbose)
+            return simulate_command(config_from_args(args), args.verbose, args.ray_address)
         if args.command == "certs":
             return certs_command(args)
         if args.command == "connect":

@@ -18,10 +18,18 @@ from common.config import FedLoraConfig
 APP_DIR = Path(__file__).resolve().parent.parent
 
 
-def backend_config(cfg: FedLoraConfig) -> dict:
+def backend_config(cfg: FedLoraConfig, ray_address: str | None = None) -> dict:
+    """Flower's Ray backend options: a Ray instance of this machine's cores, or (ray_address)
+    an existing cluster, whose nodes bring their own CPUs and GPUs."""
+    init_args = {"include_dashboard": False, "logging_level": logging.ERROR,
+                 "log_to_driver": False}
+    if ray_address:
+        init_args = {"address": ray_address, "logging_level": logging.ERROR,
+                     "log_to_driver": False}
+    else:
+        init_args["num_cpus"] = os.cpu_count() or 1
     return {"client_resources": {"num_cpus": cfg.client_num_cpus, "num_gpus": cfg.client_num_gpus},
-            "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
-                          "logging_level": logging.ERROR, "log_to_driver": False}}
+            "init_args": init_args}
 
 
 def app_components(app_dir: Path = APP_DIR) -> tuple[str, str]:
@@ -30,8 +38,9 @@ def app_components(app_dir: Path = APP_DIR) -> tuple[str, str]:
     return components["serverapp"], components["clientapp"]
 
 
-def simulate(cfg: FedLoraConfig, verbose: bool = False) -> None:
-    """Run cfg.num_rounds rounds over cfg.num_clients simulated sites; raise if the run fails."""
+def simulate(cfg: FedLoraConfig, verbose: bool = False, ray_address: str | None = None) -> None:
+    """Run cfg.num_rounds rounds over cfg.num_clients simulated sites; raise if the run fails.
+    With ray_address, on that Ray cluster instead of a Ray instance of this machine."""
     from flwr.app import Context, RecordDict
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
@@ -57,5 +66,5 @@ def simulate(cfg: FedLoraConfig, verbose: bool = False) -> None:
     _run_simulation(
         num_supernodes=cfg.num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
         server_app_attr=serverapp, client_app_attr=clientapp, backend_name="ray",
-        backend_config=backend_config(cfg), app_dir=str(APP_DIR), run=run,
+        backend_config=backend_config(cfg, ray_address), app_dir=str(APP_DIR), run=run,
         server_app_context=context, is_app=True, verbose_logging=verbose)

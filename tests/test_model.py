@@ -44,3 +44,26 @@ def test_a_folder_without_config_is_not_a_model(tmp_path):
 def test_unknown_target_modules_are_refused():
     with pytest.raises(FedLoraError, match="cannot apply LoRA"):
         build_lora_model(FedLoraConfig(lora_target_modules="no_such_proj"), labels=["a", "b"])
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_lora_gradients(tiny_llama_dir):
+    """Recomputing activations in backward changes memory, not the math."""
+    import torch
+
+    grads = {}
+    for checkpointing in (False, True):
+        cfg = FedLoraConfig(model=str(tiny_llama_dir), task="causal-lm", lora_r=4,
+                            lora_dropout=0.0, gradient_checkpointing=checkpointing)
+        lora = build_lora_model(cfg)
+        lora.model.train()
+        assert lora.model.base_model.model.is_gradient_checkpointing == checkpointing
+        ids = torch.arange(5, 37).reshape(2, 16)
+        loss = lora.model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+        loss.backward()
+        grads[checkpointing] = (loss.item(), {n: p.grad.clone() for n, p in
+                                              lora.model.named_parameters() if p.requires_grad})
+    assert grads[True][0] == pytest.approx(grads[False][0], rel=1e-6)
+    assert grads[True][1].keys() == grads[False][1].keys() and grads[True][1]
+    for name, grad in grads[False][1].items():
+        assert torch.allclose(grads[True][1][name], grad, atol=1e-6), name
+    assert any(g.abs().max() > 0 for g in grads[True][1].values())
