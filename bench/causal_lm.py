@@ -26,6 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from results import save_results  # noqa: E402  (bench/results.py)
+
 VOCAB = 8000
 
 
@@ -117,10 +119,7 @@ def main() -> None:
                                "--threads", str(args.threads)],
                               check=True, capture_output=True, text=True)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "causal_lm.json").write_text(json.dumps(results, indent=1))
-    print(json.dumps(results, indent=1))
+    save_results(Path(args.out), "causal_lm.json", results)
 
 
 if __name__ == "__main__":

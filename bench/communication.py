@@ -20,7 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from strategies import federation_parser, load_results  # noqa: E402  (bench/strategies.py)
+from results import load_results, markdown_table  # noqa: E402  (bench/results.py)
+from strategies import federation_parser  # noqa: E402  (bench/strategies.py)
 
 DTYPES = ["float32", "float16", "int8"]
 
@@ -64,19 +65,18 @@ def main() -> None:
 def table(results: dict) -> str:
     full = results["full-model-bytes"]
     runs = [r for r in results.values() if isinstance(r, dict)]
-    lines = [f"Full model (float32): {full / 1e6:.1f} MB.", "",
-             "| strategy | transfer dtype | KB down/client/round | KB up/client/round | "
-             "x float32 | x full model | final acc. | vs float32 (points) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    rows = []
     for r in runs:
         base = next(b for b in runs if b["strategy"] == r["strategy"] and b["dtype"] == "float32")
         total = r["bytes-down-per-client"] + r["bytes-up-per-client"]
         base_total = base["bytes-down-per-client"] + base["bytes-up-per-client"]
-        lines.append(f"| {r['strategy']} | {r['dtype']} | {r['bytes-down-per-client'] / 1e3:.1f}"
-                     f" | {r['bytes-up-per-client'] / 1e3:.1f} | {total / base_total:.3f} | "
-                     f"{r['bytes-up-per-client'] / full:.4f} | {r['accuracy']:.4f} | "
-                     f"{100 * (r['accuracy'] - base['accuracy']):+.1f} |")
-    return "\n".join(lines) + "\n"
+        rows.append([r["strategy"], r["dtype"], f"{r['bytes-down-per-client'] / 1e3:.1f}",
+                     f"{r['bytes-up-per-client'] / 1e3:.1f}", f"{total / base_total:.3f}",
+                     f"{r['bytes-up-per-client'] / full:.4f}", f"{r['accuracy']:.4f}",
+                     f"{100 * (r['accuracy'] - base['accuracy']):+.1f}"])
+    return f"Full model (float32): {full / 1e6:.1f} MB.\n\n" + markdown_table(
+        ["strategy", "transfer dtype", "KB down/client/round", "KB up/client/round",
+         "x float32", "x full model (up)", "final acc.", "vs float32 (points)"], rows)
 
 
 if __name__ == "__main__":

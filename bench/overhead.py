@@ -24,7 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from strategies import federation_parser, load_results  # noqa: E402  (bench/strategies.py)
+from results import load_results, markdown_table  # noqa: E402  (bench/results.py)
+from strategies import federation_parser  # noqa: E402  (bench/strategies.py)
 
 
 def ideal_round(record: dict, concurrency: int) -> float:
@@ -77,14 +78,13 @@ def main() -> None:
 
 
 def table(results: dict) -> str:
-    lines = ["| sites | at once | end to end s | ideal s | (a) ratio | (b) steady round ratio | "
-             "(c) first step s | final acc. |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in results.values():
-        lines.append(f"| {r['sites']} | {r['concurrency']} | {r['end-to-end-seconds']:.0f} | "
-                     f"{r['ideal-seconds']:.0f} | {r['end-to-end-ratio']:.2f} | "
-                     f"{r['steady-round-ratio']:.2f} | {r['first-training-step-seconds']:.1f} | "
-                     f"{r['accuracy']:.4f} |")
-    return "\n".join(lines) + "\n"
+    return markdown_table(
+        ["sites", "at once", "end to end s", "ideal s", "(a) ratio", "(b) steady round ratio",
+         "(c) first step s", "final acc."],
+        [[str(r["sites"]), str(r["concurrency"]), f"{r['end-to-end-seconds']:.0f}",
+          f"{r['ideal-seconds']:.0f}", f"{r['end-to-end-ratio']:.2f}",
+          f"{r['steady-round-ratio']:.2f}", f"{r['first-training-step-seconds']:.1f}",
+          f"{r['accuracy']:.4f}"] for r in results.values()])
 
 
 if __name__ == "__main__":

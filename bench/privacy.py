@@ -19,7 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from strategies import federation_parser, load_results, save_figure  # noqa: E402  (bench/strategies.py)
+from results import load_results  # noqa: E402  (bench/results.py)
+from strategies import federation_parser, save_figure  # noqa: E402  (bench/strategies.py)
 
 from common.config import FedLoraConfig, parse_overrides  # noqa: E402
 

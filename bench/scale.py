@@ -25,6 +25,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
 
+from results import save_results  # noqa: E402  (bench/results.py)
+
 
 def tree_memory(root: psutil.Process) -> tuple[float, float]:
     rss = pss = 0.0
@@ -79,8 +81,7 @@ def main() -> None:
                "1000 sites": run(args, 1000, 10_000, 0.01)}
     results["round time ratio"] = (results["1000 sites"]["median-round-seconds"]
                                    / results["10 sites"]["median-round-seconds"])
-    Path(args.out, "scale.json").write_text(json.dumps(results, indent=1))
-    print(json.dumps(results, indent=1))
+    save_results(Path(args.out), "scale.json", results)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from strategies import federation_parser, load_results  # noqa: E402  (bench/strategies.py)
+from results import load_results, markdown_table  # noqa: E402  (bench/results.py)
+from strategies import federation_parser  # noqa: E402  (bench/strategies.py)
 
 
 def main() -> None:
@@ -114,27 +115,23 @@ def protocol_cost(sites: int, rounds: int = 3) -> dict:
 
 
 def protocol_table(results: dict) -> str:
-    lines = ["| sites | plain s/round | SecAgg+ s/round | plain MB down/up | "
-             "SecAgg+ MB down/up |", "|---:|---:|---:|---:|---:|"]
-    for r in results.values():
-        if "plain-seconds" in r:
-            lines.append(f"| {r['sites']} | {r['plain-seconds']:.2f} | "
-                         f"{r['secagg-seconds']:.2f} | {r['plain-bytes-down'] / 1e6:.2f} / "
-                         f"{r['plain-bytes-up'] / 1e6:.2f} | {r['secagg-bytes-down'] / 1e6:.2f}"
-                         f" / {r['secagg-bytes-up'] / 1e6:.2f} |")
-    return "\n".join(lines) + "\n"
+    return markdown_table(
+        ["sites", "plain s/round", "SecAgg+ s/round", "plain MB down/up", "SecAgg+ MB down/up"],
+        [[str(r["sites"]), f"{r['plain-seconds']:.2f}", f"{r['secagg-seconds']:.2f}",
+          f"{r['plain-bytes-down'] / 1e6:.2f} / {r['plain-bytes-up'] / 1e6:.2f}",
+          f"{r['secagg-bytes-down'] / 1e6:.2f} / {r['secagg-bytes-up'] / 1e6:.2f}"]
+         for r in results.values() if "plain-seconds" in r])
 
 
 def table(results: dict) -> str:
-    lines = ["| strategy | sites | SecAgg+ | train exchange s/round | round s | MB down/round | "
-             "MB up/round | final acc. |", "|---|---:|---|---:|---:|---:|---:|---:|"]
     federations = [r for r in results.values() if "strategy" in r]
-    for r in sorted(federations, key=lambda r: (r["strategy"], r["sites"], r["secagg"])):
-        lines.append(f"| {r['strategy']} | {r['sites']} | {'yes' if r['secagg'] else 'no'} | "
-                     f"{r['train-exchange-seconds']:.1f} | {r['round-seconds']:.1f} | "
-                     f"{r['bytes-down'] / 1e6:.2f} | {r['bytes-up'] / 1e6:.2f} | "
-                     f"{r['accuracy']:.4f} |")
-    return "\n".join(lines) + "\n"
+    return markdown_table(
+        ["strategy", "sites", "SecAgg+", "train exchange s/round", "round s", "MB down/round",
+         "MB up/round", "final acc."],
+        [[r["strategy"], str(r["sites"]), "yes" if r["secagg"] else "no",
+          f"{r['train-exchange-seconds']:.1f}", f"{r['round-seconds']:.1f}",
+          f"{r['bytes-down'] / 1e6:.2f}", f"{r['bytes-up'] / 1e6:.2f}", f"{r['accuracy']:.4f}"]
+         for r in sorted(federations, key=lambda r: (r["strategy"], r["sites"], r["secagg"]))])
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from results import load_results  # noqa: E402  (bench/results.py)
+
 from common.config import STRATEGIES, FedLoraConfig  # noqa: E402
 from simulations.baselines import centralized, local_only  # noqa: E402
 
@@ -33,14 +35,6 @@ def federation_parser(out: str, strategies: list[str]) -> argparse.ArgumentParse
     parser.add_argument("--run-config", default="label-column=category local-steps=6 "
                         "max-train-examples=2000 max-eval-examples=1000")
     return parser
-
-
-def load_results(out: Path, name: str) -> tuple[Path, dict]:
-    """The benchmark's results file under out (made), and what an earlier run left in it:
-    every benchmark resumes where it stopped."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / name
-    return path, json.loads(path.read_text()) if path.exists() else {}
 
 
 def main() -> None:

@@ -13,7 +13,6 @@ Samples per second, the median of --repeats alternations. Writes throughput.json
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -23,6 +22,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from results import save_results  # noqa: E402  (bench/results.py)
 
 from client.training import train_adapter  # noqa: E402
 from common.config import FedLoraConfig  # noqa: E402
@@ -89,10 +90,7 @@ def main() -> None:
     result["setting"] = {"threads": args.threads, "steps": args.steps,
                          "batch-size": cfg.batch_size, "max-length": cfg.max_length,
                          "mean-tokens": statistics.mean(len(e["input_ids"]) for e in examples)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "throughput.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    save_results(Path(args.out), "throughput.json", result)
 
 
 if __name__ == "__main__":

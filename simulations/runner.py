@@ -21,13 +21,15 @@ APP_DIR = Path(__file__).resolve().parent.parent
 def backend_config(cfg: FedLoraConfig, ray_address: str | None = None) -> dict:
     """Flower's Ray backend options: a Ray instance of this machine's cores, or (ray_address)
     an existing cluster, whose nodes bring their own CPUs and GPUs."""
-    init_args = {"include_dashboard": False, "logging_level": logging.ERROR,
-                 "log_to_driver": False}
     if ray_address:
         init_args = {"address": ray_address, "logging_level": logging.ERROR,
                      "log_to_driver": False}
     else:
-        init_args["num_cpus"] = os.cpu_count() or 1
+        # "local": a new instance even when `ray start` left a cluster (or its address file)
+        # on this machine, which ray.init() would otherwise join and refuse num_cpus for.
+        init_args = {"address": "local", "num_cpus": os.cpu_count() or 1,
+                     "include_dashboard": False, "logging_level": logging.ERROR,
+                     "log_to_driver": False}
     return {"client_resources": {"num_cpus": cfg.client_num_cpus, "num_gpus": cfg.client_num_gpus},
             "init_args": init_args}
 

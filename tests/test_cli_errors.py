@@ -50,3 +50,17 @@ def test_the_console_command_exits_non_zero_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr + result.stdout
     assert result.stderr.strip() == f"fedlora: error: data file or folder " \
                                     f"'{tmp_path / 'x.csv'}' does not exist"
+
+
+def test_a_simulation_starts_its_own_ray_unless_given_a_cluster():
+    """A cluster that `ray start` left on the machine (or its stale address file) must not
+    capture a plain simulation; --ray-address joins one, bringing its own resources."""
+    from common.config import FedLoraConfig
+    from simulations.runner import backend_config
+
+    own = backend_config(FedLoraConfig())["init_args"]
+    assert own["address"] == "local" and own["num_cpus"] >= 1
+    joined = backend_config(FedLoraConfig(client_num_cpus=2), "10.0.0.5:6379")
+    assert joined["init_args"]["address"] == "10.0.0.5:6379"
+    assert "num_cpus" not in joined["init_args"]
+    assert joined["client_resources"]["num_cpus"] == 2

@@ -42,7 +42,8 @@ def test_a_failing_run_is_marked_failed_and_keeps_round_zero(small_config):
 
 
 def test_the_cli_exits_non_zero_when_the_run_fails(small_config, monkeypatch, capsys):
-    monkeypatch.setattr(runner, "simulate", lambda cfg, verbose: run_federation(LostGrid(), cfg))
+    monkeypatch.setattr(runner, "simulate",
+                        lambda cfg, verbose, ray_address: run_federation(LostGrid(), cfg))
     code = cli.main(["simulate", "--data", small_config.data, "--num-clients", "2",
                      "--out", small_config.out_dir])
     assert code == 1
