@@ -194,6 +194,9 @@ class FedLoraConfig:
             raise FedLoraError("client-level DP clips updates of the arrays as sent, which int8 "
                                "values and their scales are not: use transfer-dtype float32 or "
                                "float16")
+        if self.secure_aggregation and self.min_train_clients < 2:
+            raise FedLoraError("secure aggregation sums at least 2 sites a round (one site's sum "
+                               "is its update): set min-train-clients >= 2")
         if self.secure_aggregation and self.max_update_norm:
             raise FedLoraError("with secure-aggregation the server cannot check each update's "
                                "norm: set max-update-norm=0 (or clip with client-level DP)")

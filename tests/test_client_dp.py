@@ -160,6 +160,7 @@ def test_strategies_not_releasing_a_plain_mean_refuse_client_level_dp(strategy):
     ({"client_dp_noise_multiplier": 1.0, "client_dp_clip_norm": 0.0}, "clip-norm must be"),
     ({"secure_aggregation": True, "max_update_norm": 5.0}, "set max-update-norm=0"),
     ({"secagg_threshold": 0.0}, "secagg-threshold must be in"),
+    ({"secure_aggregation": True, "min_train_clients": 1}, "set min-train-clients >= 2"),
 ])
 def test_bad_privacy_settings_are_named(settings, message):
     with pytest.raises(FedLoraError, match=message):
