@@ -20,7 +20,9 @@ from common.errors import FedLoraError
 from common.records import (
     ARRAY_NAMES_KEY,
     NUM_EXAMPLES,
+    adapter_names,
     parameters_to_record,
+    record_to_adapter,
 )
 
 LEGACY_ARRAYS, LEGACY_CONFIG = "fitins.parameters", "fitins.config"  # Flower's FitIns records
@@ -68,15 +70,20 @@ def _train_in_fedlora_records(msg: Message, ctxt: Context, call_next: ClientAppC
         raise FedLoraError(f"this site weighs {weight} training examples, more than "
                            f"secagg-max-weight ({cfg.secagg_max_weight:g}): raise it to at "
                            f"least {weight}")
-    arrays = records["arrays"].to_numpy_ndarrays()
-    for name, array in zip(names, arrays):
-        peak = float(np.abs(array).max()) if array.size else 0.0
+    # The sum is of values, not of their transfer encoding (int8 + scales would not add up),
+    # in the order of the adapter the server sent.
+    state = record_to_adapter(records["arrays"])
+    order = adapter_names(names)
+    if sorted(state) != sorted(order):
+        raise FedLoraError("the train handler's adapter does not match the one the server sent")
+    for name in order:
+        peak = float(state[name].abs().max()) if state[name].numel() else 0.0
         if not np.isfinite(peak) or peak > cfg.secagg_clipping_range:
             raise FedLoraError(f"adapter tensor {name!r} reaches {peak:.4g}, outside "
                                f"secagg-clipping-range ({cfg.secagg_clipping_range:g})")
     # float64: the mod shifts values by the clipping range and scales them to 2**30 before
     # rounding, which in float32 would lose ~6 of those bits. Only the masked integers travel.
-    parameters = ndarrays_to_parameters([array.astype(np.float64) for array in arrays])
+    parameters = ndarrays_to_parameters([state[name].double().numpy() for name in order])
     reply.content = fitres_to_recorddict(FitRes(
         status=Status(Code.OK, "trained"), parameters=parameters, num_examples=weight,
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))}),

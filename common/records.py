@@ -129,6 +129,11 @@ def record_to_parameters(record: ArrayRecord) -> tuple[Parameters, list[str]]:
     return ndarrays_to_parameters(record.to_numpy_ndarrays()), list(record.keys())
 
 
+def adapter_names(record_names: list[str]) -> list[str]:
+    """The adapter tensors a record's names stand for (an int8 record adds its scales)."""
+    return [name for name in record_names if name != INT8_SCALES_KEY]
+
+
 def parameters_to_record(parameters: Parameters, names: list[str]) -> ArrayRecord:
     if len(parameters.tensors) != len(names):
         raise FedLoraError(f"{len(parameters.tensors)} arrays arrived for {len(names)} names")

@@ -31,6 +31,7 @@ from common.config import FedLoraConfig
 from common.errors import FedLoraError
 from common.records import (
     ARRAY_NAMES_KEY,
+    adapter_names,
     adapter_to_record,
     message_bytes,
     parameters_to_record,
@@ -152,7 +153,7 @@ class SecAggPlusRound:
                 reason = "secure aggregation halted: too few sites left to unmask the sum"
             else:
                 reason = f"no reply within round-timeout ({self.cfg.round_timeout:g}s)"
-            strategy._drop(server_round, node, reason, "train-rejected")
+            strategy.leave_out(server_round, node, reason, "train-rejected")
         stats["train-clients-aggregated"] = len(results)
         if len(results) < max(strategy.min_train_nodes, 2):
             return None, None
@@ -161,10 +162,10 @@ class SecAggPlusRound:
             stats["train-clients-aggregated"] = 0
             return None, None
         try:
-            mean = self._decode_mean(results[0][1].parameters, names)
+            mean = self._decode_mean(results[0][1].parameters, adapter_names(names))
         except FedLoraError as err:
             for proxy, _ in results:
-                strategy._drop(server_round, proxy.node_id, f"unusable secure sum: {err}",
+                strategy.leave_out(server_round, proxy.node_id, f"unusable secure sum: {err}",
                                "train-rejected")
             stats["train-clients-aggregated"] = 0
             return None, None

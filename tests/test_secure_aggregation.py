@@ -54,11 +54,14 @@ def _one_round(cfg: FedLoraConfig):
     return arrays, strategy.round_stats[1], grid
 
 
-@pytest.mark.parametrize("fault", ["", "1:raise@1"], ids=["all-sites", "site-1-drops-out"])
+@pytest.mark.parametrize("fault,dtype", [("", "float32"), ("1:raise@1", "float32"),
+                                         ("", "int8")],
+                         ids=["all-sites", "site-1-drops-out", "int8-transfer"])
 def test_secagg_sum_equals_the_plain_aggregate_within_quantisation(
-        fault, banking_subset, tiny_llama_dir, task_identity, monkeypatch):
+        fault, dtype, banking_subset, tiny_llama_dir, task_identity, monkeypatch):
+    """With int8 transfer the sites sum their adapters' values, not the int8 codes."""
     monkeypatch.setenv("FEDLORA_INJECT_FAULTS", fault)
-    cfg = _cfg(banking_subset, tiny_llama_dir)
+    cfg = _cfg(banking_subset, tiny_llama_dir, transfer_dtype=dtype)
     plain_arrays, plain_stats, _ = _one_round(cfg)
     secure_arrays, stats, grid = _one_round(cfg.replace(secure_aggregation=True))
 

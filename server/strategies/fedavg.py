@@ -119,7 +119,7 @@ class LoraFedAvg(FedAvg):
         stats = self.round_stats[server_round]
         replies = list(replies)
         for node in sorted(self._sampled - {m.metadata.src_node_id for m in replies}):
-            self._drop(server_round, node, f"no reply within round-timeout "
+            self.leave_out(server_round, node, f"no reply within round-timeout "
                                            f"({self.cfg.round_timeout:g}s)", "train-missing")
         for msg in replies:
             stats["bytes-up"] = stats.get("bytes-up", 0) + message_bytes([msg])
@@ -130,7 +130,7 @@ class LoraFedAvg(FedAvg):
                                            max_update_norm=self.cfg.max_update_norm)
                 self.check_update(update)
             except FedLoraError as err:
-                self._drop(server_round, msg.metadata.src_node_id, str(err), "train-rejected")
+                self.leave_out(server_round, msg.metadata.src_node_id, str(err), "train-rejected")
                 continue
             updates.append(update)
         # Replies arrive in any order; a fixed order makes the float sums reproducible.
@@ -268,7 +268,7 @@ class LoraFedAvg(FedAvg):
         """Restore what state_tensors() returned."""
 
     # -- what subclasses change ----------------------------------------------------------------
-    def _drop(self, server_round: int, node: int, reason: str, counter: str) -> None:
+    def leave_out(self, server_round: int, node: int, reason: str, counter: str) -> None:
         """A client left out of this round's aggregate: logged with its node and reason."""
         log(WARNING, "round %s: left out node %s: %s", server_round, node, reason)
         stats = self.round_stats[server_round]
