@@ -23,6 +23,8 @@ sys.path.insert(0, str(ROOT))
 from results import load_results, markdown_table  # noqa: E402  (bench/results.py)
 from strategies import federation_parser  # noqa: E402  (bench/strategies.py)
 
+from server.outputs import RunDirectory  # noqa: E402
+
 DTYPES = ["float32", "float16", "int8"]
 
 
@@ -49,8 +51,7 @@ def main() -> None:
                             "--num-clients", str(args.clients), "--rounds", str(args.rounds),
                             "--strategy", strategy, "--out", str(run_dir), "--run-config",
                             f"{args.run_config} transfer-dtype={dtype}"], check=True, cwd=ROOT)
-            rounds = [json.loads(x)
-                      for x in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+            rounds = RunDirectory(run_dir).read_rounds()[1:]
             results[key] = {
                 "strategy": strategy, "dtype": dtype,
                 "bytes-down-per-client": statistics.mean(r["bytes-down-per-client"]

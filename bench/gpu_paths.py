@@ -71,7 +71,7 @@ def check(name: str, cfg: FedLoraConfig, labels, train, test) -> dict:
                                device=lora.device, classification=True)
     started = time.perf_counter()
     if cfg.differential_privacy:
-        stats = train_adapter_private(lora.model, train_ex, cfg, server_round=1, seed=0,
+        stats = train_adapter_private(lora.model, train_ex, cfg, releases=1, seed=0,
                                       pad_id=pad, device=lora.device)
     else:
         stats = train_adapter(lora.model, train_ex, cfg, seed=0, pad_id=pad, device=lora.device)

@@ -27,6 +27,8 @@ sys.path.insert(0, str(ROOT))
 from results import load_results, markdown_table  # noqa: E402  (bench/results.py)
 from strategies import federation_parser  # noqa: E402  (bench/strategies.py)
 
+from server.outputs import RunDirectory  # noqa: E402
+
 
 def ideal_round(record: dict, concurrency: int) -> float:
     clients = sum(c.get("train-seconds", 0) for c in record.get("train-per-client", [])) + \
@@ -35,7 +37,7 @@ def ideal_round(record: dict, concurrency: int) -> float:
 
 
 def measure(run_dir: Path, started: float, concurrency: int) -> dict:
-    rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rounds = RunDirectory(run_dir).read_rounds()
     adapter = run_dir / "final_adapter" / "adapter_model.safetensors"
     end_to_end = adapter.stat().st_mtime - started
     ideal = [ideal_round(r, concurrency) for r in rounds]

@@ -23,6 +23,7 @@ from results import load_results  # noqa: E402  (bench/results.py)
 from strategies import federation_parser, save_figure  # noqa: E402  (bench/strategies.py)
 
 from common.config import FedLoraConfig, parse_overrides  # noqa: E402
+from server.outputs import RunDirectory  # noqa: E402
 
 EPSILONS = [1.0, 3.0, 8.0, None]  # None: no DP
 
@@ -56,14 +57,13 @@ def main() -> None:
                             "--strategy", strategy, "--out", str(run_dir), "--run-config",
                             f"{args.run_config} dp-noise-multiplier={noise}"],
                            check=True, cwd=ROOT)
-            rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            rounds = RunDirectory(run_dir).read_rounds()
             spent = [max((c.get("dp-epsilon", 0.0) for c in r.get("train-per-client", [])),
                          default=0.0) for r in rounds[1:]]
             results[key] = {"strategy": strategy, "target-epsilon": epsilon,
                             "noise-multiplier": noise, "epsilon-spent": spent,
                             "accuracy": [r["server"]["accuracy"] for r in rounds],
-                            "seconds": json.loads((run_dir / "summary.json").read_text())
-                            ["seconds"]}
+                            "seconds": RunDirectory(run_dir).read_summary()["seconds"]}
             results_file.write_text(json.dumps(results, indent=1))
     (out / "privacy.md").write_text(table(results))
     plot(results, out / "privacy.png")

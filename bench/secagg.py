@@ -5,7 +5,7 @@
    (sampling to aggregate: with SecAgg+ its four stages), the whole round's seconds, and the
    bytes of the serialised messages down to and up from the sites (training and evaluation).
 2. The protocol alone, in this process: sites that answer at once with a fixed adapter of the
-   default model's shapes for BANKING77 (103k values), at 5, 10 and 20 sites: the CPU seconds of
+   default model's shapes for BANKING77 (103k values), at 5, 10 and 20 sites: the wall seconds of
    a training exchange (every site's mod and the server's workflow, one after the other) and its
    serialised bytes, with and without SecAgg+.
 
@@ -29,6 +29,8 @@ sys.path.insert(0, str(ROOT))
 from results import load_results, markdown_table  # noqa: E402  (bench/results.py)
 from strategies import federation_parser  # noqa: E402  (bench/strategies.py)
 
+from server.outputs import RunDirectory  # noqa: E402
+
 
 def main() -> None:
     parser = federation_parser("bench-secagg", ["fedavg"])
@@ -50,8 +52,7 @@ def main() -> None:
                                 "--strategy", strategy, "--out", str(run_dir), "--run-config",
                                 f"{args.run_config} secure-aggregation={str(secure).lower()}"],
                                check=True, cwd=ROOT)
-                rounds = [json.loads(x)
-                          for x in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+                rounds = RunDirectory(run_dir).read_rounds()[1:]
                 results[key] = {
                     "strategy": strategy, "sites": sites, "secagg": secure,
                     "train-exchange-seconds": statistics.mean(

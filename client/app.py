@@ -1,7 +1,8 @@
 """The ClientApp: trains the global adapter on this site's private data, evaluates it locally.
 
-The base model and the tokenised data are loaded once per process (a Ray actor in simulation, a
-SuperNode's app process in deployment) and reused for every round and message.
+The base model and the tokenised data are loaded once per process and reused for every message
+it handles: in simulation a Ray actor serves many rounds and sites; in deployment Flower 1.41
+starts one app process per message, so there each message loads them again (docs/scaling.md).
 """
 
 from __future__ import annotations

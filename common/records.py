@@ -10,7 +10,7 @@ from collections import OrderedDict
 from typing import Mapping
 
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.common import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.serde import recorddict_to_proto
 
@@ -115,9 +115,14 @@ def check_adapter_matches(state: Mapping[str, torch.Tensor],
                                f"{tuple(tensor.shape)}, the local model expects {expected}")
 
 
+def content_bytes(content: RecordDict) -> int:
+    """Bytes of a message's content as serialised for the wire."""
+    return recorddict_to_proto(content).ByteSize()
+
+
 def message_bytes(messages) -> int:
-    """Bytes of the messages' contents as serialised for the wire (error replies: none)."""
-    return sum(recorddict_to_proto(m.content).ByteSize() for m in messages if not m.has_error())
+    """Bytes of the messages' contents (error replies carry none)."""
+    return sum(content_bytes(m.content) for m in messages if not m.has_error())
 
 
 # -- Flower's legacy Parameters (what the SecAgg+ workflow and mod speak) -----------------------

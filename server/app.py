@@ -62,6 +62,9 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
             if client_dp:
                 client_dp.load_state_tensors(ckpt.strategy_state)
             strategy.rng.setstate(ckpt.rng_state)
+            # Sites count retried rounds as DP-SGD releases: the count must survive a resume.
+            strategy.retried_attempts = int(ckpt.strategy_state.get("run", {}).get(
+                "retried-attempts", torch.tensor([0]))[0])
             initial = OrderedDict((name, ckpt.adapter[name]) for name in initial)
             first_round = ckpt.round + 1
             log(INFO, "fedlora: resuming %s after round %s", run.path, ckpt.round)
@@ -94,6 +97,8 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
             save_checkpoint(run.checkpoint_dir, Checkpoint(
                 round=server_round, adapter=record_to_adapter(arrays),
                 strategy_state={**strategy.state_tensors(),
+                                "run": {"retried-attempts":
+                                        torch.tensor([strategy.retried_attempts])},
                                 **(client_dp.state_tensors() if client_dp else {})},
                 rng_state=strategy.rng.getstate()))
             return MetricRecord(server_metrics)

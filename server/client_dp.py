@@ -31,6 +31,8 @@ from flwr.supercore.privacy_accounting import (
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from common.config import FedLoraConfig
+from common.errors import FedLoraError
+from server.contract import parse_train_reply
 from server.strategies.fedavg import LoraFedAvg
 
 # Without amplification by sampling the population only has to bound the sample size.
@@ -88,15 +90,23 @@ class ClientLevelDP:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        if any(msg.has_error() for msg in replies):
-            # The wrapper would skip the round silently; the strategy names each site it leaves
-            # out and, missing a sampled update, releases nothing (_uniform_and_complete).
+        if not all(self._usable(msg) for msg in replies):
+            # The wrapper would skip a failed site silently, and its server-side clipping
+            # crashes on a malformed update: the strategy names each site it leaves out and,
+            # missing a sampled update, releases nothing (_uniform_and_complete).
             return self.strategy.aggregate_train(server_round, replies)
         _fresh_noise()
         arrays, metrics = self.wrapper.aggregate_train(server_round, replies)
         if arrays is not None:
             self.record_release(server_round)
         return arrays, metrics
+
+    def _usable(self, msg: Message) -> bool:
+        try:
+            parse_train_reply(msg, self.strategy.reference, current=self.strategy.current)
+        except FedLoraError:
+            return False
+        return True
 
     def add_noise(self, mean: dict[str, torch.Tensor], sampled: int) -> dict[str, torch.Tensor]:
         """What the wrapper does to an aggregate it has not computed itself (secure aggregation)."""

@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord
 from common.config import FedLoraConfig
 from common.metrics import evaluate_examples
 from common.model import LoraModel
-from common.records import record_to_adapter
+from common.records import NUM_EXAMPLES, record_to_adapter
 
 
 class GlobalEvaluator:
@@ -24,6 +24,6 @@ class GlobalEvaluator:
         metrics = evaluate_examples(self.lora.model, self.examples, batch_size=max(
             self.cfg.batch_size, 64), pad_id=self.lora.tokenizer.pad_token_id,
             device=self.lora.device, classification=self.cfg.is_classification)
-        metrics["num-examples"] = len(self.examples)
+        metrics[NUM_EXAMPLES] = len(self.examples)
         metrics["eval-seconds"] = time.perf_counter() - started
         return metrics

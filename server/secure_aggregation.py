@@ -31,6 +31,7 @@ from common.config import FedLoraConfig
 from common.errors import FedLoraError
 from common.records import (
     ARRAY_NAMES_KEY,
+    NUM_EXAMPLES,
     adapter_names,
     adapter_to_record,
     message_bytes,
@@ -119,7 +120,7 @@ class SecAggPlusRound:
         configure = self.client_dp.configure_train if self.client_dp else \
             self.strategy.configure_train
         messages = list(configure(server_round, arrays, config, grid))
-        if len(messages) < 2:  # SecAgg+ needs two sites at least, or a sum is one site's update
+        if not messages:
             return None, None
         nodes = [m.metadata.dst_node_id for m in messages]
         content = messages[0].content  # the same record for every sampled site
@@ -155,7 +156,7 @@ class SecAggPlusRound:
                 reason = f"no reply within round-timeout ({self.cfg.round_timeout:g}s)"
             strategy.leave_out(server_round, node, reason, "train-rejected")
         stats["train-clients-aggregated"] = len(results)
-        if len(results) < max(strategy.min_train_nodes, 2):
+        if len(results) < strategy.min_train_nodes:  # at least 2 (config)
             return None, None
         if self.client_dp and len(results) < len(nodes):
             # Client-level DP noise is calibrated to every sampled site's clipped update.
@@ -173,7 +174,7 @@ class SecAggPlusRound:
             mean = self.client_dp.add_noise(mean, len(nodes))
             self.client_dp.record_release(server_round)
         updates = [TrainUpdate(node_id=proxy.node_id, state={},
-                               num_examples=int(res.metrics.get("num-examples", res.num_examples)),
+                               num_examples=int(res.metrics.get(NUM_EXAMPLES, res.num_examples)),
                                metrics={k: float(v) for k, v in res.metrics.items()
                                         if isinstance(v, (int, float))},
                                weight=float(res.num_examples))

@@ -165,3 +165,24 @@ def test_strategies_not_releasing_a_plain_mean_refuse_client_level_dp(strategy):
 def test_bad_privacy_settings_are_named(settings, message):
     with pytest.raises(FedLoraError, match=message):
         FedLoraConfig(**settings)
+
+
+def test_a_malformed_update_is_left_out_by_name_under_server_clipping(task_identity):
+    """Flower's server-side clipping would subtract arrays of other shapes and crash; the
+    strategy's own check names the site, and nothing is released that round."""
+    from tests.conftest import StaticGrid
+    from tests.test_strategy import _reply, _state
+
+    cfg = FedLoraConfig(client_dp_noise_multiplier=1.0, client_dp_clipping="server",
+                        min_available_clients=3, min_train_clients=2)
+    strategy = LoraFedAvg(cfg, _state(0))
+    dp = ClientLevelDP(strategy, cfg)
+    messages = dp.configure_train(1, adapter_to_record(_state(0)), ConfigRecord(),
+                                  StaticGrid([1, 2, 3]))
+    replies = [_reply(messages[0], _state(1), 10), _reply(messages[1], _state(2), 10),
+               _reply(messages[2], _state(3, shape_b=(4, 3)), 10)]
+    arrays, _ = dp.aggregate_train(1, replies)
+    stats = strategy.round_stats[1]
+    assert arrays is None and "client-dp" not in stats and dp.epsilon() == 0.0
+    assert [d["node"] for d in stats["dropped"]] == [3]
+    assert "has shape (4, 3)" in stats["dropped"][0]["reason"]

@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from server.outputs import RunDirectory
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
@@ -184,8 +185,8 @@ def test_two_authenticated_sites_train_over_tls(federation):
          + " secure-aggregation=true"], cwd=REPO, env=fed["env"], capture_output=True,
         text=True, timeout=480)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert json.loads((secure_out / "summary.json").read_text())["status"] == "completed"
-    secure = [json.loads(line) for line in (secure_out / "metrics.jsonl").read_text().splitlines()]
+    assert RunDirectory(secure_out).read_summary()["status"] == "completed"
+    secure = RunDirectory(secure_out).read_rounds()
     assert secure[1]["clients"]["train-clients-aggregated"] == 2
     assert secure[1]["train"]["num-examples"] == 270
     assert abs(secure[1]["server"]["accuracy"] - rounds[1]["server"]["accuracy"]) <= 0.01

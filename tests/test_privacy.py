@@ -139,3 +139,43 @@ def test_a_federation_logs_epsilon_and_ends_when_budgets_are_spent(banking_subse
     assert "reached dp-target-epsilon" in summary["stopped-early"]
     assert "stopped after round 1" in result.stdout
     assert (out / "final_adapter" / "adapter_config.json").is_file()
+
+
+def test_retried_rounds_stay_counted_as_releases_after_a_resume(banking_subset, tiny_llama_dir,
+                                                                 tmp_path, task_identity,
+                                                                 monkeypatch):
+    """Sites count every training request, retries included, as a DP-SGD release; the count
+    is checkpointed, so a resumed run does not hand a site a smaller release number."""
+    import client.app
+    from server.app import run_federation
+    from server.checkpoint import load_checkpoint
+    from simulations.inprocess import InProcessGrid
+
+    releases_seen, failed = [], []
+
+    def first_attempt_fails(site_id, server_round):
+        if server_round == 1 and site_id == 1 and not failed:
+            failed.append(True)
+            return "raise"
+        return None
+
+    original_train = client.app.train_adapter_private
+
+    def recording_train(*args, releases, **kwargs):
+        releases_seen.append(releases)
+        return original_train(*args, releases=releases, **kwargs)
+
+    monkeypatch.setattr(client.app, "fault_for", first_attempt_fails)
+    monkeypatch.setattr(client.app, "train_adapter_private", recording_train)
+    cfg = FedLoraConfig(data=str(banking_subset), model=str(tiny_llama_dir),
+                        label_column="category", lora_r=4, local_steps=2, num_clients=3,
+                        min_train_clients=3, min_evaluate_clients=3, min_available_clients=3,
+                        max_eval_examples=30, round_retries=1, num_rounds=1,
+                        dp_noise_multiplier=1.0, out_dir=str(tmp_path / "run"))
+    run = run_federation(InProcessGrid(cfg, 3), cfg)
+    saved = load_checkpoint(run.checkpoint_dir).strategy_state["run"]["retried-attempts"]
+    assert int(saved[0]) == 1
+    releases_seen.clear()
+    resumed = cfg.replace(num_rounds=2, resume=True)
+    run_federation(InProcessGrid(resumed, 3), resumed)
+    assert releases_seen == [3, 3, 3]  # round 2 + the retry of round 1, not 2

@@ -49,9 +49,10 @@ def _one_round(cfg: FedLoraConfig):
     strategy = build_strategy(cfg, lora)
     protect(strategy, cfg)
     grid = RecordingGrid(cfg, SITES)
-    arrays, _ = strategy.train_exchange(grid, 1, adapter_to_record(lora.trainable_state()),
+    initial = lora.trainable_state()
+    arrays, _ = strategy.train_exchange(grid, 1, adapter_to_record(initial),
                                         ConfigRecord({"labels": json.dumps(labels)}), 60.0)
-    return arrays, strategy.round_stats[1], grid
+    return arrays, strategy.round_stats[1], grid, initial
 
 
 @pytest.mark.parametrize("fault,dtype", [("", "float32"), ("1:raise@1", "float32"),
@@ -62,8 +63,8 @@ def test_secagg_sum_equals_the_plain_aggregate_within_quantisation(
     """With int8 transfer the sites sum their adapters' values, not the int8 codes."""
     monkeypatch.setenv("FEDLORA_INJECT_FAULTS", fault)
     cfg = _cfg(banking_subset, tiny_llama_dir, transfer_dtype=dtype)
-    plain_arrays, plain_stats, _ = _one_round(cfg)
-    secure_arrays, stats, grid = _one_round(cfg.replace(secure_aggregation=True))
+    plain_arrays, plain_stats, _, initial = _one_round(cfg)
+    secure_arrays, stats, grid, _ = _one_round(cfg.replace(secure_aggregation=True))
 
     counts = [c["num-examples"] for c in stats["train-per-client"]]
     assert len(counts) == (2 if fault else 3)
@@ -77,7 +78,7 @@ def test_secagg_sum_equals_the_plain_aggregate_within_quantisation(
     bound = len(counts) * step / (sum(counts) / cfg.secagg_max_weight)
     plain, secure = record_to_adapter(plain_arrays), record_to_adapter(secure_arrays)
     gaps = [float((secure[n].double() - plain[n].double()).abs().max()) for n in plain]
-    moved = [float((plain[n] - t).abs().max()) for n, t in _initial(cfg).items()]
+    moved = [float((plain[n] - t).abs().max()) for n, t in initial.items()]
     assert 0 < max(gaps) <= bound + 1e-7  # rounded, as the protocol must, and no further
     assert max(moved) > 1000 * bound  # the round moved the adapter far more than that
 
@@ -86,11 +87,6 @@ def test_secagg_sum_equals_the_plain_aggregate_within_quantisation(
             for record in reply.content.array_records.values()]
     assert grid.replies and all(len(record) == 0 for record in held)
     assert stats["bytes-up"] > 0
-
-
-def _initial(cfg):
-    labels = resolve_labels(cfg, load_server_splits(cfg))
-    return build_lora_model(cfg, labels).trainable_state()
 
 
 def test_secagg_federation_is_within_one_point_of_the_plain_one(banking_subset, tiny_llama_dir,
@@ -113,7 +109,7 @@ def test_secagg_federation_is_within_one_point_of_the_plain_one(banking_subset, 
 def test_a_site_above_secagg_max_weight_refuses_by_name(banking_subset, tiny_llama_dir,
                                                        task_identity):
     cfg = _cfg(banking_subset, tiny_llama_dir, secure_aggregation=True, secagg_max_weight=50)
-    arrays, stats, _ = _one_round(cfg)
+    arrays, stats, _, _ = _one_round(cfg)
     assert arrays is None and stats["train-clients-aggregated"] == 0
     assert len(stats["dropped"]) == SITES
     assert all("more than secagg-max-weight (50)" in d["reason"] for d in stats["dropped"])

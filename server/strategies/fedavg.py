@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from common.config import FedLoraConfig
 from common.errors import PRIVACY_BUDGET_REACHED, FedLoraError
 from common.lora_math import exact_mean_deltas, lora_deltas, relative_error
-from common.records import adapter_to_record, message_bytes, record_to_adapter
+from common.records import NUM_EXAMPLES, adapter_to_record, message_bytes, record_to_adapter
 from server.aggregation import weighted_average, weighted_mean_metrics
 from server.contract import TrainUpdate, parse_metrics, parse_train_reply, state_digest
 
@@ -155,12 +155,12 @@ class LoraFedAvg(FedAvg):
         """The round's training metrics, per site and weighted like the adapters."""
         stats = self.round_stats[server_round]
         metrics = weighted_mean_metrics([u.metrics for u in updates], [u.weight for u in updates])
-        metrics["num-examples"] = float(sum(u.num_examples for u in updates))
+        metrics[NUM_EXAMPLES] = float(sum(u.num_examples for u in updates))
         stats["train"] = metrics
         stats["train-per-client"] = [{"node": u.node_id, **u.metrics} for u in updates]
         stats["bytes-up-per-client"] = stats.get("bytes-up", 0) / len(updates)
         log(INFO, "round %s: aggregated %s updates (%s examples)", server_round, len(updates),
-            int(metrics["num-examples"]))
+            int(metrics[NUM_EXAMPLES]))
         return MetricRecord(metrics)
 
     # -- the round loop, resumable ---------------------------------------------------------------
@@ -308,22 +308,22 @@ class LoraFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        parsed = []
+        parsed: dict[int, dict[str, float]] = {}  # node -> its metrics
         for msg in replies:
             try:
                 if msg.has_error():
                     raise FedLoraError(f"client failed: {msg.error.reason}")
-                parsed.append({"node": msg.metadata.src_node_id, **parse_metrics(msg)})
+                parsed[msg.metadata.src_node_id] = parse_metrics(msg)
             except FedLoraError as err:
                 log(WARNING, "round %s: dropped the evaluation of node %s: %s", server_round,
                     msg.metadata.src_node_id, err)
-        parsed = [m for m in parsed if m["num-examples"] > 0]
+        parsed = {node: m for node, m in parsed.items() if m[NUM_EXAMPLES] > 0}
         if not parsed:
             return None
-        self.round_stats[server_round]["evaluate-per-client"] = parsed
-        parsed = [{k: v for k, v in m.items() if k != "node"} for m in parsed]
-        weights = [m["num-examples"] for m in parsed]
-        metrics = weighted_mean_metrics(parsed, weights)
-        metrics["num-examples"] = float(sum(weights))
+        self.round_stats[server_round]["evaluate-per-client"] = [
+            {"node": node, **m} for node, m in parsed.items()]
+        weights = [m[NUM_EXAMPLES] for m in parsed.values()]
+        metrics = weighted_mean_metrics(list(parsed.values()), weights)
+        metrics[NUM_EXAMPLES] = float(sum(weights))
         self.round_stats[server_round]["evaluate"] = metrics
         return MetricRecord(metrics)
