@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from logging import WARNING
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log
 
 from client.faults import apply_fault, fault_for
 from client.mods import client_dp_clipping_mod, secure_aggregation_mod
@@ -21,7 +23,14 @@ from client.privacy import train_adapter_private
 from client.sync import load_global
 from client.training import train_adapter
 from common.config import FedLoraConfig, SiteConfig
-from common.data import DataSplits, load_site_rows, load_splits, tokenize, train_val_split
+from common.data import (
+    DataSplits,
+    load_site_rows,
+    load_splits,
+    resolve_labels,
+    tokenize,
+    train_val_split,
+)
 from common.errors import FedLoraError
 from common.metrics import evaluate_examples
 from common.model import LoraModel, build_lora_model
@@ -70,6 +79,33 @@ def _model(cache: ProcessCache, cfg: FedLoraConfig, labels: list[str] | None,
     return cache.models[rank]
 
 
+def _load_partitions(cache: ProcessCache, cfg: FedLoraConfig, sites: int) -> None:
+    if cache.partitions is None:
+        from simulations.partitioning import partition_indices
+
+        cache.splits = load_splits(cfg)
+        cache.partitions = partition_indices(cache.splits.train, cfg.replace(num_clients=sites))
+
+
+def warm_up(run_config: dict) -> None:
+    """Ray's worker set-up hook under `fedlora simulate`: imports, the base model and the
+    partitioned data, loaded while the server prepares, so the first message finds them here
+    (they took ~10 s on the way to the first training step). Labels are resolved as the server
+    resolves them; if the server's differ, the first message simply starts over."""
+    try:
+        cfg = FedLoraConfig.from_run_config(run_config)
+        if cfg.eval_data:  # the server's labels also come from eval-data: not known here
+            return
+        splits = load_splits(cfg)
+        labels = resolve_labels(cfg, splits) if cfg.is_classification else None
+        cache = _process_cache(cfg, labels)
+        _load_partitions(cache, cfg, cfg.num_clients)
+        for rank in sorted(set(cfg.site_ranks)):
+            _model(cache, cfg, labels, rank)
+    except Exception as err:  # the first message reports the real error, in its own words
+        log(WARNING, "fedlora: client warm-up skipped: %s", err)
+
+
 def _site_runtime(cfg: FedLoraConfig, site: SiteConfig | None, context: Context,
                   labels: list[str] | None) -> SiteRuntime:
     cache = _process_cache(cfg, labels)
@@ -84,14 +120,8 @@ def _site_runtime(cfg: FedLoraConfig, site: SiteConfig | None, context: Context,
         site_id = int(node["partition-id"])
         rank = cfg.site_ranks[site_id % len(cfg.site_ranks)]
         if site_id not in cache.sites:
-            if cache.partitions is None:
-                from simulations.partitioning import partition_indices
-
-                # The federation's size, not the config's: under `flwr run` it is set there.
-                sites = int(node.get("num-partitions", cfg.num_clients))
-                cache.splits = load_splits(cfg)
-                cache.partitions = partition_indices(cache.splits.train,
-                                                     cfg.replace(num_clients=sites))
+            # The federation's size, not the config's: under `flwr run` it is set there.
+            _load_partitions(cache, cfg, int(node.get("num-partitions", cfg.num_clients)))
             rows_source, rows = cache.splits.train, cache.partitions[site_id]
     else:
         raise FedLoraError("node config has neither data-path (deployment) nor partition-id "

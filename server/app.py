@@ -9,7 +9,7 @@ from collections import OrderedDict
 from logging import ERROR, INFO
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -18,10 +18,11 @@ from common.data import load_server_splits, resolve_labels, tokenize
 from common.lora_math import factorize, lora_modules
 from common.model import LoraModel, build_lora_model
 from common.records import adapter_to_record, record_to_adapter
-from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from server.checkpoint import load_checkpoint
 from server.client_dp import ClientLevelDP
 from server.evaluation import GlobalEvaluator
 from server.outputs import RunDirectory
+from server.rounds import RoundRecorder
 from server.secure_aggregation import SecAggPlusRound
 from server.strategies import build_strategy
 from server.strategies.fedavg import LoraFedAvg
@@ -48,12 +49,12 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
     else:
         run = RunDirectory.create(cfg, labels)
     log(INFO, "fedlora: run directory %s", run.path)
+    recorder: RoundRecorder | None = None
     try:
         evaluator = GlobalEvaluator(lora, tokenize(splits.test, lora.tokenizer, cfg, labels), cfg)
         strategy = build_strategy(cfg, lora)
         client_dp = protect(strategy, cfg)
         client_config = ConfigRecord({"labels": json.dumps(labels)} if labels else {})
-        round_started = [time.time()]
         initial, first_round = lora.trainable_state(), 1
         if cfg.resume:
             ckpt = load_checkpoint(run.checkpoint_dir)
@@ -69,45 +70,12 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
             first_round = ckpt.round + 1
             log(INFO, "fedlora: resuming %s after round %s", run.path, ckpt.round)
 
-        def evaluate_and_record(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            lora.set_base_offsets(strategy.base_offsets())
-            server_metrics = evaluator(arrays)
-            stats = strategy.round_stats.pop(server_round, {})
-            now = time.time()
-            run.append_round({"round": server_round, "server": server_metrics,
-                              "train": stats.get("train", {}),
-                              "train-per-client": stats.get("train-per-client", []),
-                              "evaluate": stats.get("evaluate", {}),
-                              "evaluate-per-client": stats.get("evaluate-per-client", []),
-                              "bytes-down": stats.get("bytes-down", 0),
-                              "bytes-up": stats.get("bytes-up", 0),
-                              "bytes-down-per-client": stats.get("bytes-down-per-client", 0),
-                              "bytes-up-per-client": stats.get("bytes-up-per-client", 0),
-                              "agg-rel-error": stats.get("agg-rel-error"),
-                              "clients": {k: v for k, v in stats.items()
-                                          if k.endswith(("-sampled", "-aggregated",
-                                                         "-rejected", "-missing"))},
-                              "dropped": stats.get("dropped", []),
-                              **{key: stats[key] for key in ("client-dp", "train-exchange-seconds")
-                                 if key in stats},
-                              "seconds": now - round_started[0]})
-            round_started[0] = now
-            # After the round's line: a crash between the two repeats the round on resume,
-            # and keep_rounds_through drops its first line.
-            save_checkpoint(run.checkpoint_dir, Checkpoint(
-                round=server_round, adapter=record_to_adapter(arrays),
-                strategy_state={**strategy.state_tensors(),
-                                "run": {"retried-attempts":
-                                        torch.tensor([strategy.retried_attempts])},
-                                **(client_dp.state_tensors() if client_dp else {})},
-                rng_state=strategy.rng.getstate()))
-            return MetricRecord(server_metrics)
-
+        recorder = RoundRecorder(run, evaluator, strategy, client_dp)
         result = strategy.start(
             grid=grid, initial_arrays=adapter_to_record(initial, "float32"),
             num_rounds=cfg.num_rounds, timeout=cfg.round_timeout, train_config=client_config,
-            evaluate_config=client_config, evaluate_fn=evaluate_and_record,
-            first_round=first_round)
+            evaluate_config=client_config, evaluate_fn=recorder, first_round=first_round)
+        recorder.wait()
         lora.load_trainable_state(record_to_adapter(result.arrays))
         run.save_adapter(exportable(cfg, lora, labels, strategy.base_offsets()), labels)
         rounds = run.read_rounds()
@@ -118,6 +86,8 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
                            "initial": rounds[0]["server"] if rounds else {},
                            "seconds": time.time() - started})
     except BaseException as err:
+        if recorder is not None:  # round 0's checkpoint, if it is still being written
+            recorder.wait(reraise=False)
         log(ERROR, "fedlora: run failed: %s", err)
         run.write_summary({"status": "failed", "error": f"{type(err).__name__}: {err}",
                            "traceback": traceback.format_exc(),

@@ -7,6 +7,11 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
+import types
+
 import numpy as np
 
 from common.config import FedLoraConfig
@@ -17,8 +22,10 @@ MIN_EXAMPLES_PER_SITE = 2  # one to train on, one to validate on
 
 def partition_indices(dataset, cfg: FedLoraConfig) -> list[list[int]]:
     """Row indices of ``dataset`` for each of cfg.num_clients sites: disjoint, covering all."""
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, SizePartitioner
-
+    partitioners = flwr_partitioners()
+    DirichletPartitioner, IidPartitioner, SizePartitioner = (
+        partitioners.DirichletPartitioner, partitioners.IidPartitioner,
+        partitioners.SizePartitioner)
     n, k = len(dataset), cfg.num_clients
     if k * MIN_EXAMPLES_PER_SITE > n:
         raise FedLoraError(f"{k} clients need at least {k * MIN_EXAMPLES_PER_SITE} training "
@@ -52,3 +59,23 @@ def _dirichlet_sizes(n: int, k: int, alpha: float, seed: int) -> list[int]:
     sizes = np.floor(shares * spare).astype(int) + MIN_EXAMPLES_PER_SITE
     sizes[np.argmax(shares)] += n - int(sizes.sum())
     return [int(s) for s in sizes]
+
+
+def flwr_partitioners() -> types.ModuleType:
+    """flwr_datasets.partitioner without running flwr_datasets/__init__.py, which imports its
+    plotting helpers (seaborn, scipy): 2.4 s of CPU in the CLI and in every client process,
+    on the way to the first training step. A later `import flwr_datasets` still gets the whole
+    package: the bare parent is only there while the subpackage loads."""
+    if "flwr_datasets.partitioner" in sys.modules:
+        return sys.modules["flwr_datasets.partitioner"]
+    spec = importlib.util.find_spec("flwr_datasets")
+    if spec is None or not spec.submodule_search_locations:
+        raise FedLoraError("flwr-datasets is not installed (pip install -e .)")
+    bare = types.ModuleType("flwr_datasets")
+    bare.__path__ = list(spec.submodule_search_locations)
+    sys.modules["flwr_datasets"] = bare
+    try:
+        return importlib.import_module("flwr_datasets.partitioner")
+    finally:
+        if sys.modules.get("flwr_datasets") is bare:
+            del sys.modules["flwr_datasets"]

@@ -29,7 +29,11 @@ def backend_config(cfg: FedLoraConfig, ray_address: str | None = None) -> dict:
         # on this machine, which ray.init() would otherwise join and refuse num_cpus for.
         init_args = {"address": "local", "num_cpus": os.cpu_count() or 1,
                      "include_dashboard": False, "logging_level": logging.ERROR,
-                     "log_to_driver": False}
+                     "log_to_driver": False,
+                     # Ray runs workers at nice 15 by default: the sites would then yield to
+                     # the server's round-0 evaluation, which should yield to them.
+                     "_system_config": {"worker_niceness": 0, "enable_worker_prestart": False,
+                                        "prestart_worker_first_driver": False}}
     return {"client_resources": {"num_cpus": cfg.client_num_cpus, "num_gpus": cfg.client_num_gpus},
             "init_args": init_args}
 
@@ -65,8 +69,36 @@ def simulate(cfg: FedLoraConfig, verbose: bool = False, ray_address: str | None 
     TaskIdentity.node_id = SUPERLINK_NODE_ID
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(),
                       run_config=run_config)
-    _run_simulation(
-        num_supernodes=cfg.num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        server_app_attr=serverapp, client_app_attr=clientapp, backend_name="ray",
-        backend_config=backend_config(cfg, ray_address), app_dir=str(APP_DIR), run=run,
-        server_app_context=context, is_app=True, verbose_logging=verbose)
+    backend = backend_config(cfg, ray_address)
+    start_ray(backend["init_args"], run_config)
+    try:
+        _run_simulation(
+            num_supernodes=cfg.num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            server_app_attr=serverapp, client_app_attr=clientapp, backend_name="ray",
+            backend_config=backend, app_dir=str(APP_DIR), run=run,
+            server_app_context=context, is_app=True, verbose_logging=verbose)
+    finally:
+        import ray
+
+        if ray.is_initialized():  # Flower shuts Ray down itself, unless it failed first
+            ray.shutdown()
+
+
+def start_ray(init_args: dict, run_config: dict) -> None:
+    """Ray as Flower's backend would start it (which then leaves it as it is), plus a worker
+    set-up hook: every client process loads its imports, base model and data while the server
+    prepares, instead of on its first message."""
+    import functools
+    import sys
+
+    import ray
+
+    from client.app import warm_up
+
+    # Workers do not inherit this process's sys.path changes, only the environment.
+    pythonpath = os.pathsep.join([str(APP_DIR), *sys.path, os.environ.get("PYTHONPATH", "")])
+    os.environ["PYTHONPATH"] = pythonpath
+    # Ray names the hook in its errors: a bare partial has no __name__.
+    hook = functools.update_wrapper(functools.partial(warm_up, run_config), warm_up)
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath},
+                          "worker_process_setup_hook": hook}, **init_args)

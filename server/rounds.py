@@ -1,0 +1,118 @@
+"""After each round: score the global adapter, append the round's line, checkpoint the round."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+
+from common.records import record_to_adapter
+from server.checkpoint import Checkpoint, save_checkpoint
+from server.client_dp import ClientLevelDP
+from server.evaluation import GlobalEvaluator
+from server.outputs import RunDirectory
+from server.strategies.fedavg import LoraFedAvg
+
+
+class RoundRecorder:
+    """The `evaluate_fn` of `strategy.start`.
+
+    Round 0 (the initial adapter) is scored in a background thread while round 1 trains: it
+    depends on nothing round 1 does, and run in line it held back the first training step by
+    the whole evaluation. What its checkpoint holds (strategy state, sampling RNG) is taken
+    before round 1 starts, so a resume from round 0 continues exactly as before. Every later
+    call first waits for it, so metrics.jsonl stays in round order; call `wait()` before
+    reading the run's rounds, and on the way out of a failed run.
+    """
+
+    def __init__(self, run: RunDirectory, evaluator: GlobalEvaluator, strategy: LoraFedAvg,
+                 client_dp: ClientLevelDP | None) -> None:
+        self.run, self.evaluator = run, evaluator
+        self.strategy, self.client_dp = strategy, client_dp
+        self._round_started = time.time()
+        self._background: threading.Thread | None = None
+        self._background_error: BaseException | None = None
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        self.wait()
+        # The evaluator reads the strategy's base offsets (exact's residual) as of this round.
+        self.evaluator.lora.set_base_offsets(self.strategy.base_offsets())
+        pending = self._snapshot(server_round, arrays)
+        if server_round == 0:
+            self._background = threading.Thread(target=self._record_in_background,
+                                                args=(pending,), daemon=True,
+                                                name="fedlora-round-0-evaluation")
+            self._background.start()
+            return None
+        return MetricRecord(self._record(pending))
+
+    def wait(self, reraise: bool = True) -> None:
+        """Wait for round 0's evaluation; raise what it raised (unless reraise=False)."""
+        if self._background is not None:
+            self._background.join()
+            self._background = None
+        error, self._background_error = self._background_error, None
+        if error is not None and reraise:
+            raise error
+
+    def _snapshot(self, server_round: int, arrays: ArrayRecord) -> dict:
+        stats = self.strategy.round_stats.pop(server_round, {})
+        state = {**self.strategy.state_tensors(),
+                 # Sites count retried rounds as DP-SGD releases: the count must survive a resume.
+                 "run": {"retried-attempts": torch.tensor([self.strategy.retried_attempts])},
+                 **(self.client_dp.state_tensors() if self.client_dp else {})}
+        started, self._round_started = self._round_started, time.time()
+        return {"round": server_round, "arrays": arrays, "stats": stats, "started": started,
+                "state": {group: {name: t.detach().clone() for name, t in tensors.items()}
+                          for group, tensors in state.items()},
+                "rng": self.strategy.rng.getstate()}
+
+    def _record_in_background(self, pending: dict) -> None:
+        try:
+            _lower_this_threads_priority()
+            self._record(pending)
+        except BaseException as err:  # raised in the run's thread by wait()
+            self._background_error = err
+
+    def _record(self, pending: dict) -> dict[str, float]:
+        server_metrics = self.evaluator(pending["arrays"])
+        stats = pending["stats"]
+        self.run.append_round({
+            "round": pending["round"], "server": server_metrics,
+            "train": stats.get("train", {}),
+            "train-per-client": stats.get("train-per-client", []),
+            "evaluate": stats.get("evaluate", {}),
+            "evaluate-per-client": stats.get("evaluate-per-client", []),
+            "bytes-down": stats.get("bytes-down", 0),
+            "bytes-up": stats.get("bytes-up", 0),
+            "bytes-down-per-client": stats.get("bytes-down-per-client", 0),
+            "bytes-up-per-client": stats.get("bytes-up-per-client", 0),
+            "agg-rel-error": stats.get("agg-rel-error"),
+            "clients": {k: v for k, v in stats.items()
+                        if k.endswith(("-sampled", "-aggregated", "-rejected", "-missing"))},
+            "dropped": stats.get("dropped", []),
+            **{key: stats[key] for key in ("client-dp", "train-exchange-seconds")
+               if key in stats},
+            # Round 0: set-up and the initial evaluation. Round r: from round r-1's end (round
+            # 1: from round 0's start, as the two overlap) to this round's evaluation's end.
+            "seconds": time.time() - pending["started"]})
+        # After the round's line: a crash between the two repeats the round on resume,
+        # and keep_rounds_through drops its first line.
+        save_checkpoint(self.run.checkpoint_dir, Checkpoint(
+            round=pending["round"], adapter=record_to_adapter(pending["arrays"]),
+            strategy_state=pending["state"], rng_state=pending["rng"]))
+        return server_metrics
+
+
+def _lower_this_threads_priority() -> None:
+    """Round 0's evaluation yields the CPU to the sites starting up and training (in a
+    simulation they share this machine): Linux gives each thread its own nice value, and the
+    thread pools torch starts from this thread inherit it."""
+    if hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass

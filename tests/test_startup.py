@@ -1,0 +1,155 @@
+"""What shortens the way to the first training step, without changing what a run records:
+round 0 scored while round 1 trains, client processes warmed before their first message, and
+flwr-datasets' partitioners without its plotting imports."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import threading
+
+import pandas as pd
+import pytest
+import torch
+
+from client import app as client_app
+from common.config import FedLoraConfig
+from common.records import adapter_to_record
+from server.checkpoint import load_checkpoint
+from server.outputs import RunDirectory
+from server.rounds import RoundRecorder
+from tests.conftest import REPO
+
+
+class _Strategy:
+    """What RoundRecorder reads of a strategy."""
+
+    def __init__(self) -> None:
+        self.round_stats: dict[int, dict] = {}
+        self.retried_attempts = 0
+        self.rng = random.Random(7)
+        self.moments = {"m": torch.zeros(3)}
+
+    def base_offsets(self):
+        return None
+
+    def state_tensors(self):
+        return {"opt": dict(self.moments)}
+
+
+class _BlockingEvaluator:
+    """Scores an adapter as its sum, once released: a slow evaluation made visible."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.release, self.started, self.fail = threading.Event(), threading.Event(), fail
+        self.lora = type("Lora", (), {"set_base_offsets": lambda self, offsets: None})()
+
+    def __call__(self, arrays):
+        self.started.set()
+        assert self.release.wait(30)
+        if self.fail:
+            raise RuntimeError("evaluation broke")
+        total = sum(float(a.numpy().sum()) for a in arrays.values())
+        return {"accuracy": total, "eval-seconds": 0.0}
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    cfg = FedLoraConfig(out_dir=str(tmp_path / "run"))
+    return RunDirectory.create(cfg, ["a", "b"])
+
+
+def _arrays(value: float):
+    return adapter_to_record({"w": torch.full((2,), value)}, "float32")
+
+
+def test_round_zero_is_scored_while_round_one_runs_and_checkpointed_as_before_it(run_dir):
+    strategy, evaluator = _Strategy(), _BlockingEvaluator()
+    recorder = RoundRecorder(run_dir, evaluator, strategy, None)
+    rng_before_round_one = strategy.rng.getstate()
+
+    assert recorder(0, _arrays(1.0)) is None  # returns at once: round 1 may start
+    assert evaluator.started.wait(30)
+    strategy.rng.sample(range(100), 5)  # round 1 samples its sites meanwhile ...
+    strategy.moments["m"] += 5.0  # ... and moves the strategy's state in place
+    assert run_dir.read_rounds() == []  # round 0 is still being scored
+    evaluator.release.set()
+    recorder.wait()
+
+    rounds = run_dir.read_rounds()
+    assert [r["round"] for r in rounds] == [0] and rounds[0]["server"]["accuracy"] == 2.0
+    ckpt = load_checkpoint(run_dir.checkpoint_dir)
+    assert ckpt.round == 0 and ckpt.rng_state == rng_before_round_one
+    assert torch.equal(ckpt.strategy_state["opt"]["m"], torch.zeros(3))
+    assert torch.equal(ckpt.adapter["w"], torch.ones(2))
+
+    metrics = recorder(1, _arrays(3.0))  # later rounds are scored in line
+    assert metrics["accuracy"] == 6.0
+    assert [r["round"] for r in run_dir.read_rounds()] == [0, 1]
+    assert load_checkpoint(run_dir.checkpoint_dir).round == 1
+
+
+def test_round_one_waits_for_round_zero_so_the_lines_stay_in_order(run_dir):
+    evaluator = _BlockingEvaluator()
+    recorder = RoundRecorder(run_dir, evaluator, _Strategy(), None)
+    recorder(0, _arrays(1.0))
+    threading.Timer(0.3, evaluator.release.set).start()
+    recorder(1, _arrays(2.0))
+    assert [r["round"] for r in run_dir.read_rounds()] == [0, 1]
+
+
+def test_a_failed_round_zero_evaluation_is_raised_in_the_run(run_dir):
+    evaluator = _BlockingEvaluator(fail=True)
+    evaluator.release.set()
+    recorder = RoundRecorder(run_dir, evaluator, _Strategy(), None)
+    recorder(0, _arrays(1.0))
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        recorder(1, _arrays(2.0))
+    recorder(0, _arrays(1.0))
+    recorder.wait(reraise=False)  # a run already failing keeps its own error
+    assert run_dir.read_rounds() == []
+
+
+@pytest.fixture
+def small_csv(tmp_path):
+    path = tmp_path / "d.csv"
+    pd.DataFrame({"text": [f"query number {i}" for i in range(40)],
+                  "label": ["a", "b", "c", "d"] * 10}).to_csv(path, index=False)
+    return path
+
+
+def test_a_warmed_process_serves_its_first_message_from_the_cache(small_csv, monkeypatch):
+    cfg = FedLoraConfig(data=str(small_csv), num_clients=4)
+    monkeypatch.setattr(client_app, "_CACHE", None)
+    client_app.warm_up(cfg.to_run_config())
+    warmed = client_app._CACHE
+    assert warmed is not None and warmed.partitions is not None
+    assert sorted(i for part in warmed.partitions for i in part) == \
+        list(range(len(warmed.splits.train)))
+    model = warmed.models[cfg.global_lora_rank]
+
+    context = type("Context", (), {"node_config": {"partition-id": 2, "num-partitions": 4},
+                                   "node_id": 2})()
+    # The labels the server sends: the same as the warm-up resolved, so nothing is rebuilt.
+    runtime = client_app._site_runtime(cfg, None, context, ["a", "b", "c", "d"])
+    assert client_app._CACHE is warmed and runtime.lora is model
+
+
+def test_a_warm_up_that_fails_leaves_the_error_to_the_first_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(client_app, "_CACHE", None)
+    cfg = FedLoraConfig(data=str(tmp_path / "missing.csv"))
+    client_app.warm_up(cfg.to_run_config())  # no exception: the worker must still start
+    assert client_app._CACHE is None
+
+
+def test_partitioners_load_without_the_plotting_stack_and_the_package_stays_whole():
+    code = ("import sys\n"
+            "from simulations.partitioning import flwr_partitioners\n"
+            "assert flwr_partitioners().IidPartitioner\n"
+            "assert 'seaborn' not in sys.modules and 'matplotlib' not in sys.modules\n"
+            "import flwr_datasets\n"
+            "assert flwr_datasets.FederatedDataset and flwr_datasets.partitioner.IidPartitioner\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
