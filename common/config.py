@@ -109,6 +109,7 @@ class FedLoraConfig:
     seed: int = 42
     out_dir: str = ""  # the run directory; empty = runs/<UTC timestamp>
     resume: bool = False  # continue the run in out-dir after its last checkpointed round
+    tensorboard: bool = False  # also write TensorBoard event files to <out-dir>/tensorboard
 
     def __post_init__(self) -> None:
         _check_choice("task", self.task, TASKS)
@@ -401,7 +402,7 @@ def _coerce(key: str, raw: Any, type_name: Any) -> Any:
 
 # Keys a resumed run may change; every other key must equal the interrupted run's.
 RESUMABLE_CHANGES = {"num-rounds", "resume", "round-timeout", "round-retries", "out-dir",
-                     "gradient-checkpointing",
+                     "gradient-checkpointing", "tensorboard",
                      "client-num-cpus",
                      "client-num-gpus", "data", "min-train-clients", "min-evaluate-clients",
                      "min-available-clients"}
