@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,9 +32,10 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 @torch.no_grad()
 def evaluate_examples(model: torch.nn.Module, examples: list[dict], *, batch_size: int,
-                      pad_id: int, device: torch.device, classification: bool) -> dict:
+                      pad_id: int, device: torch.device, classification: bool,
+                      on_batch: Callable[[int], None] | None = None) -> dict:
     """Loss (mean per example for classification, per response token for causal LM) and
-    accuracy + macro-F1 or perplexity."""
+    accuracy + macro-F1 or perplexity. on_batch(n) after each batch of n examples (progress)."""
     model.eval()
     total_loss, total_count = 0.0, 0
     predictions, targets = [], []
@@ -50,6 +52,8 @@ def evaluate_examples(model: torch.nn.Module, examples: list[dict], *, batch_siz
             n = int((batch["labels"][:, 1:] != -100).sum())
         total_loss += float(out.loss) * n
         total_count += n
+        if on_batch is not None:
+            on_batch(batch["input_ids"].shape[0])
     loss = total_loss / max(total_count, 1)
     if classification:
         y_pred, y_true = np.concatenate(predictions), np.concatenate(targets)

@@ -1,5 +1,6 @@
 """The `fedlora` command. `fedlora simulate` runs a local federation and shows its progress;
-`fedlora certs` and `fedlora connect` prepare a real deployment (docs/deployment.md)."""
+`report`, `export` and `evaluate` work on what a run left; `fedlora certs` and `fedlora connect`
+prepare a real deployment (docs/deployment.md)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,34 @@ def build_parser() -> argparse.ArgumentParser:
                             "the coordinator); repeat for several")
     certs.add_argument("--days", type=int, default=365, help="certificate validity (days)")
     certs.add_argument("--force", action="store_true", help="replace existing files")
+
+    report = commands.add_parser(
+        "report", help="one HTML page of a run (plots embedded), and its plots as PNG files")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
+    report.add_argument("--out", help="the HTML file (default RUN_DIR/report.html)")
+
+    export = commands.add_parser(
+        "export", help="the final adapter of a run: merged into the base model, or alone")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a run directory or adapter folder")
+    target = export.add_mutually_exclusive_group(required=True)
+    target.add_argument("--merged", metavar="OUT", help="the base model with the adapter "
+                        "merged in, with its tokenizer: AutoModelFor...from_pretrained(OUT)")
+    target.add_argument("--adapter", metavar="OUT", help="the PEFT adapter alone")
+    export.add_argument("--model", help="the base model, if not where the run found it")
+    export.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="score a saved adapter on a data set, with example predictions")
+    evaluate.add_argument("--adapter", required=True, metavar="PATH",
+                          help="an adapter folder or a run directory")
+    evaluate.add_argument("--data", required=True, metavar="PATH",
+                          help="a data file (all of it is used) or a folder (its test split)")
+    evaluate.add_argument("--model", help="the base model, if not where the run found it")
+    evaluate.add_argument("--max-examples", type=int, default=0, help="score at most N (0: all)")
+    evaluate.add_argument("--examples", type=int, default=5, help="example predictions shown")
+    evaluate.add_argument("--run-config", default="", metavar='"KEY=VALUE ..."',
+                          help="config keys, e.g. the data's text-column or label-column (a run "
+                               "directory's own config is used first)")
 
     connect = commands.add_parser(
         "connect", help="save a SuperLink connection for flwr run / flwr supernode register")
@@ -118,6 +147,72 @@ def connect_command(args: argparse.Namespace) -> int:
     except (ValueError, click.ClickException) as err:
         raise FedLoraError(f"connect: {err}") from None
     print(f"saved SuperLink connection {args.name!r} ({args.address}, CA {ca})")
+    return 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from server.report import write_report
+
+    print(write_report(args.run_dir, args.out))
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from common.adapters import read_saved_adapter
+    from server.export import export_adapter, export_merged
+
+    saved = read_saved_adapter(args.run_dir, args.model)
+    if args.merged:
+        out = export_merged(saved, args.merged, force=args.force)
+        print(f"merged model: {out} (load with AutoModelFor"
+              f"{'SequenceClassification' if saved.task == 'classification' else 'CausalLM'}"
+              f".from_pretrained)")
+    else:
+        out = export_adapter(saved, args.adapter, force=args.force)
+        print(f"adapter: {out} (base model {saved.base_model})")
+    return 0
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Table
+
+    from common.adapters import read_saved_adapter
+    from server.evaluation import evaluate_saved_adapter
+
+    if args.max_examples < 0 or args.examples < 0:
+        raise FedLoraError("evaluate: --max-examples and --examples must not be negative")
+    saved = read_saved_adapter(args.adapter, args.model)
+    data = Path(args.data).expanduser()
+    if not data.exists():
+        raise FedLoraError(f"evaluate: data {args.data!r} does not exist")
+    values = dict(FedLoraConfig().to_run_config())
+    values.update({k: v for k, v in saved.run_config.items() if k in values})
+    values.update(parse_overrides(args.run_config))
+    values.update({"task": saved.task, "eval-data": str(data.resolve()), "resume": False,
+                   "max-eval-examples": args.max_examples})
+    cfg = FedLoraConfig.from_run_config(values)
+    console = Console()
+    with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), console=console,
+                  transient=True) as progress:
+        task = progress.add_task("scoring", total=None)
+        result = evaluate_saved_adapter(
+            saved, cfg, num_examples=args.examples,
+            on_progress=lambda done, total: progress.update(task, completed=done, total=total))
+    table = Table(title=f"{saved.path} on {data}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in result.metrics.items():
+        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    if result.examples:
+        examples = Table(title="example predictions", show_lines=True)
+        for column in ("input", "reference", "prediction"):
+            examples.add_column(column, overflow="fold")
+        for example in result.examples:
+            examples.add_row(example["input"], example["reference"], example["prediction"])
+        console.print(examples)
     return 0
 
 
@@ -227,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
             return certs_command(args)
         if args.command == "connect":
             return connect_command(args)
+        if args.command == "report":
+            return report_command(args)
+        if args.command == "export":
+            return export_command(args)
+        if args.command == "evaluate":
+            return evaluate_command(args)
     except FedLoraError as err:
         print(f"fedlora: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,111 @@
+"""A saved fedlora adapter (a run's final_adapter/, or `fedlora export --adapter`), loaded for
+inference: the base model it was trained on, its label set and its task."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.errors import FedLoraError
+from common.model import resolve_model_path
+
+TASK_TYPES = {"SEQ_CLS": "classification", "CAUSAL_LM": "causal-lm"}
+
+
+@dataclass(frozen=True)
+class SavedAdapter:
+    path: Path
+    task: str  # classification | causal-lm
+    base_model: str  # a local folder or a hub id
+    labels: list[str] | None  # classification: label id -> name
+    run_config: dict  # the run's config.json when the adapter sits in a run directory, else {}
+
+
+def find_adapter(path: str | Path) -> Path:
+    """An adapter folder, or a run directory (its final_adapter/)."""
+    path = Path(path).expanduser()
+    if (path / "adapter_config.json").is_file():
+        return path
+    if (path / "metrics.jsonl").is_file() or (path / "config.json").is_file():
+        summary = path / "summary.json"
+        status = json.loads(summary.read_text()).get("status") if summary.is_file() else None
+        if not (path / "final_adapter" / "adapter_config.json").is_file():
+            raise FedLoraError(f"run {str(path)!r} has no final adapter (status: "
+                               f"{status or 'unknown'}); finish it with fedlora simulate "
+                               f"--resume {path}")
+        return path / "final_adapter"
+    if not path.exists():
+        raise FedLoraError(f"adapter {str(path)!r} does not exist")
+    raise FedLoraError(f"{str(path)!r} is neither a PEFT adapter folder (no "
+                       f"adapter_config.json) nor a fedlora run directory")
+
+
+def read_saved_adapter(path: str | Path, model: str | None = None) -> SavedAdapter:
+    """What an adapter needs to be loaded; `model` overrides the base model it names (for a
+    run directory moved to another machine)."""
+    folder = find_adapter(path)
+    try:
+        adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    except ValueError as err:
+        raise FedLoraError(f"{folder / 'adapter_config.json'} is not valid JSON: {err}") from None
+    task = TASK_TYPES.get(str(adapter_config.get("task_type")))
+    if task is None:
+        raise FedLoraError(f"adapter {str(folder)!r} has task_type "
+                           f"{adapter_config.get('task_type')!r}; fedlora adapters are "
+                           f"{' or '.join(TASK_TYPES)}")
+    run_config_file = folder.parent / "config.json"
+    run_config = json.loads(run_config_file.read_text()) if run_config_file.is_file() else {}
+    labels = None
+    if task == "classification":
+        labels_file = folder / "labels.json"
+        if not labels_file.is_file():
+            raise FedLoraError(f"classification adapter {str(folder)!r} has no labels.json")
+        labels = [str(label) for label in json.loads(labels_file.read_text())]
+    name = model or run_config.get("model") or adapter_config.get("base_model_name_or_path")
+    if not name:
+        raise FedLoraError(f"adapter {str(folder)!r} names no base model: give --model")
+    try:
+        base = resolve_model_path(str(name))
+    except FedLoraError as err:
+        raise FedLoraError(f"{err} (the adapter's base model; give --model)") from None
+    return SavedAdapter(path=folder, task=task, base_model=base, labels=labels,
+                        run_config=run_config)
+
+
+def load_adapter_model(saved: SavedAdapter, device: torch.device | None = None):
+    """(peft model in eval mode, tokenizer), in float32 on `device` (default CPU)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("peft").setLevel(logging.ERROR)
+    tokenizer = AutoTokenizer.from_pretrained(saved.path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        if saved.task == "classification":
+            base = AutoModelForSequenceClassification.from_pretrained(
+                saved.base_model, num_labels=len(saved.labels),
+                id2label=dict(enumerate(saved.labels)),
+                label2id={label: i for i, label in enumerate(saved.labels)},
+                dtype=torch.float32)
+            if base.config.pad_token_id is None:
+                base.config.pad_token_id = tokenizer.pad_token_id
+        else:
+            base = AutoModelForCausalLM.from_pretrained(saved.base_model, dtype=torch.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model = PeftModel.from_pretrained(base, saved.path)
+    except (OSError, ValueError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FedLoraError(f"cannot load adapter {str(saved.path)!r} onto "
+                           f"{saved.base_model!r}: {reason}") from None
+    model.to(device or torch.device("cpu")).eval()
+    return model, tokenizer

@@ -1,0 +1,45 @@
+"""A run's final adapter, exported: the PEFT adapter alone, or the base model with it merged in
+(loadable with `AutoModelFor...from_pretrained(OUT)`, no peft needed)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from common.adapters import SavedAdapter, load_adapter_model
+from common.atomic import atomic_directory
+from common.errors import FedLoraError
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise FedLoraError(f"export: {str(out)!r} already exists (use --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise FedLoraError(f"export: {str(out)!r} is a file, not a folder")
+
+
+def export_adapter(saved: SavedAdapter, out: str | Path, force: bool = False) -> Path:
+    """Copy the adapter folder (weights, adapter_config.json, tokenizer, labels.json)."""
+    out = Path(out).expanduser()
+    _check_target(out, force)
+    with atomic_directory(out) as tmp:
+        for item in saved.path.iterdir():
+            if item.is_file():
+                shutil.copy2(item, tmp / item.name)
+    return out
+
+
+def export_merged(saved: SavedAdapter, out: str | Path, force: bool = False) -> Path:
+    """The base model with the adapter's low-rank products added to its weights and the
+    trained head in place, saved with its tokenizer (and label names in its config)."""
+    out = Path(out).expanduser()
+    _check_target(out, force)
+    model, tokenizer = load_adapter_model(saved)
+    merged = model.merge_and_unload()
+    with atomic_directory(out) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if saved.labels is not None:
+            (tmp / "labels.json").write_text(json.dumps(saved.labels, indent=1) + "\n")
+    return out
