@@ -26,6 +26,7 @@ from server.rounds import RoundRecorder
 from server.secure_aggregation import SecAggPlusRound
 from server.strategies import build_strategy
 from server.strategies.fedavg import LoraFedAvg
+from server.tensorboard import RoundScalars
 
 app = ServerApp()
 
@@ -70,12 +71,15 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
             first_round = ckpt.round + 1
             log(INFO, "fedlora: resuming %s after round %s", run.path, ckpt.round)
 
-        recorder = RoundRecorder(run, evaluator, strategy, client_dp)
+        scalars = RoundScalars(run.path / "tensorboard") if cfg.tensorboard else None
+        recorder = RoundRecorder(run, evaluator, strategy, client_dp, scalars)
         result = strategy.start(
             grid=grid, initial_arrays=adapter_to_record(initial, "float32"),
             num_rounds=cfg.num_rounds, timeout=cfg.round_timeout, train_config=client_config,
             evaluate_config=client_config, evaluate_fn=recorder, first_round=first_round)
         recorder.wait()
+        if scalars is not None:
+            scalars.close()
         lora.load_trainable_state(record_to_adapter(result.arrays))
         run.save_adapter(exportable(cfg, lora, labels, strategy.base_offsets()), labels)
         rounds = run.read_rounds()

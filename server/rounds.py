@@ -15,6 +15,7 @@ from server.client_dp import ClientLevelDP
 from server.evaluation import GlobalEvaluator
 from server.outputs import RunDirectory
 from server.strategies.fedavg import LoraFedAvg
+from server.tensorboard import RoundScalars
 
 
 class RoundRecorder:
@@ -29,9 +30,10 @@ class RoundRecorder:
     """
 
     def __init__(self, run: RunDirectory, evaluator: GlobalEvaluator, strategy: LoraFedAvg,
-                 client_dp: ClientLevelDP | None) -> None:
+                 client_dp: ClientLevelDP | None, scalars: RoundScalars | None = None) -> None:
         self.run, self.evaluator = run, evaluator
         self.strategy, self.client_dp = strategy, client_dp
+        self.scalars = scalars  # TensorBoard, when asked for
         self._round_started = time.time()
         self._background: threading.Thread | None = None
         self._background_error: BaseException | None = None
@@ -80,7 +82,7 @@ class RoundRecorder:
     def _record(self, pending: dict) -> dict[str, float]:
         server_metrics = self.evaluator(pending["arrays"])
         stats = pending["stats"]
-        self.run.append_round({
+        record = {
             "round": pending["round"], "server": server_metrics,
             "train": stats.get("train", {}),
             "train-per-client": stats.get("train-per-client", []),
@@ -98,7 +100,10 @@ class RoundRecorder:
                if key in stats},
             # Round 0: set-up and the initial evaluation. Round r: from round r-1's end (round
             # 1: from round 0's start, as the two overlap) to this round's evaluation's end.
-            "seconds": time.time() - pending["started"]})
+            "seconds": time.time() - pending["started"]}
+        self.run.append_round(record)
+        if self.scalars is not None:
+            self.scalars.write(record)
         # After the round's line: a crash between the two repeats the round on resume,
         # and keep_rounds_through drops its first line.
         save_checkpoint(self.run.checkpoint_dir, Checkpoint(

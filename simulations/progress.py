@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -40,21 +41,29 @@ def format_round(record: dict, cfg: FedLoraConfig) -> str:
 
 
 class RoundProgress:
+    """On a terminal: a live table of the rounds under a progress bar, redrawn as rounds land.
+    Elsewhere (a log file, CI): one line per round, then the table at the end."""
+
     def __init__(self, run: RunDirectory, cfg: FedLoraConfig, console: Console) -> None:
         self.run, self.cfg, self.console = run, cfg, console
         self._stop = threading.Event()
-        self._shown = 0
+        self._rounds: list[dict] = []
         self._bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                              TextColumn("{task.completed}/{task.total} rounds"),
                              TimeElapsedColumn(), console=console, transient=True)
         self._task = self._bar.add_task("federated rounds", total=cfg.num_rounds)
+        self._live = (Live(self._view(), console=console, refresh_per_second=4)
+                      if console.is_terminal else None)
 
     def __enter__(self) -> "RoundProgress":
-        self._bar.start()
+        (self._live or self._bar).start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._bar.stop()
+        if self._live is not None:
+            self._live.update(rounds_table(self._rounds, self.cfg, f"fedlora run {self.run.path}"),
+                              refresh=True)  # the table stays on screen, without the bar
+        (self._live or self._bar).stop()
 
     def follow(self) -> None:
         while not self._stop.wait(0.5):
@@ -64,35 +73,59 @@ class RoundProgress:
     def stop(self) -> None:
         self._stop.set()
 
+    def _view(self) -> Group:
+        return Group(rounds_table(self._rounds, self.cfg, f"fedlora run {self.run.path}"),
+                     self._bar)
+
     def _show_new_rounds(self) -> None:
         try:
             rounds = self.run.read_rounds()
         except (OSError, ValueError):  # the file is being replaced; read it next time
             return
-        for record in rounds[self._shown:]:
+        new = rounds[len(self._rounds):]
+        if not new:
+            return
+        self._rounds = rounds
+        self._bar.update(self._task, completed=rounds[-1]["round"])
+        if self._live is not None:
+            self._live.update(self._view())
+            return
+        for record in new:
             self._bar.console.print(format_round(record, self.cfg), highlight=False,
                                     soft_wrap=True)
-            self._bar.update(self._task, completed=record["round"])
-        self._shown = max(self._shown, len(rounds))
 
     def print_summary(self, seconds: float) -> None:
-        rounds = self.run.read_rounds()
-        table = Table(title=f"fedlora run {self.run.path}")
-        metric = headline_metric(self.cfg)
-        for column in ("round", f"server {metric}", "server loss", "client train loss",
-                       "client eval loss", "MB down", "MB up", "seconds"):
-            table.add_column(column, justify="right")
-        for r in rounds:
-            table.add_row(str(r["round"]), f"{r['server'].get(metric, float('nan')):.4f}",
-                          f"{r['server'].get('loss', float('nan')):.4f}",
-                          _fmt(r.get("train", {}).get("train-loss")),
-                          _fmt(r.get("evaluate", {}).get("eval-loss")),
-                          f"{r.get('bytes-down', 0) / 1e6:.2f}",
-                          f"{r.get('bytes-up', 0) / 1e6:.2f}",
-                          f"{r.get('seconds', 0):.1f}")
-        self.console.print(table)
+        if self._live is None:  # on a terminal the live table is already there
+            self.console.print(rounds_table(self.run.read_rounds(), self.cfg,
+                                            f"fedlora run {self.run.path}"))
         self.console.print(f"final adapter: {self.run.final_adapter}  (total {seconds:.0f}s)",
                            highlight=False)
+
+
+def rounds_table(rounds: list[dict], cfg: FedLoraConfig, title: str) -> Table:
+    """Server metrics, client losses, traffic, privacy spent and time, one row per round."""
+    metric = headline_metric(cfg)
+    with_dp = any("client-dp" in r or any("dp-epsilon" in c for c in r.get("train-per-client", []))
+                  for r in rounds)
+    table = Table(title=title)
+    columns = ["round", f"server {metric}", "server loss", "client train loss",
+               "client eval loss", "MB down", "MB up"] + (["epsilon"] if with_dp else []) + [
+               "left out", "seconds"]
+    for column in columns:
+        table.add_column(column, justify="right")
+    for r in rounds:
+        epsilons = [c["dp-epsilon"] for c in r.get("train-per-client", []) if "dp-epsilon" in c]
+        epsilon = r["client-dp"]["epsilon"] if "client-dp" in r else (
+            max(epsilons) if epsilons else None)
+        row = [str(r["round"]), f"{r['server'].get(metric, float('nan')):.4f}",
+               f"{r['server'].get('loss', float('nan')):.4f}",
+               _fmt(r.get("train", {}).get("train-loss")),
+               _fmt(r.get("evaluate", {}).get("eval-loss")),
+               f"{r.get('bytes-down', 0) / 1e6:.2f}", f"{r.get('bytes-up', 0) / 1e6:.2f}"]
+        row += [_fmt(epsilon)] if with_dp else []
+        row += [str(len(r.get("dropped", []))), f"{r.get('seconds', 0):.1f}"]
+        table.add_row(*row)
+    return table
 
 
 def _fmt(value) -> str:
