@@ -31,82 +31,82 @@ DATA_ENV_VAR = "FEDLORA_DATA"
 class FedLoraConfig:
     # Model and LoRA
     model: str = "default"  # "default" = the bundled all-MiniLM-L6-v2; else a hub id or a folder
-    task: str = "classification"
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
+    task: str = "classification"  # classification (text -> label) or causal-lm (prompt -> response)
+    lora_r: int = 8  # LoRA rank of every site's adapter, unless client-ranks sets them
+    lora_alpha: float = 16.0  # LoRA scale = lora-alpha / the global rank, the same at every rank
+    lora_dropout: float = 0.05  # dropout on the input of the LoRA branch while training
     lora_target_modules: str = "auto"  # comma-separated module names, or "auto" per architecture
-    max_length: int = 128
+    max_length: int = 128  # tokens per example; longer examples are truncated
     device: str = "auto"  # auto = CUDA (bf16/fp16), else MPS, else CPU (float32)
     load_in_4bit: bool = False  # QLoRA on the clients: needs CUDA and bitsandbytes
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory
     # Data
     data: str = ""  # file, folder or hub data set; empty falls back to $FEDLORA_DATA
     eval_data: str = ""  # the server's evaluation set (deployment); empty = data's test split
-    text_column: str = "text"
-    label_column: str = "label"
-    prompt_column: str = "prompt"
-    response_column: str = "response"
-    prompt_template: str = "{prompt}\n"
+    text_column: str = "text"  # classification: the column holding the text
+    label_column: str = "label"  # classification: the column holding the label
+    prompt_column: str = "prompt"  # causal-lm: the column holding the prompt
+    response_column: str = "response"  # causal-lm: the column holding the response (trained on)
+    prompt_template: str = "{prompt}\n"  # causal-lm: text before the response, containing {prompt}
     labels: str = ""  # the shared label set: comma list or JSON file; empty = every label in data
     test_fraction: float = 0.1  # held back for server evaluation when the data has no test split
     val_fraction: float = 0.1  # of each client's partition, for client-side evaluation
-    max_train_examples: int = 0  # 0 = all
-    max_eval_examples: int = 0  # 0 = all
+    max_train_examples: int = 0  # use a random subset of this many training examples; 0 = all
+    max_eval_examples: int = 0  # use a random subset of this many evaluation examples; 0 = all
     # Federation
-    num_rounds: int = 3
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
-    min_train_clients: int = 2
-    min_evaluate_clients: int = 2
-    min_available_clients: int = 2
+    num_rounds: int = 3  # federated rounds to run
+    fraction_train: float = 1.0  # share of the connected sites sampled to train
+    fraction_evaluate: float = 1.0  # share of the connected sites sampled to evaluate; 0 = none
+    min_train_clients: int = 2  # fewest sites sampled to train, and usable replies a round needs
+    min_evaluate_clients: int = 2  # fewest sites sampled to evaluate (none if fraction-evaluate=0)
+    min_available_clients: int = 2  # sampling waits until this many sites are connected
     round_timeout: float = 3600.0  # seconds to wait for replies; late clients are left out
     round_retries: int = 1  # a round with fewer usable replies than min-train-clients is retried
     # Local training
-    local_epochs: int = 1
-    local_steps: int = 0  # > 0 overrides local_epochs: a fixed number of optimiser steps
-    batch_size: int = 32
-    learning_rate: float = 0.005
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    grad_accum_steps: int = 1
+    local_epochs: int = 1  # passes over a site's training data each round
+    local_steps: int = 0  # > 0 overrides local-epochs: a fixed number of optimiser steps
+    batch_size: int = 32  # examples per micro-batch (DP-SGD: the expected batch size)
+    learning_rate: float = 0.005  # learning rate of the sites' AdamW optimiser
+    weight_decay: float = 0.0  # weight decay of the sites' AdamW optimiser
+    max_grad_norm: float = 1.0  # L2 bound on each optimiser step's gradient; 0 disables clipping
+    grad_accum_steps: int = 1  # micro-batches whose gradients add up to one optimiser step
     transfer_dtype: str = "float32"  # adapters on the wire: float32, float16, int8 (+ scales)
     # Example-level differential privacy (DP-SGD on each site); noise multiplier 0 = off
-    dp_noise_multiplier: float = 0.0
-    dp_clip_norm: float = 1.0  # per-example gradient norm bound
-    dp_delta: float = 1e-5
+    dp_noise_multiplier: float = 0.0  # noise std / dp-clip-norm; 0 = no DP-SGD
+    dp_clip_norm: float = 1.0  # per-example gradient norm bound; must be positive
+    dp_delta: float = 1e-5  # the delta of each site's (epsilon, delta) guarantee, in (0, 1)
     dp_target_epsilon: float = 0.0  # a site stops training before it would exceed this; 0 = none
     # Client-level differential privacy (Flower's fixed-clipping wrappers); noise 0 = off
     client_dp_noise_multiplier: float = 0.0  # Gaussian noise std / (clip norm / clients sampled)
-    client_dp_clip_norm: float = 0.1  # L2 bound on each site's update (its adapter - the global)
+    client_dp_clip_norm: float = 0.1  # L2 bound (> 0) on each site's update (its adapter - global)
     client_dp_clipping: str = "client"  # where updates are clipped: client (mod) or server
-    client_dp_delta: float = 1e-5
+    client_dp_delta: float = 1e-5  # the delta of the run's (epsilon, delta) guarantee, in (0, 1)
     client_dp_target_epsilon: float = 0.0  # the run ends before a release would exceed it
     # Secure aggregation (Flower's SecAgg+): the server learns only the sum of the updates
-    secure_aggregation: bool = False
-    secagg_shares: float = 1.0  # share each site's secrets with this fraction of the sampled
+    secure_aggregation: bool = False  # sum the sites' updates with SecAgg+ instead of reading each
+    secagg_shares: float = 1.0  # fraction of the sampled sites each site shares its secrets with
     secagg_threshold: float = 0.5  # fraction of a site's shares that reconstructs its secrets
     secagg_clipping_range: float = 8.0  # adapter values must lie within +- this to be summed
     secagg_max_weight: float = 10000.0  # the most training examples any one site may weigh
     # Aggregation
-    strategy: str = "fedavg"
+    strategy: str = "fedavg"  # how the sites' updates are combined; see docs/strategies.md
     proximal_mu: float = 0.01  # fedprox: weight of (mu/2) * ||w - w_global||^2
     server_learning_rate: float = 0.0  # 0 = the strategy's own (fedadam/yogi 0.01, fedavgm 1)
-    server_momentum: float = 0.9  # fedavgm
-    server_beta1: float = 0.9  # fedadam, fedyogi
-    server_beta2: float = 0.99
-    server_tau: float = 0.001
+    server_momentum: float = 0.9  # fedavgm: momentum of the server's update
+    server_beta1: float = 0.9  # fedadam, fedyogi: decay of the first moment
+    server_beta2: float = 0.99  # fedadam, fedyogi: decay of the second moment
+    server_tau: float = 0.001  # fedadam, fedyogi: tau in m / (sqrt(v) + tau), the adaptivity
     client_ranks: str = ""  # per-site LoRA ranks "4,8,16", cycled over sites; empty = lora-r
     global_rank: int = 0  # rank of the global adapter; 0 = the largest client rank
     max_update_norm: float = 0.0  # replies whose update is larger (L2) are dropped; 0 = off
     trim_fraction: float = 0.2  # trimmed-mean: share cut from each end per coordinate
     # Simulation
-    num_clients: int = 10
-    partition: str = "iid"
+    num_clients: int = 10  # simulated sites; under flwr run the federation's node count instead
+    partition: str = "iid"  # how data is split: iid, dirichlet (label skew), quantity (size skew)
     alpha: float = 0.5  # Dirichlet concentration for the label- and quantity-skew partitions
-    client_num_cpus: float = 1.0
-    client_num_gpus: float = 0.0
-    seed: int = 42
+    client_num_cpus: float = 1.0  # CPU cores per simulated site (Ray), also its torch threads
+    client_num_gpus: float = 0.0  # GPUs per simulated site (Ray); a fraction shares one GPU
+    seed: int = 42  # for partitions, splits, client sampling, initial weights and shuffling
     out_dir: str = ""  # the run directory; empty = runs/<UTC timestamp>
     resume: bool = False  # continue the run in out-dir after its last checkpointed round
     tensorboard: bool = False  # also write TensorBoard event files to <out-dir>/tensorboard
