@@ -1,0 +1,500 @@
+"""A run's report (`fedlora report RUN_DIR`): one self-contained HTML page and its plots alone.
+
+    <run_dir>/report.html   every plot embedded as a data: URI, inline CSS, no script; a page
+                            that can be mailed or archived and opens the same anywhere
+    <run_dir>/plots/*.png   server.png, clients_train_loss.png, clients_accuracy.png (causal LM:
+                            clients_loss.png), bytes.png, epsilon.png (only when DP was on)
+
+A plot without data is left out. Parts of a round record that are missing or of the wrong type
+count as missing: a report of a running or crashed run shows what there is.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.atomic import atomic_write_bytes, atomic_write_text
+from common.errors import FedLoraError
+from server.outputs import RunDirectory
+
+MAX_LEGEND_ENTRIES = 20  # beyond this the legend hides the plot; the caption still names all
+MAX_ROUND_TICKS = 12
+MB = 1e6
+
+
+# -- reading the run directory ---------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    summary: dict
+    rounds: list[dict]  # sorted by round number
+    class_labels: list | None  # labels.json (classification)
+
+    @property
+    def is_causal_lm(self) -> bool:
+        return self.config.get("task") == "causal-lm"
+
+    @property
+    def quality(self) -> str:
+        """The server's headline metric."""
+        return "perplexity" if self.is_causal_lm else "accuracy"
+
+    @property
+    def local_quality(self) -> str:
+        """What a client reports of its local evaluation, plotted per client."""
+        return "eval-loss" if self.is_causal_lm else "eval-accuracy"
+
+
+def read_run(run_dir: str | Path) -> Run:
+    run = RunDirectory(run_dir)
+    if not run.path.exists():
+        raise FedLoraError(f"report: {run.path} does not exist")
+    if not run.path.is_dir():
+        raise FedLoraError(f"report: {run.path} is not a directory")
+    for required in (run.metrics_file, run.path / "config.json"):
+        if not required.is_file():
+            raise FedLoraError(f"report: {run.path} is not a run directory (no {required.name})")
+    config = _read_json(run.path / "config.json", run.saved_config)
+    summary = _read_json(run.path / "summary.json", run.read_summary)
+    labels_file = run.path / "labels.json"
+    class_labels = (_read_json(labels_file, lambda: json.loads(labels_file.read_text()), list)
+                    if labels_file.is_file() else None)
+    return Run(run.path, config, summary, _read_rounds(run.metrics_file), class_labels)
+
+
+def _read_json(path: Path, read, expected: type = dict):
+    try:
+        value = read()
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise FedLoraError(f"report: {path} is not valid JSON ({_json_problem(err)})") from None
+    if not isinstance(value, expected):
+        kind = "a JSON object" if expected is dict else "a JSON list"
+        raise FedLoraError(f"report: {path} is not {kind}")
+    return value
+
+
+def _read_rounds(path: Path) -> list[dict]:
+    by_round: dict[int, dict] = {}
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            raise FedLoraError(f"report: {path} line {number} is not valid JSON "
+                               f"({_json_problem(err)})") from None
+        if not isinstance(record, dict) or not _is_int(record.get("round")):
+            raise FedLoraError(f"report: {path} line {number} is not a round record "
+                               f"(no integer \"round\")")
+        # A round repeated after a crash (recorded, then redone on resume): its last line counts.
+        by_round[record["round"]] = record
+    return [by_round[r] for r in sorted(by_round)]
+
+
+def _json_problem(err: ValueError) -> str:
+    if isinstance(err, UnicodeDecodeError):
+        return "not UTF-8 text"
+    if not isinstance(err, json.JSONDecodeError):
+        return str(err)
+    where = f"column {err.colno}" if err.lineno == 1 else f"line {err.lineno} column {err.colno}"
+    return f"{err.msg} ({where})"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _part(record: dict, key: str, kind: type = dict):
+    value = record.get(key)
+    return value if isinstance(value, kind) else kind()
+
+
+def _client_entries(record: dict, key: str) -> list[dict]:
+    """A round's per-client entries that say which client they are."""
+    return [e for e in _part(record, key, list) if isinstance(e, dict) and _is_int(e.get("node"))]
+
+
+# -- what the plots show ---------------------------------------------------------------------
+
+
+def client_names(rounds: list[dict]) -> dict[int, str]:
+    """node id -> "client i", numbered in the order of the node ids seen over the whole run."""
+    nodes = {entry["node"] for record in rounds
+             for key in ("train-per-client", "evaluate-per-client")
+             for entry in _client_entries(record, key)}
+    return {node: f"client {i}" for i, node in enumerate(sorted(nodes), start=1)}
+
+
+@dataclass
+class Series:
+    label: str
+    rounds: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+
+    def add(self, round_number: int, value) -> None:
+        if (number := _number(value)) is not None:
+            self.rounds.append(round_number)
+            self.values.append(number)
+
+
+@dataclass
+class Panel:
+    ylabel: str
+    series: list[Series]
+    log_y: bool = False
+    from_zero: bool = False  # amounts (bytes, ε): an axis starting elsewhere exaggerates changes
+
+
+@dataclass
+class Plot:
+    name: str  # the file's name in plots/, without .png
+    title: str
+    panels: list[Panel]
+    caption: str = ""
+
+
+def build_plots(run: Run, clients: dict[int, str]) -> list[Plot]:
+    candidates = [server_plot(run),
+                  per_client_plot(run, clients, "train-per-client", "train-loss",
+                                  "clients_train_loss", "Each client's training loss"),
+                  per_client_plot(run, clients, "evaluate-per-client", run.local_quality,
+                                  f"clients_{run.local_quality.removeprefix('eval-')}",
+                                  f"Each client's local {run.local_quality.removeprefix('eval-')}"
+                                  " (its own test split)"),
+                  bytes_plot(run),
+                  epsilon_plot(run)]
+    # A plot with no data is left out.
+    return [p for p in candidates if any(s.values for panel in p.panels for s in panel.series)]
+
+
+def server_plot(run: Run) -> Plot:
+    quality = [Series(run.quality)]
+    if not run.is_causal_lm:
+        quality.append(Series("macro-F1"))
+    loss = Series("loss")
+    for record in run.rounds:
+        server = _part(record, "server")
+        quality[0].add(record["round"], server.get(run.quality))
+        if not run.is_causal_lm:
+            quality[1].add(record["round"], server.get("macro-f1"))
+        loss.add(record["round"], server.get("loss"))
+    return Plot("server", "Global adapter on the server's test set",
+                [Panel(run.quality, [s for s in quality if s.values], log_y=run.is_causal_lm),
+                 Panel("loss", [loss])],
+                caption="Round 0 is the initial adapter, before any training.")
+
+
+def per_client_plot(run: Run, clients: dict[int, str], key: str, metric: str, name: str,
+                    title: str) -> Plot:
+    by_node = {node: Series(name) for node, name in clients.items()}
+    for record in run.rounds:
+        for entry in _client_entries(record, key):
+            by_node[entry["node"]].add(record["round"], entry.get(metric))
+    shown = [node for node, s in by_node.items() if s.values]
+    caption = "; ".join(f"{clients[node]} = node {node}" for node in shown)
+    return Plot(name, title, [Panel(metric, [by_node[node] for node in shown])], caption)
+
+
+def bytes_plot(run: Run) -> Plot:
+    down, up = Series("down (server to clients)"), Series("up (clients to server)")
+    for record in run.rounds:
+        if record["round"] > 0:  # round 0 is the server's alone: nothing is sent
+            down.add(record["round"], _scaled(record.get("bytes-down"), 1 / MB))
+            up.add(record["round"], _scaled(record.get("bytes-up"), 1 / MB))
+    return Plot("bytes", "Bytes sent per round, all clients together",
+                [Panel("MB (10⁶ bytes)", [down, up], from_zero=True)])
+
+
+def epsilon_plot(run: Run) -> Plot:
+    dp_sgd = Series("DP-SGD at the sites (largest ε of the round's clients)")
+    client_level = Series("client-level DP at the server")
+    for record in run.rounds:
+        site_epsilons = [e for entry in _client_entries(record, "train-per-client")
+                         if (e := _number(entry.get("dp-epsilon"))) is not None]
+        if site_epsilons:
+            dp_sgd.add(record["round"], max(site_epsilons))
+        client_level.add(record["round"], _part(record, "client-dp").get("epsilon"))
+    return Plot("epsilon", "Privacy spent so far (ε)",
+                [Panel("ε", [s for s in (dp_sgd, client_level) if s.values], from_zero=True)])
+
+
+def _scaled(value, factor: float) -> float | None:
+    number = _number(value)
+    return None if number is None else number * factor
+
+
+def render_png(plot: Plot) -> bytes:
+    # The Agg canvas directly, not pyplot: no global backend switch, no figure left open.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.2 * len(plot.panels) + 1.6, 3.6), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    figure.suptitle(plot.title)
+    for axes, panel in zip(figure.subplots(1, len(plot.panels), squeeze=False)[0], plot.panels):
+        draw_panel(axes, panel)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def draw_panel(axes, panel: Panel) -> None:
+    from matplotlib.ticker import LogFormatter, MaxNLocator
+
+    for series, color in zip(panel.series, _colors(len(panel.series))):
+        axes.plot(series.rounds, series.values, marker="o", markersize=4, label=series.label,
+                  color=color)
+    axes.set_xlabel("round")
+    axes.set_ylabel(panel.ylabel)
+    axes.grid(alpha=0.3)
+    rounds = sorted({r for series in panel.series for r in series.rounds})
+    if len(rounds) <= MAX_ROUND_TICKS:
+        axes.set_xticks(rounds)  # the default locator puts fractions of a round on short runs
+    else:
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if panel.log_y:
+        axes.set_yscale("log")
+        # Plain numbers (20, not 2×10¹); LogFormatter thins the minor ticks' labels.
+        axes.yaxis.set_major_formatter(LogFormatter())
+        axes.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+    if panel.from_zero:
+        axes.set_ylim(bottom=0)
+    _legend(axes, panel)
+
+
+def _colors(count: int) -> list:
+    if count <= 10:
+        return [f"C{i}" for i in range(count)]  # matplotlib's default cycle
+    from matplotlib import colormaps
+
+    # The default cycle has 10 colours: more series would share them.
+    return [colormaps["turbo"](i / (count - 1)) for i in range(count)]
+
+
+def _legend(axes, panel: Panel) -> None:
+    count = len(panel.series)
+    if count == 0 or count > MAX_LEGEND_ENTRIES:
+        return
+    if count == 1 and panel.series[0].label == panel.ylabel:
+        return  # the axis says it already
+    if count <= 3:
+        axes.legend(fontsize="small")
+    else:  # outside the axes, where it hides no line
+        axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+
+
+# -- the page --------------------------------------------------------------------------------
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1b1b1b;
+       background: #fff; max-width: 1150px; margin: 1.5rem auto; padding: 0 1rem; }
+h1 { font-size: 1.5rem; margin-bottom: 0.5rem; }
+h2 { font-size: 1.15rem; margin-top: 2rem; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
+dl { display: grid; grid-template-columns: max-content auto; gap: 3px 1rem; margin: 0; }
+dt { font-weight: 600; }
+dd { margin: 0; overflow-wrap: anywhere; }
+table { border-collapse: collapse; font-size: 0.88rem; margin: 0.5rem 0; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
+th { background: #f3f3f3; }
+th:first-child, td:first-child, table.config th, table.config td { text-align: left; }
+.status { padding: 1px 8px; border-radius: 4px; font-weight: 600; background: #eee; }
+.status.completed { background: #d8f0dc; color: #14532d; }
+.status.failed { background: #f9d4d4; color: #7f1d1d; }
+.status.running { background: #fbefc4; color: #6b3d0b; }
+.error { background: #fdecec; border-left: 4px solid #c62828; padding: 0.5rem 0.75rem; }
+.note { background: #f1f5fb; border-left: 4px solid #4a78b5; padding: 0.5rem 0.75rem; }
+figure { margin: 1.25rem 0; }
+figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { font-size: 0.85rem; color: #555; margin-top: 4px; }
+pre { background: #f6f6f6; padding: 0.5rem; overflow-x: auto; font-size: 0.8rem; }
+"""
+
+# Nothing outside the file may load, whatever a value in it says.
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
+def render_page(run: Run, plots: list[tuple[Plot, bytes]], clients: dict[int, str]) -> str:
+    title = f"fedlora run {run.path.name}"
+    sections = [header_section(run, clients), summary_section(run),
+                plots_section(plots), rounds_section(run, clients), config_section(run)]
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f'<meta http-equiv="Content-Security-Policy" content="{_e(CSP)}">\n'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f"<title>{_e(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+            f"<h1>{_e(title)}</h1>\n" + "\n".join(sections) + "\n</body>\n</html>\n")
+
+
+def header_section(run: Run, clients: dict[int, str]) -> str:
+    status = str(run.summary.get("status", "unknown"))
+    configured = run.config.get("num-clients")
+    clients = f"{len(clients)} reported" + (f" ({configured} configured)" if configured else "")
+    last_round = run.rounds[-1]["round"] if run.rounds else None
+    rounds = f"{_fmt(last_round)} recorded of {_fmt(run.config.get('num-rounds'))}"
+    items = [("run", str(run.path.resolve())),
+             ("task", _fmt(run.config.get("task"))),
+             ("model", _fmt(run.config.get("model"))),
+             ("strategy", _fmt(run.config.get("strategy"))),
+             ("clients", clients),
+             ("rounds", rounds)]
+    if run.class_labels is not None:
+        items.append(("classes", str(len(run.class_labels))))
+    rows = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in items)
+    badge = f'<span class="status {_e(status)}">{_e(status)}</span>'
+    return f"<dl><dt>status</dt><dd>{badge}</dd>{rows}</dl>"
+
+
+def summary_section(run: Run) -> str:
+    summary, parts = run.summary, ["<h2>Summary</h2>"]
+    if summary.get("status") == "failed":
+        parts.append(f'<p class="error"><strong>The run failed:</strong> '
+                     f'{_e(_fmt(summary.get("error", "no error recorded")))}</p>')
+        if summary.get("traceback"):
+            parts.append(f"<details><summary>traceback</summary>"
+                         f"<pre>{_e(str(summary['traceback']))}</pre></details>")
+    elif summary.get("status") == "running":
+        parts.append('<p class="note">The run has not finished (or was stopped without a '
+                     "summary): this shows the rounds recorded so far.</p>")
+    if summary.get("stopped-early"):
+        parts.append(f'<p class="note"><strong>Stopped early:</strong> '
+                     f'{_e(_fmt(summary["stopped-early"]))}</p>')
+    parts.append(server_metrics_table(run))
+    if (seconds := _number(summary.get("seconds"))) is not None and math.isfinite(seconds):
+        parts.append(f"<p>Time: {_e(_duration(seconds))}</p>")
+    return "\n".join(parts)
+
+
+def server_metrics_table(run: Run) -> str:
+    if not run.rounds:
+        return "<p>No round was recorded.</p>"
+    first, last = run.rounds[0], run.rounds[-1]
+    initial = _part(run.summary, "initial") or _part(first, "server")
+    final = _part(run.summary, "final") or _part(last, "server")
+    final_heading = "final" if run.summary.get("status") == "completed" else "last recorded"
+    headers = ["server metric", f"initial (round {first['round']})",
+               f"{final_heading} (round {last['round']})"]
+    names = list(dict.fromkeys([*initial, *final]))
+    return _table(headers, [[name, _fmt(initial.get(name)), _fmt(final.get(name))]
+                            for name in names])
+
+
+def plots_section(plots: list[tuple[Plot, bytes]]) -> str:
+    if not plots:
+        return "<h2>Plots</h2>\n<p>Nothing to plot yet.</p>"
+    figures = []
+    for plot, png in plots:
+        uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+        caption = f"<figcaption>{_e(plot.caption)}</figcaption>" if plot.caption else ""
+        figures.append(f'<figure id="{_e(plot.name)}"><img src="{uri}" alt="{_e(plot.title)}">'
+                       f"{caption}</figure>")
+    return "<h2>Plots</h2>\n" + "\n".join(figures)
+
+
+def rounds_section(run: Run, clients: dict[int, str]) -> str:
+    local = run.local_quality.removeprefix("eval-")
+    with_epsilon = any(_round_epsilon(r) is not None for r in run.rounds)
+    headers = ["round", f"server {run.quality}", "server loss", "train loss (mean)",
+               f"local {local} (mean)", "clients trained", "MB down", "MB up",
+               *(["ε"] if with_epsilon else []), "seconds", "dropped"]
+    rows = []
+    for record in run.rounds:
+        server, clients = _part(record, "server"), _part(record, "clients")
+        trained = (f"{_fmt(clients.get('train-clients-aggregated'))} of "
+                   f"{_fmt(clients.get('train-clients-sampled'))}"
+                   if "train-clients-sampled" in clients else "—")
+        rows.append([record["round"], _fmt(server.get(run.quality)), _fmt(server.get("loss")),
+                     _fmt(_part(record, "train").get("train-loss")),
+                     _fmt(_part(record, "evaluate").get(run.local_quality)), trained,
+                     _fmt(_scaled(record.get("bytes-down"), 1 / MB)),
+                     _fmt(_scaled(record.get("bytes-up"), 1 / MB)),
+                     *([_fmt(_round_epsilon(record))] if with_epsilon else []),
+                     _fmt(record.get("seconds")), _dropped(record, clients)])
+    return "<h2>Rounds</h2>\n" + _table(headers, rows)
+
+
+def config_section(run: Run) -> str:
+    rows = [[key, value if isinstance(value, str) and value else json.dumps(value)]
+            for key, value in run.config.items()]
+    return "<h2>Configuration</h2>\n" + _table(["key", "value"], rows, css_class="config")
+
+
+def _round_epsilon(record: dict) -> float | None:
+    """The round's ε as the epsilon plot shows it (the larger one if both kinds of DP ran)."""
+    values = [e for entry in _client_entries(record, "train-per-client")
+              if (e := _number(entry.get("dp-epsilon"))) is not None]
+    values += [e for e in [_number(_part(record, "client-dp").get("epsilon"))] if e is not None]
+    return max(values) if values else None
+
+
+def _dropped(record: dict, clients: dict[int, str]) -> str:
+    reasons = []
+    for entry in _part(record, "dropped", list):
+        if isinstance(entry, dict):
+            node = entry.get("node")
+            who = clients.get(node) if _is_int(node) else None
+            reasons.append(f"{who or f'node {_fmt(node)}'}: {_fmt(entry.get('reason'))}")
+    return "; ".join(reasons) or "—"
+
+
+def _table(headers: list[str], rows: list[list], css_class: str = "") -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{_e(str(cell))}</td>" for cell in row) + "</tr>\n"
+                   for row in rows)
+    attribute = f' class="{_e(css_class)}"' if css_class else ""
+    return f"<table{attribute}>\n<tr>{head}</tr>\n{body}</table>"
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
+
+
+def _e(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write <run_dir>/plots/*.png and the self-contained HTML page (default
+    <run_dir>/report.html, or `out`); return the page's path."""
+    run = read_run(run_dir)
+    page_path = Path(out) if out is not None else run.path / "report.html"
+    if page_path.is_dir():
+        raise FedLoraError(f"report: --out {page_path} is a directory, not a file")
+    clients = client_names(run.rounds)
+    plots = [(plot, render_png(plot)) for plot in build_plots(run, clients)]
+    for plot, png in plots:
+        atomic_write_bytes(run.path / "plots" / f"{plot.name}.png", png)
+    atomic_write_text(page_path, render_page(run, plots, clients))
+    return page_path
