@@ -6,22 +6,25 @@
     final_adapter/       PEFT format: PeftModel.from_pretrained(base, path) loads it
     summary.json         status (running/completed/failed), final metrics, timing
     checkpoint/          the last complete round (server/checkpoint.py), for resuming
+    tensorboard/         event files, when config tensorboard = true
+    report.html, plots/  written by `fedlora report`
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
-from logging import WARNING
 from pathlib import Path
-
-from flwr.common import log
+from typing import TYPE_CHECKING
 
 from common.atomic import append_line_atomic, atomic_directory, atomic_write_text
 from common.config import FedLoraConfig
 from common.errors import FedLoraError
-from common.model import LoraModel
+
+if TYPE_CHECKING:  # torch and flwr take seconds to import: `fedlora report` needs neither
+    from common.model import LoraModel
 
 
 def default_run_dir() -> Path:
@@ -44,7 +47,8 @@ class RunDirectory:
                 kept = run.path.with_name(f"{run.path.name}.old-{stamp}-{suffix}")
                 suffix += 1
             os.replace(run.path, kept)
-            log(WARNING, "fedlora: %s held an earlier run; it was moved to %s", run.path, kept)
+            logging.getLogger("flwr").warning(
+                "fedlora: %s held an earlier run; it was moved to %s", run.path, kept)
         run.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.path / "config.json", cfg.to_json() + "\n")
         if labels is not None:
