@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--resume", metavar="RUN_DIR",
                      help="continue an interrupted run after its last complete round (its "
                           "config is reused; --rounds may extend it)")
-    sim.add_argument("--run-config", default="", metavar='"KEY=VALUE ..."',
-                     help="any config key, as for flwr run --run-config")
+    sim.add_argument("--run-config", action="append", default=[], metavar='"KEY=VALUE ..."',
+                     help="any config key, as for flwr run --run-config; may be repeated (a "
+                          "later value of a key wins)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's own logs")
     sim.add_argument("--ray-address", metavar="ADDRESS",
                      help="run the simulated sites on an existing Ray cluster (HOST:PORT of its "
@@ -84,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", help="the base model, if not where the run found it")
     evaluate.add_argument("--max-examples", type=int, default=0, help="score at most N (0: all)")
     evaluate.add_argument("--examples", type=int, default=5, help="example predictions shown")
-    evaluate.add_argument("--run-config", default="", metavar='"KEY=VALUE ..."',
+    evaluate.add_argument("--run-config", action="append", default=[],
+                          metavar='"KEY=VALUE ..."',
                           help="config keys, e.g. the data's text-column or label-column (a run "
                                "directory's own config is used first)")
 
@@ -189,7 +191,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
         raise FedLoraError(f"evaluate: data {args.data!r} does not exist")
     values = dict(FedLoraConfig().to_run_config())
     values.update({k: v for k, v in saved.run_config.items() if k in values})
-    values.update(parse_overrides(args.run_config))
+    for overrides in args.run_config:
+        values.update(parse_overrides(overrides))
     values.update({"task": saved.task, "eval-data": str(data.resolve()), "resume": False,
                    "max-eval-examples": args.max_examples})
     cfg = FedLoraConfig.from_run_config(values)
@@ -224,7 +227,8 @@ def config_from_args(args: argparse.Namespace) -> FedLoraConfig:
             raise FedLoraError(f"nothing to resume: {args.resume} is not a run directory")
         values.update(json.loads(saved.read_text()))
         values.update({"resume": True, "out-dir": str(Path(args.resume).resolve())})
-    values.update(parse_overrides(args.run_config))
+    for overrides in args.run_config:
+        values.update(parse_overrides(overrides))
     flags = {"num-clients": args.num_clients, "num-rounds": args.rounds,
              "partition": args.partition, "alpha": args.alpha, "data": args.data,
              "model": args.model, "task": args.task, "strategy": args.strategy,

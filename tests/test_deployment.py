@@ -114,7 +114,7 @@ def federation(banking77_dir, tmp_path_factory):
         procs.start("superlink", "flower-superlink", "--ssl-ca-certfile", str(certs / "ca.crt"),
                     "--ssl-certfile", str(certs / "server.crt"), "--ssl-keyfile",
                     str(certs / "server.key"), "--enable-supernode-auth", "--database",
-                    str(root / "superlink.db"), "--port", str(port),
+                    str(root / "superlink.db"), "--host", "127.0.0.1", "--port", str(port),
                     "--disable-runtime-dependency-installation")
         deadline = time.time() + 60
         while _port_free(port):
@@ -125,6 +125,8 @@ def federation(banking77_dir, tmp_path_factory):
         for site in ("site-a", "site-b"):
             _run(env, "flwr", "supernode", "register", str(root / "keys" / f"{site}.pub"),
                  "consortium")
+        listed = _run(env, "flwr", "supernode", "list", "consortium", "--format", "json")
+        assert len(json.loads(listed.stdout)["nodes"]) == 2, listed.stdout
         yield {"root": root, "port": port, "env": env, "procs": procs}
     finally:
         procs.stop_all()
