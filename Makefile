@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data/banking77
 OUT ?= runs/quickstart
 
-.PHONY: run test clean
+.PHONY: run test browser clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,15 @@ run: $(VENV)/.installed
 		--partition dirichlet --alpha 0.5 --out $(OUT) \
 		--run-config "label-column=category max-train-examples=3000 max-eval-examples=1000"
 
-test: $(VENV)/.installed
+# Headless Chromium (Debian's package), for the test that renders `fedlora report`'s page.
+browser:
+	@command -v chromium-headless-shell >/dev/null || command -v chromium >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends chromium-headless-shell >/dev/null; } || \
+	  echo "no headless Chromium (install chromium-headless-shell): the report's browser check skips"
+
+test: $(VENV)/.installed browser
 	FEDLORA_BANKING77=$(abspath $(DATA)) $(BIN)/python -m pytest -q --durations=15
 
 clean:
