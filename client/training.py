@@ -19,12 +19,35 @@ def planned_steps(num_examples: int, cfg: FedLoraConfig) -> int:
     return max(1, cfg.local_epochs * micro_batches // cfg.grad_accum_steps)
 
 
+def class_weights(examples: list[dict], num_labels: int) -> torch.Tensor:
+    """Weight n / (classes present x count) per class of this site's data: every class present
+    weighs as much in the loss as any other; absent classes get weight 1 (they never occur)."""
+    counts = torch.bincount(torch.tensor([e["labels"] for e in examples], dtype=torch.long),
+                            minlength=num_labels).double()
+    present = counts > 0
+    weights = torch.ones(num_labels, dtype=torch.float64)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights.float()
+
+
+def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+               weights: torch.Tensor | None) -> torch.Tensor:
+    if weights is None:
+        return model(**batch).loss.float()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return torch.nn.functional.cross_entropy(logits.float(), batch["labels"],
+                                             weight=weights.to(logits.device))
+
+
 def train_adapter(model: torch.nn.Module, examples: list[dict], cfg: FedLoraConfig, *,
                   seed: int, pad_id: int, device: torch.device,
                   anchor: list[torch.Tensor] | None = None) -> dict:
     """Train in place; return the mean loss, optimiser steps and examples processed.
-    With an anchor (FedProx), add (mu/2) * ||w - anchor||^2 over the trainable tensors."""
+    With an anchor (FedProx), add (mu/2) * ||w - anchor||^2 over the trainable tensors.
+    With class-weighted-loss, each class weighs by the inverse of its share of the examples."""
     torch.manual_seed(seed)  # LoRA dropout
+    weights = (class_weights(examples, model.config.num_labels)
+               if cfg.class_weighted_loss else None)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -36,7 +59,7 @@ def train_adapter(model: torch.nn.Module, examples: list[dict], cfg: FedLoraConf
         for batch in batches(examples, cfg.batch_size, pad_id, shuffle_seed=seed + epoch):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(device):
-                loss = model(**batch).loss.float()
+                loss = batch_loss(model, batch, weights)
             objective = loss
             if anchor is not None:
                 objective = loss + cfg.proximal_mu / 2 * sum(

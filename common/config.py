@@ -21,6 +21,7 @@ PARTITIONS = ("iid", "dirichlet", "quantity")
 TRANSFER_DTYPES = ("float32", "float16", "int8")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 CLIENT_DP_CLIPPING = ("client", "server")
+SELECTION_METRICS = ("auto", "accuracy", "macro-f1", "loss", "perplexity")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "ffa", "exact", "hetlora",
               "median", "trimmed-mean")
 MIXED_RANK_STRATEGIES = ("exact", "hetlora")
@@ -62,6 +63,10 @@ class FedLoraConfig:
     min_available_clients: int = 2  # sampling waits until this many sites are connected
     round_timeout: float = 3600.0  # seconds to wait for replies; late clients are left out
     round_retries: int = 1  # a round with fewer usable replies than min-train-clients is retried
+    # Model selection: the best round by the server's evaluation, and early stopping
+    selection_metric: str = "auto"  # auto = accuracy (classification) or loss (causal-lm)
+    early_stopping_patience: int = 0  # stop after this many rounds without improvement; 0 = never
+    early_stopping_min_delta: float = 0.0  # an improvement must be larger than this
     # Local training
     local_epochs: int = 1  # passes over a site's training data each round
     local_steps: int = 0  # > 0 overrides local-epochs: a fixed number of optimiser steps
@@ -71,6 +76,7 @@ class FedLoraConfig:
     max_grad_norm: float = 1.0  # L2 bound on each optimiser step's gradient; 0 disables clipping
     grad_accum_steps: int = 1  # micro-batches whose gradients add up to one optimiser step
     transfer_dtype: str = "float32"  # adapters on the wire: float32, float16, int8 (+ scales)
+    class_weighted_loss: bool = False  # weigh each class by 1 / its share of the site's data
     # Example-level differential privacy (DP-SGD on each site); noise multiplier 0 = off
     dp_noise_multiplier: float = 0.0  # noise std / dp-clip-norm; 0 = no DP-SGD
     dp_clip_norm: float = 1.0  # per-example gradient norm bound; must be positive
@@ -124,7 +130,8 @@ class FedLoraConfig:
         self._require(("lora-alpha", "learning-rate", "alpha", "round-timeout",
                        "client-num-cpus", "secagg-clipping-range", "secagg-max-weight"),
                       lambda v: v > 0, "be positive")
-        self._require(("local-steps", "max-train-examples", "max-eval-examples", "weight-decay",
+        self._require(("local-steps", "max-train-examples", "early-stopping-patience",
+                       "early-stopping-min-delta", "max-eval-examples", "weight-decay",
                        "max-grad-norm", "client-num-gpus", "proximal-mu", "server-learning-rate",
                        "server-momentum", "global-rank", "max-update-norm", "round-retries",
                        "dp-noise-multiplier", "dp-target-epsilon", "client-dp-noise-multiplier",
@@ -163,6 +170,7 @@ class FedLoraConfig:
         if self.dp_target_epsilon and not self.differential_privacy:
             raise FedLoraError("dp-target-epsilon needs DP-SGD: set dp-noise-multiplier > 0")
         self._check_client_dp_and_secagg()
+        self._check_selection()
         if self.load_in_4bit and self.strategy == "exact":
             raise FedLoraError("strategy exact folds a residual into the base weights, which "
                                "4-bit weights cannot hold: use another strategy or "
@@ -175,6 +183,20 @@ class FedLoraConfig:
             value = getattr(self, _field(key))
             if not test(value):
                 raise FedLoraError(f"config {key} must {wording}, got {value}")
+
+    def _check_selection(self) -> None:
+        _check_choice("selection-metric", self.selection_metric, SELECTION_METRICS)
+        task_metrics = {"classification": ("auto", "accuracy", "macro-f1", "loss"),
+                        "causal-lm": ("auto", "loss", "perplexity")}[self.task]
+        if self.selection_metric not in task_metrics:
+            raise FedLoraError(f"config selection-metric {self.selection_metric} is not "
+                               f"measured for task {self.task}: use one of "
+                               f"{', '.join(task_metrics)}")
+        if self.class_weighted_loss and not self.is_classification:
+            raise FedLoraError("class-weighted-loss needs task classification")
+        if self.class_weighted_loss and self.differential_privacy:
+            raise FedLoraError("class-weighted-loss is not available with DP-SGD (Opacus "
+                               "scales per-example gradients for an unweighted mean)")
 
     def _check_client_dp_and_secagg(self) -> None:
         _check_choice("client-dp-clipping", self.client_dp_clipping, CLIENT_DP_CLIPPING)
@@ -277,6 +299,13 @@ class FedLoraConfig:
     @property
     def is_classification(self) -> bool:
         return self.task == "classification"
+
+    @property
+    def selection_key(self) -> str:
+        """The server metric that picks the best round (auto: accuracy or loss)."""
+        if self.selection_metric != "auto":
+            return self.selection_metric
+        return "accuracy" if self.is_classification else "loss"
 
     def to_json(self) -> str:
         return json.dumps(self.to_run_config(), indent=2, sort_keys=True)
@@ -402,7 +431,8 @@ def _coerce(key: str, raw: Any, type_name: Any) -> Any:
 
 # Keys a resumed run may change; every other key must equal the interrupted run's.
 RESUMABLE_CHANGES = {"num-rounds", "resume", "round-timeout", "round-retries", "out-dir",
-                     "gradient-checkpointing", "tensorboard",
+                     "gradient-checkpointing", "tensorboard", "early-stopping-patience",
+                     "early-stopping-min-delta",
                      "client-num-cpus",
                      "client-num-gpus", "data", "min-train-clients", "min-evaluate-clients",
                      "min-available-clients"}

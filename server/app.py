@@ -17,6 +17,7 @@ from common.config import FedLoraConfig, check_resumable
 from common.data import load_server_splits, resolve_labels, tokenize
 from common.lora_math import factorize, lora_modules
 from common.model import LoraModel, build_lora_model
+from common.provenance import run_environment
 from common.records import adapter_to_record, record_to_adapter
 from server.checkpoint import load_checkpoint
 from server.client_dp import ClientLevelDP
@@ -49,6 +50,7 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
         run.write_summary({"status": "running"})
     else:
         run = RunDirectory.create(cfg, labels)
+    run.record_environment(run_environment(cfg), resumed=cfg.resume)
     log(INFO, "fedlora: run directory %s", run.path)
     recorder: RoundRecorder | None = None
     try:
@@ -72,7 +74,9 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
             log(INFO, "fedlora: resuming %s after round %s", run.path, ckpt.round)
 
         scalars = RoundScalars(run.path / "tensorboard") if cfg.tensorboard else None
-        recorder = RoundRecorder(run, evaluator, strategy, client_dp, scalars)
+        recorder = RoundRecorder(run, evaluator, strategy, cfg, client_dp, scalars)
+        if cfg.resume:
+            recorder.restore_best(ckpt.strategy_state)
         result = strategy.start(
             grid=grid, initial_arrays=adapter_to_record(initial, "float32"),
             num_rounds=cfg.num_rounds, timeout=cfg.round_timeout, train_config=client_config,
@@ -82,10 +86,18 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
             scalars.close()
         lora.load_trainable_state(record_to_adapter(result.arrays))
         run.save_adapter(exportable(cfg, lora, labels, strategy.base_offsets()), labels)
+        best = {}
+        if recorder.best is not None:
+            lora.load_trainable_state(recorder.best_adapter)
+            run.save_adapter(exportable(cfg, lora, labels, recorder.best_offsets), labels,
+                             folder="best_adapter")
+            best = {"selection-metric": cfg.selection_key, "best-round": recorder.best[0]}
         rounds = run.read_rounds()
+        if best:
+            best["best"] = next(r["server"] for r in rounds if r["round"] == best["best-round"])
         early = {"stopped-early": strategy.stopped_early} if strategy.stopped_early else {}
         run.write_summary({"status": "completed", "rounds": rounds[-1]["round"] if rounds else 0,
-                           **early,
+                           **early, **best,
                            "final": rounds[-1]["server"] if rounds else {},
                            "initial": rounds[0]["server"] if rounds else {},
                            "seconds": time.time() - started})

@@ -1,9 +1,11 @@
 """The run directory: everything a run leaves behind, each file written atomically.
 
     config.json          the resolved config
+    environment.json     package versions, the app's git commit, the seeds (and per resume)
     labels.json          the shared label set (classification)
     metrics.jsonl        one JSON object per round (round 0 = the initial adapter)
     final_adapter/       PEFT format: PeftModel.from_pretrained(base, path) loads it
+    best_adapter/        the same, of the best round by the server's selection metric
     summary.json         status (running/completed/failed), final metrics, timing
     checkpoint/          the last complete round (server/checkpoint.py), for resuming
     tensorboard/         event files, when config tensorboard = true
@@ -65,6 +67,17 @@ class RunDirectory:
                                f"run directory")
         return run
 
+    def record_environment(self, environment: dict, resumed: bool) -> None:
+        """environment.json: how the run started (packages, commit, seeds) and, after each
+        resume, how it went on: a resume on other versions is visible, not silent."""
+        path = self.path / "environment.json"
+        record = json.loads(path.read_text()) if resumed and path.exists() else {}
+        if resumed:
+            record.setdefault("resumes", []).append(environment)
+        else:
+            record = {"started": environment}
+        atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+
     def saved_config(self) -> dict:
         return json.loads((self.path / "config.json").read_text())
 
@@ -101,8 +114,10 @@ class RunDirectory:
         path = self.path / "summary.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
-    def save_adapter(self, lora: LoraModel, labels: list[str] | None) -> None:
-        with atomic_directory(self.final_adapter) as tmp:
+    def save_adapter(self, lora: LoraModel, labels: list[str] | None,
+                     folder: str = "final_adapter") -> None:
+        """The adapter in PEFT format: final_adapter/ (the last round's), best_adapter/."""
+        with atomic_directory(self.path / folder) as tmp:
             lora.model.save_pretrained(tmp)
             lora.tokenizer.save_pretrained(tmp)
             if labels is not None:

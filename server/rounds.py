@@ -9,11 +9,13 @@ import time
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 
+from common.config import FedLoraConfig
 from common.records import record_to_adapter
 from server.checkpoint import Checkpoint, save_checkpoint
 from server.client_dp import ClientLevelDP
 from server.evaluation import GlobalEvaluator
 from server.outputs import RunDirectory
+from server.selection import improves, should_stop
 from server.strategies.fedavg import LoraFedAvg
 from server.tensorboard import RoundScalars
 
@@ -30,10 +32,16 @@ class RoundRecorder:
     """
 
     def __init__(self, run: RunDirectory, evaluator: GlobalEvaluator, strategy: LoraFedAvg,
-                 client_dp: ClientLevelDP | None, scalars: RoundScalars | None = None) -> None:
-        self.run, self.evaluator = run, evaluator
+                 cfg: FedLoraConfig, client_dp: ClientLevelDP | None = None,
+                 scalars: RoundScalars | None = None) -> None:
+        self.run, self.evaluator, self.cfg = run, evaluator, cfg
         self.strategy, self.client_dp = strategy, client_dp
         self.scalars = scalars  # TensorBoard, when asked for
+        # The best round so far by cfg.selection_key, its adapter and base offsets (exact's
+        # residual): checkpointed with every round, so a resumed run keeps them.
+        self.best: tuple[int, float] | None = None
+        self.best_adapter: dict[str, torch.Tensor] = {}
+        self.best_offsets: dict[str, torch.Tensor] = {}
         self._round_started = time.time()
         self._background: threading.Thread | None = None
         self._background_error: BaseException | None = None
@@ -60,6 +68,35 @@ class RoundRecorder:
         if error is not None and reraise:
             raise error
 
+    def restore_best(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """The best round as a checkpoint saved it (resume)."""
+        best = state.get("best", {})
+        if "round" in best:
+            self.best = (int(best["round"][0]), float(best["value"][0]))
+            self.best_adapter = dict(state.get("best-adapter", {}))
+            self.best_offsets = dict(state.get("best-offsets", {}))
+
+    def _best_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        if self.best is None:
+            return {}
+        return {"best": {"round": torch.tensor([self.best[0]]),
+                         "value": torch.tensor([self.best[1]], dtype=torch.float64)},
+                "best-adapter": self.best_adapter, "best-offsets": self.best_offsets}
+
+    def _select(self, server_round: int, metrics: dict[str, float], pending: dict) -> None:
+        key, min_delta = self.cfg.selection_key, self.cfg.early_stopping_min_delta
+        value = metrics.get(key)
+        if value is not None and improves(value, self.best[1] if self.best else None, key,
+                                          min_delta):
+            self.best = (server_round, float(value))
+            self.best_adapter = record_to_adapter(pending["arrays"])
+            self.best_offsets = pending["offsets"]
+        patience = self.cfg.early_stopping_patience
+        if should_stop(server_round, self.best, patience):
+            self.strategy.stopped_early = (
+                f"early stopping: {key} did not improve by more than {min_delta:g} for "
+                f"{patience} rounds (best: round {self.best[0]}, {key} {self.best[1]:.4f})")
+
     def _snapshot(self, server_round: int, arrays: ArrayRecord) -> dict:
         stats = self.strategy.round_stats.pop(server_round, {})
         state = {**self.strategy.state_tensors(),
@@ -67,7 +104,9 @@ class RoundRecorder:
                  "run": {"retried-attempts": torch.tensor([self.strategy.retried_attempts])},
                  **(self.client_dp.state_tensors() if self.client_dp else {})}
         started, self._round_started = self._round_started, time.time()
+        offsets = self.strategy.base_offsets() or {}
         return {"round": server_round, "arrays": arrays, "stats": stats, "started": started,
+                "offsets": {k: v.detach().clone() for k, v in offsets.items()},
                 "state": {group: {name: t.detach().clone() for name, t in tensors.items()}
                           for group, tensors in state.items()},
                 "rng": self.strategy.rng.getstate()}
@@ -104,11 +143,12 @@ class RoundRecorder:
         self.run.append_round(record)
         if self.scalars is not None:
             self.scalars.write(record)
+        self._select(pending["round"], server_metrics, pending)
         # After the round's line: a crash between the two repeats the round on resume,
         # and keep_rounds_through drops its first line.
         save_checkpoint(self.run.checkpoint_dir, Checkpoint(
             round=pending["round"], adapter=record_to_adapter(pending["arrays"]),
-            strategy_state=pending["state"], rng_state=pending["rng"]))
+            strategy_state={**pending["state"], **self._best_state()}, rng_state=pending["rng"]))
         return server_metrics
 
 

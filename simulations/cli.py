@@ -311,6 +311,11 @@ def simulate_command(cfg: FedLoraConfig, verbose: bool, ray_address: str | None 
         print(f"fedlora: error: run failed: {reason.splitlines()[0]}", file=sys.stderr)
         return 1
     progress.print_summary(time.time() - started)
+    if summary.get("best-round") is not None:
+        metric = summary["selection-metric"]
+        console.print(f"best round: {summary['best-round']} ({metric} "
+                      f"{summary['best'].get(metric, float('nan')):.4f}), adapter in "
+                      f"{run.path / 'best_adapter'}", highlight=False, soft_wrap=True)
     if summary.get("stopped-early"):
         console.print(f"[yellow]stopped after round {summary['rounds']}:[/] "
                       f"{summary['stopped-early']}", soft_wrap=True)

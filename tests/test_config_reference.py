@@ -20,7 +20,8 @@ from tests.conftest import REPO
 # Written out here rather than read from the source, so the generator's parsing is checked.
 CHOICES = {"task": config.TASKS, "partition": config.PARTITIONS,
            "transfer-dtype": config.TRANSFER_DTYPES, "device": config.DEVICES,
-           "strategy": config.STRATEGIES, "client-dp-clipping": config.CLIENT_DP_CLIPPING}
+           "strategy": config.STRATEGIES, "client-dp-clipping": config.CLIENT_DP_CLIPPING,
+           "selection-metric": config.SELECTION_METRICS}
 TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}
 
 

@@ -30,6 +30,7 @@ class _Strategy:
         self.retried_attempts = 0
         self.rng = random.Random(7)
         self.moments = {"m": torch.zeros(3)}
+        self.stopped_early = ""
 
     def base_offsets(self):
         return None
@@ -66,7 +67,7 @@ def _arrays(value: float):
 
 def test_round_zero_is_scored_while_round_one_runs_and_checkpointed_as_before_it(run_dir):
     strategy, evaluator = _Strategy(), _BlockingEvaluator()
-    recorder = RoundRecorder(run_dir, evaluator, strategy, None)
+    recorder = RoundRecorder(run_dir, evaluator, strategy, FedLoraConfig())
     rng_before_round_one = strategy.rng.getstate()
 
     assert recorder(0, _arrays(1.0)) is None  # returns at once: round 1 may start
@@ -92,7 +93,7 @@ def test_round_zero_is_scored_while_round_one_runs_and_checkpointed_as_before_it
 
 def test_round_one_waits_for_round_zero_so_the_lines_stay_in_order(run_dir):
     evaluator = _BlockingEvaluator()
-    recorder = RoundRecorder(run_dir, evaluator, _Strategy(), None)
+    recorder = RoundRecorder(run_dir, evaluator, _Strategy(), FedLoraConfig())
     recorder(0, _arrays(1.0))
     threading.Timer(0.3, evaluator.release.set).start()
     recorder(1, _arrays(2.0))
@@ -102,7 +103,7 @@ def test_round_one_waits_for_round_zero_so_the_lines_stay_in_order(run_dir):
 def test_a_failed_round_zero_evaluation_is_raised_in_the_run(run_dir):
     evaluator = _BlockingEvaluator(fail=True)
     evaluator.release.set()
-    recorder = RoundRecorder(run_dir, evaluator, _Strategy(), None)
+    recorder = RoundRecorder(run_dir, evaluator, _Strategy(), FedLoraConfig())
     recorder(0, _arrays(1.0))
     with pytest.raises(RuntimeError, match="evaluation broke"):
         recorder(1, _arrays(2.0))
@@ -153,3 +154,16 @@ def test_partitioners_load_without_the_plotting_stack_and_the_package_stays_whol
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_best_round_survives_a_checkpoint(run_dir):
+    evaluator = _BlockingEvaluator()
+    evaluator.release.set()
+    recorder = RoundRecorder(run_dir, evaluator, _Strategy(), FedLoraConfig())
+    recorder(0, _arrays(1.0))
+    recorder(1, _arrays(4.0))  # accuracy 8: the best
+    recorder(2, _arrays(2.0))
+    resumed = RoundRecorder(run_dir, evaluator, _Strategy(), FedLoraConfig())
+    resumed.restore_best(load_checkpoint(run_dir.checkpoint_dir).strategy_state)
+    assert resumed.best == (1, 8.0)
+    assert torch.equal(resumed.best_adapter["w"], torch.full((2,), 4.0))

@@ -221,6 +221,9 @@ class LoraFedAvg(FedAvg):
                 metrics = evaluate_fn(server_round, arrays)
                 if metrics is not None:
                     result.evaluate_metrics_serverapp[server_round] = metrics
+            if self.stopped_early:  # set by evaluate_fn (early stopping)
+                log(WARNING, "round %s: %s", server_round, self.stopped_early)
+                break
         result.arrays = arrays
         return result
 
