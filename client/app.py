@@ -31,6 +31,7 @@ from common.data import (
     tokenize,
     train_val_split,
 )
+from common.data_checks import DataReport, check_site_rows, report_metrics
 from common.errors import FedLoraError
 from common.metrics import evaluate_examples
 from common.model import LoraModel, build_lora_model
@@ -41,12 +42,14 @@ app = ClientApp()
 
 @dataclass
 class SiteRuntime:
-    """What one site keeps between messages: the model and its tokenised train/val examples."""
+    """What one site keeps between messages: the model, its tokenised train/val examples and
+    the data checks' report on its rows."""
 
     lora: LoraModel
     train_examples: list[dict]
     val_examples: list[dict]
     site_id: int
+    data_report: DataReport
 
 
 @dataclass
@@ -114,26 +117,28 @@ def _site_runtime(cfg: FedLoraConfig, site: SiteConfig | None, context: Context,
         site_id = int(context.node_id) % (2**31)
         rank = site.lora_r or cfg.global_lora_rank
         if site_id not in cache.sites:
-            rows_source = load_site_rows(cfg, site.data_path)
-            rows = list(range(len(rows_source)))
+            site_rows = load_site_rows(cfg, site.data_path)
     elif "partition-id" in node:  # simulation: one partition of the shared data set
         site_id = int(node["partition-id"])
         rank = cfg.site_ranks[site_id % len(cfg.site_ranks)]
         if site_id not in cache.sites:
             # The federation's size, not the config's: under `flwr run` it is set there.
             _load_partitions(cache, cfg, int(node.get("num-partitions", cfg.num_clients)))
-            rows_source, rows = cache.splits.train, cache.partitions[site_id]
+            site_rows = cache.splits.train.select(cache.partitions[site_id])
     else:
         raise FedLoraError("node config has neither data-path (deployment) nor partition-id "
                            "(simulation)")
     if site_id not in cache.sites:
-        train_rows, val_rows = train_val_split(rows, cfg.val_fraction, cfg.seed + site_id)
         lora = _model(cache, cfg, labels, rank)
+        # A refusal raises here, on every message: the server leaves the site out, with why.
+        rows, report = check_site_rows(site_rows, lora.tokenizer, cfg, labels, log=log)
+        train_rows, val_rows = train_val_split(list(range(len(rows))), cfg.val_fraction,
+                                               cfg.seed + site_id)
         cache.sites[site_id] = SiteRuntime(
             lora=lora,
-            train_examples=tokenize(rows_source.select(train_rows), lora.tokenizer, cfg, labels),
-            val_examples=tokenize(rows_source.select(val_rows), lora.tokenizer, cfg, labels),
-            site_id=site_id)
+            train_examples=tokenize(rows.select(train_rows), lora.tokenizer, cfg, labels),
+            val_examples=tokenize(rows.select(val_rows), lora.tokenizer, cfg, labels),
+            site_id=site_id, data_report=report)
     return cache.sites[site_id]
 
 
@@ -177,6 +182,8 @@ def train(msg: Message, context: Context) -> Message:
         "train-seconds": time.perf_counter() - started,
         "train-started-at": started_at,  # wall clock, for the time to the first step
         **({"dp-epsilon": stats["epsilon"]} if cfg.differential_privacy else {}),
+        # Counts only, with every reply: a resumed server learns them again.
+        **report_metrics(runtime.data_report),
     })
     arrays = adapter_to_record(runtime.lora.trainable_state(), cfg.transfer_dtype)
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)

@@ -22,6 +22,7 @@ TRANSFER_DTYPES = ("float32", "float16", "int8")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 CLIENT_DP_CLIPPING = ("client", "server")
 SELECTION_METRICS = ("auto", "accuracy", "macro-f1", "loss", "perplexity")
+DATA_CHECK_POLICIES = ("warn", "drop", "refuse")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "ffa", "exact", "hetlora",
               "median", "trimmed-mean")
 MIXED_RANK_STRATEGIES = ("exact", "hetlora")
@@ -54,6 +55,17 @@ class FedLoraConfig:
     val_fraction: float = 0.1  # of each client's partition, for client-side evaluation
     max_train_examples: int = 0  # use a random subset of this many training examples; 0 = all
     max_eval_examples: int = 0  # use a random subset of this many evaluation examples; 0 = all
+    # Data checks: each site checks its training rows before its first round and reports the
+    # counts; per check, warn (log the count), drop (leave those rows out) or refuse (no training)
+    check_empty: str = "drop"  # empty or missing text or label: nothing to learn from, so
+                               # left out, as fedlora always did
+    check_duplicates: str = "warn"  # text and label of an earlier row again: often a real,
+                                    # frequent query, so kept; drop deduplicates
+    check_too_long: str = "warn"  # more tokens than max-length: truncated, which most texts
+                                  # survive; watch the share
+    check_unknown_labels: str = "refuse"  # a label outside the shared set: usually misspelt or
+                                          # unmapped, never trainable; leaving it out silently
+                                          # would skew the site's data
     # Federation
     num_rounds: int = 3  # federated rounds to run
     fraction_train: float = 1.0  # share of the connected sites sampled to train
@@ -123,6 +135,10 @@ class FedLoraConfig:
         _check_choice("transfer-dtype", self.transfer_dtype, TRANSFER_DTYPES)
         _check_choice("device", self.device, DEVICES)
         _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_choice("check-empty", self.check_empty, DATA_CHECK_POLICIES)
+        _check_choice("check-duplicates", self.check_duplicates, DATA_CHECK_POLICIES)
+        _check_choice("check-too-long", self.check_too_long, DATA_CHECK_POLICIES)
+        _check_choice("check-unknown-labels", self.check_unknown_labels, DATA_CHECK_POLICIES)
         self._require(("lora-r", "max-length", "num-rounds", "local-epochs", "batch-size",
                        "grad-accum-steps", "num-clients", "min-train-clients",
                        "min-evaluate-clients", "min-available-clients"),
@@ -368,10 +384,20 @@ def config_keys() -> list[str]:
 
 def parse_overrides(text: str) -> dict[str, Any]:
     """Parse ``"key=value key2='a b'"`` as flwr's ``--run-config`` does (values in TOML syntax,
-    bare words taken as strings)."""
+    bare words taken as strings), or, like flwr, the path of a .toml file of such keys (what
+    `fedlora tune` writes)."""
     import shlex
     import tomllib
 
+    if text.strip().endswith(".toml"):
+        path = os.path.expanduser(text.strip())
+        if not os.path.isfile(path):
+            raise FedLoraError(f"run-config file {text.strip()!r} does not exist")
+        try:
+            with open(path, "rb") as handle:
+                return tomllib.load(handle)
+        except tomllib.TOMLDecodeError as err:
+            raise FedLoraError(f"run-config file {text.strip()!r} is not TOML: {err}") from None
     result: dict[str, Any] = {}
     try:
         items = shlex.split(text)

@@ -23,8 +23,16 @@ LABEL_KEY = "label_id"
 
 @dataclass
 class DataSplits:
+    # Every row as read, blank ones too: the sites' data checks count and judge them
+    # (common/data_checks.py).
     train: "datasets.Dataset"  # noqa: F821  (imported lazily: heavy)
+    # Only rows with a text and a target: an evaluation has no use for the others.
     test: "datasets.Dataset"  # noqa: F821
+
+
+def is_blank(value: str) -> bool:
+    """An empty or missing text or label (missing values are read as empty strings)."""
+    return not value.strip()
 
 
 def read_table(path: Path):
@@ -100,6 +108,7 @@ def load_splits(cfg: FedLoraConfig) -> DataSplits:
             raise FedLoraError(f"data {source!r} has no test split and test-fraction is 0")
         held = train.train_test_split(test_size=cfg.test_fraction, seed=cfg.seed)
         train, test = held["train"], held["test"]
+    test = _evaluable(test)
     if cfg.max_train_examples and len(train) > cfg.max_train_examples:
         train = train.shuffle(seed=cfg.seed).select(range(cfg.max_train_examples))
     if cfg.max_eval_examples and len(test) > cfg.max_eval_examples:
@@ -109,11 +118,12 @@ def load_splits(cfg: FedLoraConfig) -> DataSplits:
     return DataSplits(train=train, test=test)
 
 
-def load_site_rows(cfg: FedLoraConfig, data_path: str):
+def load_site_rows(cfg: FedLoraConfig, data_path: str, what: str = "node-config data-path"):
     """A deployed site's own rows (its SuperNode's node-config data-path), all of them for local
     training and validation: the server evaluates on its own data, so nothing is held back. In
-    a folder, the train file is the site's data."""
-    return _load_rows(cfg, data_path, "node-config data-path", ("train",))
+    a folder, the train file is the site's data. Blank rows are kept for the data checks.
+    `what` names the path in messages."""
+    return _load_rows(cfg, data_path, what, ("train",))
 
 
 def load_server_splits(cfg: FedLoraConfig) -> DataSplits:
@@ -122,9 +132,12 @@ def load_server_splits(cfg: FedLoraConfig) -> DataSplits:
     if not cfg.eval_data:
         return load_splits(cfg)
     rows = _load_rows(cfg, cfg.eval_data, "config eval-data", ("test", "validation", "train"))
-    test = rows
-    if cfg.max_eval_examples and len(rows) > cfg.max_eval_examples:
-        test = rows.shuffle(seed=cfg.seed).select(range(cfg.max_eval_examples))
+    test = _evaluable(rows)
+    if len(test) == 0:
+        raise FedLoraError(f"config eval-data {cfg.eval_data!r} has no rows with both a text "
+                           f"and a target")
+    if cfg.max_eval_examples and len(test) > cfg.max_eval_examples:
+        test = test.shuffle(seed=cfg.seed).select(range(cfg.max_eval_examples))
     # train: every row, so the label set read from the splits misses none of them.
     return DataSplits(train=rows, test=test)
 
@@ -159,10 +172,19 @@ def _to_dataset(frame, cfg: FedLoraConfig, where: str):
                       cfg.response_column: "response-column"}[column]
             raise FedLoraError(f"data {where!r} has no column {column!r} (set {option}; "
                                f"columns found: {', '.join(map(str, frame.columns))})")
-    frame = frame[columns].dropna()
-    # Labels are compared as strings everywhere, so 3 and "3" from two sites agree.
-    frame = frame.astype(str).rename(columns=dict(zip(columns, ("text", "target"))))
+    frame = frame[columns]
+    # Missing values become empty strings rather than vanishing here: the data checks count
+    # them. Labels are compared as strings everywhere, so 3 and "3" from two sites agree.
+    frame = frame.astype(str).mask(frame.isna(), "")
+    frame = frame.rename(columns=dict(zip(columns, ("text", "target"))))
     return datasets.Dataset.from_pandas(frame.reset_index(drop=True), preserve_index=False)
+
+
+def _evaluable(rows):
+    """The rows with both a text and a target."""
+    keep = [i for i, (text, target) in enumerate(zip(rows["text"], rows["target"]))
+            if not (is_blank(text) or is_blank(target))]
+    return rows if len(keep) == len(rows) else rows.select(keep)
 
 
 def resolve_labels(cfg: FedLoraConfig, splits: DataSplits | None = None) -> list[str]:
@@ -185,7 +207,8 @@ def resolve_labels(cfg: FedLoraConfig, splits: DataSplits | None = None) -> list
         return labels
     if splits is None:
         raise FedLoraError("no label set: give config labels or data to read them from")
-    return sorted(set(splits.train["target"]) | set(splits.test["target"]))
+    return sorted(label for label in set(splits.train["target"]) | set(splits.test["target"])
+                  if not is_blank(label))
 
 
 def tokenize(dataset, tokenizer, cfg: FedLoraConfig, labels: list[str] | None = None):

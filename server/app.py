@@ -96,8 +96,10 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
         if best:
             best["best"] = next(r["server"] for r in rounds if r["round"] == best["best-round"])
         early = {"stopped-early": strategy.stopped_early} if strategy.stopped_early else {}
+        data_checks = ({"data-checks": strategy.data_check_totals()} if strategy.data_reports
+                       else {})
         run.write_summary({"status": "completed", "rounds": rounds[-1]["round"] if rounds else 0,
-                           **early, **best,
+                           **early, **best, **data_checks,
                            "final": rounds[-1]["server"] if rounds else {},
                            "initial": rounds[0]["server"] if rounds else {},
                            "seconds": time.time() - started})

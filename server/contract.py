@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from logging import WARNING
+from typing import Any, Mapping
 
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.common import log
 
 from common.config import TRANSFER_DTYPES
+from common.data_checks import LABEL_COUNTS, METRIC_PREFIX, SITE_COUNTS
 from common.errors import FedLoraError
 from common.records import NUM_EXAMPLES, check_adapter_matches, record_to_adapter
 
@@ -22,37 +25,103 @@ class TrainUpdate:
     node_id: int
     state: "dict[str, torch.Tensor]"
     num_examples: int
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # training metrics, to average; never the data-* counts
     weight: float = 0.0  # its share of the average: num_examples, or 1 under client-level DP
+    data_report: dict[str, Any] | None = None  # the site's data-check counts, if it sent them
 
     def __post_init__(self) -> None:
         self.weight = self.weight or float(self.num_examples)
+        if any(k.startswith(METRIC_PREFIX) for k in self.metrics):
+            # SecAgg+ hands over its legacy metrics, with the data-* counts (as floats) in them.
+            if self.data_report is None:
+                self.data_report = _legacy_data_report(self.node_id, self.metrics)
+            self.metrics = {k: v for k, v in self.metrics.items()
+                            if not k.startswith(METRIC_PREFIX)}
 
 
-def parse_metrics(msg: Message) -> dict[str, float]:
+def metric_record(msg: Message) -> MetricRecord:
     records = [r for r in msg.content.values() if isinstance(r, MetricRecord)]
     if len(records) != 1:
         raise FedLoraError(f"expected one MetricRecord, got {len(records)}")
-    metrics = dict(records[0])
+    return records[0]
+
+
+def parse_metrics(msg: Message) -> dict[str, float]:
+    metrics = dict(metric_record(msg))
     count = metrics.get(NUM_EXAMPLES)
     if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= MAX_EXAMPLES:
         raise FedLoraError(f"'{NUM_EXAMPLES}' must be an integer from 0 to {MAX_EXAMPLES}, "
                            f"got {count!r}")
     return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and not k.startswith(METRIC_PREFIX)}  # data-* counts are no metric to average
+
+
+def parse_data_report(metrics: Mapping[str, Any], num_labels: int | None = None
+                      ) -> dict[str, Any] | None:
+    """A site's data-check counts from its reply's metrics (data-rows, ..., data-label-counts),
+    named without the prefix; None if it sent none. Raise FedLoraError naming a missing or
+    implausible count: each a non-negative integer, none above data-rows, the histogram one
+    count per label of the shared set (when num_labels is known), adding up to at most
+    data-rows. Other data-* keys are ignored."""
+    if not any(key.startswith(METRIC_PREFIX) for key in metrics):
+        return None
+    report: dict[str, Any] = {}
+    for name in SITE_COUNTS:
+        report[name] = _count(metrics.get(METRIC_PREFIX + name), METRIC_PREFIX + name)
+    for name in SITE_COUNTS[1:]:
+        if report[name] > report["rows"]:
+            raise FedLoraError(f"'{METRIC_PREFIX}{name}' ({report[name]}) exceeds "
+                               f"'{METRIC_PREFIX}rows' ({report['rows']})")
+    key = METRIC_PREFIX + LABEL_COUNTS
+    if key in metrics:
+        histogram = metrics[key]
+        if not isinstance(histogram, list):
+            raise FedLoraError(f"'{key}' must be a list of counts, got {histogram!r}")
+        counts = [_count(value, key) for value in histogram]
+        if num_labels is not None and len(counts) != num_labels:
+            raise FedLoraError(f"'{key}' has {len(counts)} counts; the shared label set has "
+                               f"{num_labels} labels")
+        if sum(counts) > report["rows"]:
+            raise FedLoraError(f"'{key}' adds up to {sum(counts)}, more than "
+                               f"'{METRIC_PREFIX}rows' ({report['rows']})")
+        report[LABEL_COUNTS] = counts
+    return report
+
+
+def _count(value: Any, key: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_EXAMPLES:
+        raise FedLoraError(f"'{key}' must be an integer from 0 to {MAX_EXAMPLES}, got {value!r}")
+    return value
+
+
+def _legacy_data_report(node_id: int, metrics: Mapping[str, float]) -> dict[str, Any] | None:
+    """The counts from metrics that came through SecAgg+ as floats (without the histogram,
+    which its legacy records cannot carry). The update is in the secure sum already, so a
+    malformed report is only logged."""
+    counts = {k: int(v) if isinstance(v, float) and v.is_integer() else v
+              for k, v in metrics.items() if k.startswith(METRIC_PREFIX)}
+    try:
+        return parse_data_report(counts)
+    except FedLoraError as err:
+        log(WARNING, "ignored the data-check counts of node %s: %s", node_id, err)
+        return None
 
 
 def parse_train_reply(msg: Message, reference: Mapping[str, torch.Tensor],
                       any_rank: bool = False, current: Mapping[str, torch.Tensor] | None = None,
-                      max_update_norm: float = 0.0) -> TrainUpdate:
+                      max_update_norm: float = 0.0, num_labels: int | None = None
+                      ) -> TrainUpdate:
     """Decode a train reply; raise FedLoraError naming what is wrong. Checked: the client's
-    own error, one MetricRecord with a plausible example count, one ArrayRecord of float32,
+    own error, one MetricRecord with a plausible example count and, if sent, plausible
+    data-check counts (see parse_data_report), one ArrayRecord of float32,
     float16 or int8 (with its scales) arrays that decode, the local model's names and shapes,
     finite values, and (with max_update_norm > 0) the L2 norm of the update against the
     current global adapter."""
     if msg.has_error():
         raise FedLoraError(f"client failed: {msg.error.reason}")
     metrics = parse_metrics(msg)
+    data_report = parse_data_report(metric_record(msg), num_labels)
     if metrics[NUM_EXAMPLES] <= 0:
         raise FedLoraError(f"'{NUM_EXAMPLES}' must be positive to weigh an update")
     records = [r for r in msg.content.values() if isinstance(r, ArrayRecord)]
@@ -75,7 +144,8 @@ def parse_train_reply(msg: Message, reference: Mapping[str, torch.Tensor],
                                f"{max_update_norm:.4g}")
     return TrainUpdate(node_id=msg.metadata.src_node_id, state=state,
                        num_examples=int(metrics[NUM_EXAMPLES]),
-                       metrics={k: v for k, v in metrics.items() if math.isfinite(v)})
+                       metrics={k: v for k, v in metrics.items() if math.isfinite(v)},
+                       data_report=data_report)
 
 
 def update_norm(state: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor]) -> float:

@@ -10,6 +10,7 @@
     checkpoint/          the last complete round (server/checkpoint.py), for resuming
     tensorboard/         event files, when config tensorboard = true
     report.html, plots/  written by `fedlora report`
+    STOP                 made by a user or `fedlora tune`: the run ends after this round
 """
 
 from __future__ import annotations
@@ -65,7 +66,17 @@ class RunDirectory:
         if not cfg.out_dir or not (run.path / "config.json").is_file():
             raise FedLoraError(f"nothing to resume: {cfg.out_dir or '(no out-dir)'} is not a "
                                f"run directory")
+        run.stop_file.unlink(missing_ok=True)  # a stop request ended the earlier process only
         return run
+
+    @property
+    def stop_file(self) -> Path:
+        """Created by anyone (`touch RUN_DIR/STOP`, or `fedlora tune` pruning a trial): the run
+        ends after the round in progress, with its adapters and summary written."""
+        return self.path / "STOP"
+
+    def stop_requested(self) -> bool:
+        return self.stop_file.exists()
 
     def record_environment(self, environment: dict, resumed: bool) -> None:
         """environment.json: how the run started (packages, commit, seeds) and, after each

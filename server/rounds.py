@@ -92,7 +92,9 @@ class RoundRecorder:
             self.best_adapter = record_to_adapter(pending["arrays"])
             self.best_offsets = pending["offsets"]
         patience = self.cfg.early_stopping_patience
-        if should_stop(server_round, self.best, patience):
+        if self.run.stop_requested():
+            self.strategy.stopped_early = f"stopped on request ({self.run.stop_file} exists)"
+        elif should_stop(server_round, self.best, patience):
             self.strategy.stopped_early = (
                 f"early stopping: {key} did not improve by more than {min_delta:g} for "
                 f"{patience} rounds (best: round {self.best[0]}, {key} {self.best[1]:.4f})")
@@ -135,7 +137,7 @@ class RoundRecorder:
             "clients": {k: v for k, v in stats.items()
                         if k.endswith(("-sampled", "-aggregated", "-rejected", "-missing"))},
             "dropped": stats.get("dropped", []),
-            **{key: stats[key] for key in ("client-dp", "train-exchange-seconds")
+            **{key: stats[key] for key in ("client-dp", "train-exchange-seconds", "data-checks")
                if key in stats},
             # Round 0: set-up and the initial evaluation. Round r: from round r-1's end (round
             # 1: from round 0's start, as the two overlap) to this round's evaluation's end.

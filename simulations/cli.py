@@ -14,6 +14,8 @@ from pathlib import Path
 
 from common.config import STRATEGIES, FedLoraConfig, parse_overrides
 from common.errors import FedLoraError
+from simulations.inspect import add_inspect_parser, inspect_command
+from simulations.tune import add_tune_parser
 
 
 class _Parser(argparse.ArgumentParser):
@@ -89,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                           metavar='"KEY=VALUE ..."',
                           help="config keys, e.g. the data's text-column or label-column (a run "
                                "directory's own config is used first)")
+
+    add_inspect_parser(commands)
+    add_tune_parser(commands)
 
     connect = commands.add_parser(
         "connect", help="save a SuperLink connection for flwr run / flwr supernode register")
@@ -219,6 +224,46 @@ def evaluate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def tune_command(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from simulations import runner
+    from simulations.tune import check_space, tune
+
+    space = check_space(args)
+    values = dict(FedLoraConfig().to_run_config())
+    for overrides in args.run_config:
+        values.update(parse_overrides(overrides))
+    flags = {"data": args.data, "num-clients": args.num_clients, "num-rounds": args.rounds,
+             "partition": args.partition, "alpha": args.alpha}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    out = Path(args.out).expanduser().resolve()
+    base = prepare_simulation_config(FedLoraConfig.from_run_config(
+        {**values, "out-dir": str(out / "trial-000"), "resume": False}))
+    preflight(base)
+    console = Console()
+    console.print(f"[bold]fedlora[/] tune: {args.trials} trials of {base.num_clients} sites x "
+                  f"{base.num_rounds} rounds, objective best {base.selection_key}, study "
+                  f"{out / 'study.db'}", soft_wrap=True)
+
+    def show(trial) -> None:
+        value = "" if trial.value is None else f" {base.selection_key} {trial.value:.4f}"
+        console.print(f"trial {trial.number}: {trial.state.name.lower()}{value} "
+                      f"{trial.params}", highlight=False, soft_wrap=True)
+
+    from flwr.common.logger import update_console_handler
+
+    update_console_handler(level=logging.WARNING)
+    tune(base, out, args.trials, space, simulate=lambda cfg: runner.simulate(cfg),
+         study_name=args.study_name, pruner_warmup=args.prune_after, on_trial=show)
+    console.print((out / "summary.md").read_text(), highlight=False, soft_wrap=True)
+    if (out / "best.toml").exists():
+        console.print(f"best config: {out / 'best.toml'} (fedlora simulate --run-config "
+                      f"{out / 'best.toml'}, or flwr run . --run-config {out / 'best.toml'})",
+                      highlight=False, soft_wrap=True)
+    return 0
+
+
 def config_from_args(args: argparse.Namespace) -> FedLoraConfig:
     values = dict(FedLoraConfig().to_run_config())
     if args.resume:
@@ -261,6 +306,7 @@ def prepare_simulation_config(cfg: FedLoraConfig) -> FedLoraConfig:
 def preflight(cfg: FedLoraConfig) -> None:
     """Find bad input (data, columns, model, partition sizes) before any process starts."""
     from common.data import load_splits, resolve_labels
+    from common.data_checks import check_pool
     from common.model import load_model_config, target_modules_for
     from server.strategies import check_privacy_fits_strategy
     from simulations.partitioning import partition_indices
@@ -268,8 +314,8 @@ def preflight(cfg: FedLoraConfig) -> None:
     check_privacy_fits_strategy(cfg)
     target_modules_for(cfg, load_model_config(cfg).model_type)
     splits = load_splits(cfg)
-    if cfg.is_classification:
-        resolve_labels(cfg, splits)
+    labels = resolve_labels(cfg, splits) if cfg.is_classification else None
+    check_pool(cfg, splits, labels)  # a refuse policy stops the run before anything starts
     partition_indices(splits.train, cfg)
 
 
@@ -337,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
             return export_command(args)
         if args.command == "evaluate":
             return evaluate_command(args)
+        if args.command == "tune":
+            return tune_command(args)
+        if args.command == "inspect":
+            return inspect_command(args)
     except FedLoraError as err:
         print(f"fedlora: error: {err}", file=sys.stderr)
         return 2

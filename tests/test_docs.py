@@ -2,8 +2,9 @@
 
 - `fedlora ...` commands run as written, in document order, in a scratch folder of their own
   per document (so `runs/b77` made by one command is there for the next). Paths to BANKING77
-  point at a 10-intent slice, and every `fedlora simulate` gets `--num-clients 2 --rounds 1` and
-  small sizes appended (later options win), so that the federation runs in seconds; it runs in
+  point at a 10-intent slice, and every `fedlora simulate` (and `tune`, with one trial) gets
+  `--num-clients 2 --rounds 1` and small sizes appended (later options win), so that the
+  federation runs in seconds; it runs in
   this process through the same ClientApp and ServerApp, without Ray (tests/test_simulation.py
   runs the Ray path), except the scaling guide's commands, which run on a real Ray head.
 - `make run` runs the Makefile's own command the same way; `make test` is what CI runs.
@@ -88,8 +89,10 @@ def run_fedlora(words: list[str], data: Path, monkeypatch) -> None:
     if argv[0] == "simulate":
         resume = "--resume" in argv
         argv += SHRINK if not resume else SHRINK[:2] + ["--rounds", "2"] + SHRINK[4:]
-        monkeypatch.setattr(runner, "simulate", lambda cfg, verbose, ray_address:
-                            run_federation(InProcessGrid(cfg, cfg.num_clients), cfg))
+    elif argv[0] == "tune":  # one short trial
+        argv += SHRINK + ["--trials", "1", "--local-steps", "1", "2"]
+    monkeypatch.setattr(runner, "simulate", lambda cfg, verbose=False, ray_address=None:
+                        run_federation(InProcessGrid(cfg, cfg.num_clients), cfg))
     code = cli.main(argv)
     assert code == 0, f"fedlora {shlex.join(argv)} exited {code}"
 
@@ -130,6 +133,7 @@ def test_every_command_of_the_guide_runs(doc, scratch, banking_subset, monkeypat
         assert (scratch / "runs/hospitals/report.html").is_file()
         assert (scratch / "models/intents-merged/config.json").is_file()
         assert (scratch / "models/b77-adapter/adapter_config.json").is_file()
+        assert (scratch / "runs/tuned/best_adapter").is_dir()
 
 
 def run_make_target(target: str, data: Path, monkeypatch) -> None:

@@ -7,6 +7,7 @@ that the ServerApp writes to metrics.jsonl. Subclasses change `aggregate_updates
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections import OrderedDict, defaultdict
@@ -20,6 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
 from common.config import FedLoraConfig
+from common.data_checks import total_site_reports
 from common.errors import PRIVACY_BUDGET_REACHED, FedLoraError
 from common.lora_math import exact_mean_deltas, lora_deltas, relative_error
 from common.records import NUM_EXAMPLES, adapter_to_record, message_bytes, record_to_adapter
@@ -54,6 +56,10 @@ class LoraFedAvg(FedAvg):
         self._nodes_reached: set[int] = set()  # this round's, for bytes per client
         self.rng = random.Random(cfg.seed)  # client sampling; checkpointed with the run
         self._sampled: set[int] = set()
+        self.labels: list[str] | None = None  # the shared label set, as sent to the sites
+        # Each site's latest data-check counts (by node id): sites send them with every train
+        # reply, so a resumed server collects them again.
+        self.data_reports: dict[int, dict] = {}
         self.train_exchange: Callable[..., tuple[ArrayRecord | None, MetricRecord | None]] = \
             self.train_round
 
@@ -99,6 +105,8 @@ class LoraFedAvg(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         self.current = record_to_adapter(arrays)
         self._nodes_reached = set()
+        if "labels" in config:
+            self.labels = json.loads(str(config["labels"]))
         nodes = self.sample_nodes(grid, self.fraction_train, self.min_train_nodes)
         messages = self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)
         self._sampled = set(nodes)
@@ -127,12 +135,14 @@ class LoraFedAvg(FedAvg):
                 update = parse_train_reply(msg, self.reference,
                                            any_rank=self.accepts_mixed_ranks,
                                            current=self.current,
-                                           max_update_norm=self.cfg.max_update_norm)
+                                           max_update_norm=self.cfg.max_update_norm,
+                                           num_labels=len(self.labels) if self.labels else None)
                 self.check_update(update)
             except FedLoraError as err:
                 self.leave_out(server_round, msg.metadata.src_node_id, str(err), "train-rejected")
                 continue
             updates.append(update)
+        self.keep_data_reports(server_round, updates)
         # Replies arrive in any order; a fixed order makes the float sums reproducible.
         updates.sort(key=lambda u: (u.num_examples, state_digest(u.state)))
         if self.cfg.client_level_dp:
@@ -154,6 +164,7 @@ class LoraFedAvg(FedAvg):
     def record_train(self, server_round: int, updates: list[TrainUpdate]) -> MetricRecord:
         """The round's training metrics, per site and weighted like the adapters."""
         stats = self.round_stats[server_round]
+        self.keep_data_reports(server_round, updates)  # SecAgg+ comes here, not aggregate_train
         metrics = weighted_mean_metrics([u.metrics for u in updates], [u.weight for u in updates])
         metrics[NUM_EXAMPLES] = float(sum(u.num_examples for u in updates))
         stats["train"] = metrics
@@ -162,6 +173,19 @@ class LoraFedAvg(FedAvg):
         log(INFO, "round %s: aggregated %s updates (%s examples)", server_round, len(updates),
             int(metrics[NUM_EXAMPLES]))
         return MetricRecord(metrics)
+
+    def keep_data_reports(self, server_round: int, updates: list[TrainUpdate]) -> None:
+        """Each site's latest data-check counts; the round's stats get the totals over every
+        site that has reported so far."""
+        for update in updates:
+            if update.data_report is not None:
+                self.data_reports[update.node_id] = update.data_report
+        if self.data_reports:
+            self.round_stats[server_round]["data-checks"] = self.data_check_totals()
+
+    def data_check_totals(self) -> dict:
+        """Sites reported, and their summed data-check counts and label histogram."""
+        return total_site_reports(self.data_reports.values(), self.labels)
 
     # -- the round loop, resumable ---------------------------------------------------------------
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
