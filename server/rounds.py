@@ -105,7 +105,9 @@ class RoundRecorder:
                  # Sites count retried rounds as DP-SGD releases: the count must survive a resume.
                  "run": {"retried-attempts": torch.tensor([self.strategy.retried_attempts])},
                  **(self.client_dp.state_tensors() if self.client_dp else {})}
-        started, self._round_started = self._round_started, time.time()
+        started = self._round_started
+        if server_round == 0:  # round 1 starts now, while round 0 is scored
+            self._round_started = time.time()
         offsets = self.strategy.base_offsets() or {}
         return {"round": server_round, "arrays": arrays, "stats": stats, "started": started,
                 "offsets": {k: v.detach().clone() for k, v in offsets.items()},
@@ -151,6 +153,8 @@ class RoundRecorder:
         save_checkpoint(self.run.checkpoint_dir, Checkpoint(
             round=pending["round"], adapter=record_to_adapter(pending["arrays"]),
             strategy_state={**pending["state"], **self._best_state()}, rng_state=pending["rng"]))
+        if pending["round"] > 0:  # the next round starts once this one is recorded
+            self._round_started = time.time()
         return server_metrics
 
 

@@ -167,3 +167,21 @@ def test_the_best_round_survives_a_checkpoint(run_dir):
     resumed.restore_best(load_checkpoint(run_dir.checkpoint_dir).strategy_state)
     assert resumed.best == (1, 8.0)
     assert torch.equal(resumed.best_adapter["w"], torch.full((2,), 4.0))
+
+
+def test_a_rounds_seconds_start_after_the_previous_rounds_evaluation(run_dir):
+    import time
+
+    class SlowEvaluator(_BlockingEvaluator):
+        def __call__(self, arrays):
+            time.sleep(0.4)
+            return super().__call__(arrays)
+
+    evaluator = SlowEvaluator()
+    evaluator.release.set()
+    recorder = RoundRecorder(run_dir, evaluator, _Strategy(), FedLoraConfig())
+    recorder(0, _arrays(1.0))
+    recorder(1, _arrays(1.0))
+    recorder(2, _arrays(1.0))  # nothing happened between the two but this one's evaluation
+    seconds = [r["seconds"] for r in run_dir.read_rounds()]
+    assert 0.4 <= seconds[2] < 0.7, seconds
