@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from common.errors import FedLoraError
+from common.errors import FedLoraError, first_line
 from common.model import resolve_model_path
 
 TASK_TYPES = {"SEQ_CLS": "classification", "CAUSAL_LM": "causal-lm"}
@@ -104,7 +104,7 @@ def load_adapter_model(saved: SavedAdapter, device: torch.device | None = None):
             warnings.simplefilter("ignore", FutureWarning)
             model = PeftModel.from_pretrained(base, saved.path)
     except (OSError, ValueError, RuntimeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise FedLoraError(f"cannot load adapter {str(saved.path)!r} onto "
                            f"{saved.base_model!r}: {reason}") from None
     model.to(device or torch.device("cpu")).eval()

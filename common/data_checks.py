@@ -20,7 +20,7 @@ import numpy as np
 
 from common.config import FedLoraConfig
 from common.data import DataSplits, is_blank
-from common.errors import FedLoraError
+from common.errors import FedLoraError, first_line
 
 METRIC_PREFIX = "data-"  # a site's counts travel as data-NAME in its train replies
 SITE_COUNTS = ("rows", "empty", "duplicates", "too-long", "unknown-labels", "dropped")
@@ -303,7 +303,7 @@ def load_tokenizer(cfg: FedLoraConfig):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise FedLoraError(f"cannot load the tokenizer of model {cfg.model!r}: {reason}"
                            ) from None
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from common.config import FedLoraConfig
-from common.errors import FedLoraError
+from common.errors import FedLoraError, first_line
 
 # LoRA on the attention projections, per architecture family (config.model_type).
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -103,7 +103,7 @@ def load_model_config(cfg: FedLoraConfig):
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = first_line(err)
         raise FedLoraError(f"unknown model {cfg.model!r}: not a local model folder and not "
                            f"loadable from the Hugging Face hub ({reason})") from None
 

@@ -13,6 +13,7 @@ import numpy as np
 from client.training import train_adapter
 from common.config import FedLoraConfig
 from common.data import load_splits, resolve_labels, tokenize, train_val_split
+from common.data_checks import check_site_rows
 from common.metrics import evaluate_examples
 from common.model import build_lora_model
 from simulations.partitioning import partition_indices
@@ -35,7 +36,8 @@ def centralized(cfg: FedLoraConfig) -> dict:
     splits, labels = _setup(cfg)
     lora = build_lora_model(cfg, labels)
     test = tokenize(splits.test, lora.tokenizer, cfg, labels)
-    pooled = tokenize(splits.train, lora.tokenizer, cfg, labels)
+    rows, _ = check_site_rows(splits.train, lora.tokenizer, cfg, labels)  # as the sites do
+    pooled = tokenize(rows, lora.tokenizer, cfg, labels)
     steps = cfg.num_rounds * cfg.num_clients * cfg.local_steps
     train_adapter(lora.model, pooled, cfg.replace(local_steps=steps), seed=cfg.seed,
                   pad_id=lora.tokenizer.pad_token_id, device=lora.device)
@@ -48,9 +50,12 @@ def local_only(cfg: FedLoraConfig) -> dict:
     initial = {n: t.clone() for n, t in lora.trainable_state().items()}
     test = tokenize(splits.test, lora.tokenizer, cfg, labels)
     scores = []
-    for site, rows in enumerate(partition_indices(splits.train, cfg)):
-        train_rows, _ = train_val_split(rows, cfg.val_fraction, cfg.seed + site)
-        examples = tokenize(splits.train.select(train_rows), lora.tokenizer, cfg, labels)
+    for site, partition in enumerate(partition_indices(splits.train, cfg)):
+        # What the site trains on in a federation (client/app.py): its checked rows, less
+        # its validation share.
+        rows, _ = check_site_rows(splits.train.select(partition), lora.tokenizer, cfg, labels)
+        train_rows, _ = train_val_split(list(range(len(rows))), cfg.val_fraction, cfg.seed + site)
+        examples = tokenize(rows.select(train_rows), lora.tokenizer, cfg, labels)
         lora.load_trainable_state(initial)
         train_adapter(lora.model, examples,
                       cfg.replace(local_steps=cfg.num_rounds * cfg.local_steps),

@@ -373,27 +373,17 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "simulate":
             return simulate_command(config_from_args(args), args.verbose, args.ray_address)
-        if args.command == "certs":
-            return certs_command(args)
-        if args.command == "connect":
-            return connect_command(args)
-        if args.command == "report":
-            return report_command(args)
-        if args.command == "export":
-            return export_command(args)
-        if args.command == "evaluate":
-            return evaluate_command(args)
-        if args.command == "tune":
-            return tune_command(args)
-        if args.command == "inspect":
-            return inspect_command(args)
+        commands = {"certs": certs_command, "connect": connect_command,
+                    "report": report_command, "export": export_command,
+                    "evaluate": evaluate_command, "tune": tune_command,
+                    "inspect": inspect_command}
+        return commands[args.command](args)
     except FedLoraError as err:
         print(f"fedlora: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fedlora: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":
