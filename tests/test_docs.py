@@ -164,9 +164,9 @@ def test_the_scaling_guide_runs_on_a_separately_started_ray_head(scratch, bankin
         for words in commands:
             words = [w.replace("HEAD:6379", f"127.0.0.1:{port}").replace("6379", port)
                      for w in _with_stand_ins(words, banking_subset)]
-            if words[1] == "simulate":
-                words += SHRINK + ["--out", str(scratch / "run"), "--run-config",
-                                   "label-column=category"]
+            if words[1] == "simulate":  # and 2 actors of 8 declared CPUs, not 4 of 4
+                words += SHRINK + ["--client-cpus", "8", "--out", str(scratch / "run"),
+                                   "--run-config", "label-column=category"]
             result = subprocess.run([str(BIN / _program(words)), *words[1:]], cwd=scratch,
                                     env=env, capture_output=True, text=True, timeout=300)
             assert result.returncode == 0, shlex.join(words) + "\n" + result.stdout[-2000:] + \

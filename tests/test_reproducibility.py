@@ -31,23 +31,37 @@ def _without_timing(value):
 
 def _cfg(banking_subset, out, seed=7) -> FedLoraConfig:
     return FedLoraConfig(data=str(banking_subset), label_column="category", num_clients=3,
-                         num_rounds=2, local_steps=3, lora_r=4, max_eval_examples=60,
+                         num_rounds=1, local_steps=2, lora_r=4, max_eval_examples=40,
                          fraction_train=0.67, seed=seed, out_dir=str(out))
 
 
-def test_the_same_seed_gives_the_same_metrics_and_adapter(banking_subset, tmp_path):
+@pytest.fixture(scope="module")
+def three_runs(banking_subset, tmp_path_factory):
+    """Seeds 7, 7 and 8: the same config otherwise."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as task_identity
     runs = []
+    root = tmp_path_factory.mktemp("repro")
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        cfg = _cfg(banking_subset, tmp_path / name, seed)
-        run = run_federation(InProcessGrid(cfg, 3), cfg)
-        # Node ids of a simulation are drawn anew by each process: compare by position.
-        rounds = [_without_timing({k: v for k, v in r.items() if k != "dropped"})
-                  for r in run.read_rounds()]
-        for r in rounds:
-            for client in r["train-per-client"] + r["evaluate-per-client"]:
-                client.pop("node", None)
-        runs.append((rounds, load_file(str(run.final_adapter / "adapter_model.safetensors"))))
-    (first, adapter_a), (second, adapter_b), (other, adapter_c) = runs
+        cfg = _cfg(banking_subset, root / name, seed)
+        runs.append((cfg, run_federation(InProcessGrid(cfg, 3), cfg)))
+    return runs
+
+
+def _comparable(run) -> tuple[list[dict], dict]:
+    # Node ids of a simulation are drawn anew by each process: compare by position.
+    rounds = [_without_timing({k: v for k, v in r.items() if k != "dropped"})
+              for r in run.read_rounds()]
+    for r in rounds:
+        for client in r["train-per-client"] + r["evaluate-per-client"]:
+            client.pop("node", None)
+    return rounds, load_file(str(run.final_adapter / "adapter_model.safetensors"))
+
+
+def test_the_same_seed_gives_the_same_metrics_and_adapter(three_runs):
+    (first, adapter_a), (second, adapter_b), (other, adapter_c) = [
+        _comparable(run) for _, run in three_runs]
     assert first == second
     assert adapter_a.keys() == adapter_b.keys()
     assert all((adapter_a[k] == adapter_b[k]).all() for k in adapter_a)
@@ -55,9 +69,8 @@ def test_the_same_seed_gives_the_same_metrics_and_adapter(banking_subset, tmp_pa
     assert first != other and any((adapter_a[k] != adapter_c[k]).any() for k in adapter_a)
 
 
-def test_the_run_records_versions_commit_and_seeds_and_each_resume(banking_subset, tmp_path):
-    cfg = _cfg(banking_subset, tmp_path / "run").replace(num_rounds=1)
-    run = run_federation(InProcessGrid(cfg, 3), cfg)
+def test_the_run_records_versions_commit_and_seeds_and_each_resume(three_runs):
+    cfg, run = three_runs[0]
     started = json.loads((run.path / "environment.json").read_text())["started"]
     assert started["packages"]["torch"] == metadata.version("torch")
     assert started["packages"]["flwr"] == metadata.version("flwr")
