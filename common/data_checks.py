@@ -20,7 +20,7 @@ import numpy as np
 
 from common.config import FedLoraConfig
 from common.data import DataSplits, is_blank
-from common.errors import FedLoraError, first_line
+from common.errors import FedLoraError
 
 METRIC_PREFIX = "data-"  # a site's counts travel as data-NAME in its train replies
 SITE_COUNTS = ("rows", "empty", "duplicates", "too-long", "unknown-labels", "dropped")
@@ -289,23 +289,10 @@ def check_pool(cfg: FedLoraConfig, splits: DataSplits, labels: Sequence[str] | N
     """`fedlora simulate`'s preflight: the checks on the whole training pool, so bad data is
     refused before any process starts (FedLoraError). The sites check their own shares again
     when they start: a duplicate whose copies land on two sites is one here only."""
+    from common.model import load_tokenizer
+
     _, report = check_site_rows(splits.train, load_tokenizer(cfg), cfg, labels, log)
     return report
-
-
-def load_tokenizer(cfg: FedLoraConfig):
-    """The tokenizer of cfg.model, which counts tokens as training will."""
-    from transformers import AutoTokenizer
-
-    from common.model import resolve_model_path
-
-    path = resolve_model_path(cfg.model)
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        reason = first_line(err)
-        raise FedLoraError(f"cannot load the tokenizer of model {cfg.model!r}: {reason}"
-                           ) from None
 
 
 # -- reporting ---------------------------------------------------------------------------------

@@ -96,16 +96,27 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def _load_pretrained(loader, cfg: FedLoraConfig, failure: str):
+    try:
+        return loader(resolve_model_path(cfg.model))
+    except (OSError, ValueError) as err:
+        raise FedLoraError(f"{failure} ({first_line(err)})") from None
+
+
 def load_model_config(cfg: FedLoraConfig):
     from transformers import AutoConfig
 
-    path = resolve_model_path(cfg.model)
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        reason = first_line(err)
-        raise FedLoraError(f"unknown model {cfg.model!r}: not a local model folder and not "
-                           f"loadable from the Hugging Face hub ({reason})") from None
+    return _load_pretrained(AutoConfig.from_pretrained, cfg,
+                            f"unknown model {cfg.model!r}: not a local model folder and not "
+                            f"loadable from the Hugging Face hub")
+
+
+def load_tokenizer(cfg: FedLoraConfig):
+    """The tokenizer of cfg.model, which counts tokens as training will."""
+    from transformers import AutoTokenizer
+
+    return _load_pretrained(AutoTokenizer.from_pretrained, cfg,
+                            f"cannot load the tokenizer of model {cfg.model!r}")
 
 
 def target_modules_for(cfg: FedLoraConfig, model_type: str) -> list[str]:

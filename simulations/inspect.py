@@ -40,7 +40,8 @@ def inspect_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from common.data import DataSplits, load_site_rows, resolve_labels
-    from common.data_checks import compute_report, judge, load_tokenizer, refusal
+    from common.data_checks import compute_report, judge, refusal
+    from common.model import load_tokenizer
 
     cfg = _config(args)
     rows = load_site_rows(cfg, args.data, what="data")

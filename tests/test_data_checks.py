@@ -23,12 +23,11 @@ from common.data_checks import (
     check_pool,
     check_site_rows,
     compute_report,
-    load_tokenizer,
     report_metrics,
     total_site_reports,
 )
 from common.errors import FedLoraError
-from common.model import build_lora_model
+from common.model import build_lora_model, load_tokenizer
 from common.records import adapter_to_record
 from server.app import run_federation
 from server.contract import TrainUpdate, parse_data_report, parse_metrics
