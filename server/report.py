@@ -373,6 +373,18 @@ def summary_section(run: Run) -> str:
         parts.append(f'<p class="note"><strong>Stopped early:</strong> '
                      f'{_e(_fmt(summary["stopped-early"]))}</p>')
     parts.append(server_metrics_table(run))
+    if summary.get("best-round") is not None:
+        metric = str(summary.get("selection-metric", ""))
+        value = _part(summary, "best").get(metric)
+        parts.append(f"<p><strong>Best round:</strong> {_e(str(summary['best-round']))} "
+                     f"({_e(metric)} {_e(_fmt(value))}): its adapter is in best_adapter/</p>")
+    if isinstance(summary.get("data-checks"), dict):
+        checks = summary["data-checks"]
+        rows = [[name, _fmt(checks[name])] for name in
+                ("sites", "rows", "empty", "duplicates", "too-long", "unknown-labels", "dropped")
+                if name in checks]
+        parts.append("<h3>Data checks (counts the sites reported)</h3>"
+                     + _table(["check", "rows"], rows))
     if (seconds := _number(summary.get("seconds"))) is not None and math.isfinite(seconds):
         parts.append(f"<p>Time: {_e(_duration(seconds))}</p>")
     return "\n".join(parts)

@@ -161,6 +161,18 @@ def test_page_shows_header_summary_config_and_names_each_client(tmp_path):
     assert f"client 3 = node {max(NODES)}" in text
 
 
+def test_the_summary_names_the_best_round_and_the_sites_data_checks(tmp_path):
+    summary = {"status": "completed", "rounds": 3, "seconds": 40.5,
+               "selection-metric": "accuracy", "best-round": 2,
+               "best": {"accuracy": 0.4321},
+               "data-checks": {"sites": 3, "rows": 900, "empty": 7, "duplicates": 11,
+                               "too-long": 2, "unknown-labels": 0, "dropped": 7}}
+    page = write_report(make_run(tmp_path / "run", summary=summary)).read_text()
+    text = " ".join(page_text(page).split())
+    assert "Best round: 2 (accuracy 0.4321)" in text
+    assert "Data checks" in text and "duplicates 11" in text and "sites 3" in text
+
+
 def test_every_text_is_escaped(tmp_path):
     run = make_run(tmp_path / "run", summary={
         "status": "failed", "error": 'ValueError: <script>alert("x")</script>', "seconds": 3.0})
