@@ -61,6 +61,7 @@ class ProcessCache:
     splits: DataSplits | None = None
     partitions: list[list[int]] | None = None
     sites: dict[int, SiteRuntime] = field(default_factory=dict)
+    refused: dict[int, FedLoraError] = field(default_factory=dict)  # sites a data check refused
 
 
 _CACHE: ProcessCache | None = None
@@ -82,11 +83,14 @@ def _model(cache: ProcessCache, cfg: FedLoraConfig, labels: list[str] | None,
     return cache.models[rank]
 
 
-def _load_partitions(cache: ProcessCache, cfg: FedLoraConfig, sites: int) -> None:
-    if cache.partitions is None:
+def _load_partitions(cache: ProcessCache, cfg: FedLoraConfig, sites: int,
+                     splits: DataSplits | None = None) -> None:
+    """The shared data and its split into `sites` partitions, once per process (again only if
+    the federation's size is not the one they were made for)."""
+    if cache.partitions is None or len(cache.partitions) != sites:
         from simulations.partitioning import partition_indices
 
-        cache.splits = load_splits(cfg)
+        cache.splits = splits or cache.splits or load_splits(cfg)
         cache.partitions = partition_indices(cache.splits.train, cfg.replace(num_clients=sites))
 
 
@@ -102,7 +106,7 @@ def warm_up(run_config: dict) -> None:
         splits = load_splits(cfg)
         labels = resolve_labels(cfg, splits) if cfg.is_classification else None
         cache = _process_cache(cfg, labels)
-        _load_partitions(cache, cfg, cfg.num_clients)
+        _load_partitions(cache, cfg, cfg.num_clients, splits)
         for rank in sorted(set(cfg.site_ranks)):
             _model(cache, cfg, labels, rank)
     except Exception as err:  # the first message reports the real error, in its own words
@@ -116,22 +120,28 @@ def _site_runtime(cfg: FedLoraConfig, site: SiteConfig | None, context: Context,
     if site is not None:  # deployment: this site's own data, nothing partitioned
         site_id = int(context.node_id) % (2**31)
         rank = site.lora_r or cfg.global_lora_rank
-        if site_id not in cache.sites:
+        if site_id not in cache.sites and site_id not in cache.refused:
             site_rows = load_site_rows(cfg, site.data_path)
     elif "partition-id" in node:  # simulation: one partition of the shared data set
         site_id = int(node["partition-id"])
         rank = cfg.site_ranks[site_id % len(cfg.site_ranks)]
-        if site_id not in cache.sites:
+        if site_id not in cache.sites and site_id not in cache.refused:
             # The federation's size, not the config's: under `flwr run` it is set there.
             _load_partitions(cache, cfg, int(node.get("num-partitions", cfg.num_clients)))
             site_rows = cache.splits.train.select(cache.partitions[site_id])
     else:
         raise FedLoraError("node config has neither data-path (deployment) nor partition-id "
                            "(simulation)")
+    if site_id in cache.refused:  # decided once: every later message gets the same answer
+        raise cache.refused[site_id]
     if site_id not in cache.sites:
         lora = _model(cache, cfg, labels, rank)
-        # A refusal raises here, on every message: the server leaves the site out, with why.
-        rows, report = check_site_rows(site_rows, lora.tokenizer, cfg, labels, log=log)
+        # A refusal raises here: the server leaves the site out, with why.
+        try:
+            rows, report = check_site_rows(site_rows, lora.tokenizer, cfg, labels, log=log)
+        except FedLoraError as refusal:
+            cache.refused[site_id] = refusal
+            raise
         train_rows, val_rows = train_val_split(list(range(len(rows))), cfg.val_fraction,
                                                cfg.seed + site_id)
         cache.sites[site_id] = SiteRuntime(

@@ -26,6 +26,13 @@ class SavedAdapter:
     run_config: dict  # the run's config.json when the adapter sits in a run directory, else {}
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise FedLoraError(f"{path} cannot be read as JSON: {err}") from None
+
+
 def find_adapter(path: str | Path) -> Path:
     """An adapter folder, or a run directory (its final_adapter/)."""
     path = Path(path).expanduser()
@@ -33,7 +40,7 @@ def find_adapter(path: str | Path) -> Path:
         return path
     if (path / "metrics.jsonl").is_file() or (path / "config.json").is_file():
         summary = path / "summary.json"
-        status = json.loads(summary.read_text()).get("status") if summary.is_file() else None
+        status = _read_json(summary).get("status") if summary.is_file() else None
         if not (path / "final_adapter" / "adapter_config.json").is_file():
             raise FedLoraError(f"run {str(path)!r} has no final adapter (status: "
                                f"{status or 'unknown'}); finish it with fedlora simulate "
@@ -49,23 +56,20 @@ def read_saved_adapter(path: str | Path, model: str | None = None) -> SavedAdapt
     """What an adapter needs to be loaded; `model` overrides the base model it names (for a
     run directory moved to another machine)."""
     folder = find_adapter(path)
-    try:
-        adapter_config = json.loads((folder / "adapter_config.json").read_text())
-    except ValueError as err:
-        raise FedLoraError(f"{folder / 'adapter_config.json'} is not valid JSON: {err}") from None
+    adapter_config = _read_json(folder / "adapter_config.json")
     task = TASK_TYPES.get(str(adapter_config.get("task_type")))
     if task is None:
         raise FedLoraError(f"adapter {str(folder)!r} has task_type "
                            f"{adapter_config.get('task_type')!r}; fedlora adapters are "
                            f"{' or '.join(TASK_TYPES)}")
     run_config_file = folder.parent / "config.json"
-    run_config = json.loads(run_config_file.read_text()) if run_config_file.is_file() else {}
+    run_config = _read_json(run_config_file) if run_config_file.is_file() else {}
     labels = None
     if task == "classification":
         labels_file = folder / "labels.json"
         if not labels_file.is_file():
             raise FedLoraError(f"classification adapter {str(folder)!r} has no labels.json")
-        labels = [str(label) for label in json.loads(labels_file.read_text())]
+        labels = [str(label) for label in _read_json(labels_file)]
     name = model or run_config.get("model") or adapter_config.get("base_model_name_or_path")
     if not name:
         raise FedLoraError(f"adapter {str(folder)!r} names no base model: give --model")

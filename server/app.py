@@ -94,7 +94,8 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
             best = {"selection-metric": cfg.selection_key, "best-round": recorder.best[0]}
         rounds = run.read_rounds()
         if best:
-            best["best"] = next(r["server"] for r in rounds if r["round"] == best["best-round"])
+            best["best"] = next((r["server"] for r in rounds
+                                 if r["round"] == best["best-round"]), {})
         early = {"stopped-early": strategy.stopped_early} if strategy.stopped_early else {}
         data_checks = ({"data-checks": strategy.data_check_totals()} if strategy.data_reports
                        else {})

@@ -14,7 +14,7 @@ from common.adapters import SavedAdapter, load_adapter_model
 from common.config import FedLoraConfig
 from common.data import collate, load_server_splits, tokenize
 from common.metrics import evaluate_examples
-from common.model import LoraModel
+from common.model import LoraModel, pick_device
 from common.records import NUM_EXAMPLES, record_to_adapter
 
 
@@ -47,7 +47,8 @@ def evaluate_saved_adapter(saved: SavedAdapter, cfg: FedLoraConfig, num_examples
     """Score a saved adapter on cfg.eval_data (a file: all of it; a folder: its test split, else
     validation, else train), as the server scores the global adapter. on_progress(done, total)
     after each batch."""
-    model, tokenizer = load_adapter_model(saved)
+    device = pick_device(cfg.device)
+    model, tokenizer = load_adapter_model(saved, device)
     rows = load_server_splits(cfg).test
     examples = tokenize(rows, tokenizer, cfg, saved.labels)
     done = [0]
@@ -58,7 +59,7 @@ def evaluate_saved_adapter(saved: SavedAdapter, cfg: FedLoraConfig, num_examples
             on_progress(done[0], len(examples))
 
     metrics = evaluate_examples(model, examples, batch_size=max(cfg.batch_size, 64),
-                                pad_id=tokenizer.pad_token_id, device=torch.device("cpu"),
+                                pad_id=tokenizer.pad_token_id, device=device,
                                 classification=cfg.is_classification, on_batch=count)
     metrics[NUM_EXAMPLES] = len(examples)
     shown = rows.select(range(min(num_examples, len(rows))))

@@ -111,8 +111,9 @@ class RoundRecorder:
         offsets = self.strategy.base_offsets() or {}
         return {"round": server_round, "arrays": arrays, "stats": stats, "started": started,
                 "offsets": {k: v.detach().clone() for k, v in offsets.items()},
+                # Round 0 is scored while round 1 moves the strategy's state: freeze a copy.
                 "state": {group: {name: t.detach().clone() for name, t in tensors.items()}
-                          for group, tensors in state.items()},
+                          for group, tensors in state.items()} if server_round == 0 else state,
                 "rng": self.strategy.rng.getstate()}
 
     def _record_in_background(self, pending: dict) -> None:

@@ -20,6 +20,7 @@ from typing import Callable
 
 from common.atomic import atomic_write_text
 from common.config import FedLoraConfig
+from common.config_reference import toml_value
 from common.errors import FedLoraError
 from server.outputs import RunDirectory
 from server.selection import HIGHER_IS_BETTER
@@ -52,13 +53,6 @@ def sample_overrides(trial, space: SearchSpace) -> dict[str, object]:
         overrides["proximal-mu"] = trial.suggest_float("proximal-mu", *space.proximal_mu,
                                                        log=True)
     return overrides
-
-
-def best_value(rounds: list[dict], key: str) -> float | None:
-    values = [r["server"][key] for r in rounds if key in r.get("server", {})]
-    if not values:
-        return None
-    return max(values) if HIGHER_IS_BETTER[key] else min(values)
 
 
 class RoundReporter:
@@ -116,7 +110,8 @@ def run_trial(trial, base: FedLoraConfig, space: SearchSpace, out: Path,
             raise FedLoraError(f"trial {trial.number} failed: {err}") from err
     if reporter.pruned_at is not None:
         raise optuna.TrialPruned(f"pruned after round {reporter.pruned_at}")
-    value = best_value(run.read_rounds(), cfg.selection_key)
+    # The run's own best round, chosen by the rule that also picked its best_adapter/.
+    value = run.read_summary().get("best", {}).get(cfg.selection_key)
     if value is None:
         raise FedLoraError(f"trial {trial.number}: the run recorded no {cfg.selection_key}")
     return value
@@ -197,18 +192,10 @@ def best_config_toml(trial, base: FedLoraConfig) -> str:
         values["proximal-mu"] = p["proximal-mu"]
     lines = [f"# fedlora tune: trial {trial.number}, {base.selection_key} {trial.value:.4f}"]
     for key, value in values.items():
-        lines.append(f"{key} = {_toml_value(value)}")
+        lines.append(f"{key} = {toml_value(value)}")
     text = "\n".join(lines) + "\n"
     tomllib.loads(text)  # never write a file flwr would refuse
     return text
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    return repr(value)
 
 
 def add_tune_parser(commands) -> argparse.ArgumentParser:

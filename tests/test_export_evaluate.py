@@ -145,6 +145,7 @@ def test_evaluate_reports_perplexity_for_a_causal_lm(causal_run, tmp_path, capsy
     rows = {line.split()[1]: float(line.split()[3]) for line in
             capsys.readouterr().out.splitlines() if line.startswith("│ ") and
             line.split()[1] in ("loss", "perplexity")}
+    assert set(rows) == {"loss", "perplexity"} and rows["loss"] > 0
     assert rows["perplexity"] == pytest.approx(np.exp(rows["loss"]), rel=1e-3)
 
 

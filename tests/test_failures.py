@@ -32,8 +32,8 @@ CONFIG = "label-column=category lora-r=4 local-steps=2 max-eval-examples=60 frac
 def test_failing_clients_are_left_out_and_the_run_goes_on(banking_subset, tiny_llama_dir,
                                                           tmp_path):
     out = tmp_path / "run"
-    result = _simulate(banking_subset, tiny_llama_dir, out, "0:raise@1,1:empty@2,2:sleep=32@3",
-                       "--rounds", "3", "--run-config", f"{CONFIG} round-timeout=20")
+    result = _simulate(banking_subset, tiny_llama_dir, out, "0:raise@1,1:empty@2,2:sleep=45@3",
+                       "--rounds", "3", "--run-config", f"{CONFIG} round-timeout=30")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rounds = _rounds(out)
     for r, counter, reason in ((1, "train-rejected", "injected fault"),
