@@ -95,8 +95,8 @@ def _load_partitions(cache: ProcessCache, cfg: FedLoraConfig, sites: int,
 
 
 def warm_up(run_config: dict) -> None:
-    """Ray's worker set-up hook under `fedlora simulate`: imports, the base model and the
-    partitioned data, loaded while the server prepares, so the first message finds them here
+    """A client process's base model and partitioned data, loaded while the server prepares
+    (called by Ray's worker set-up hook, client/startup.py), so the first message finds them here
     (they took ~10 s on the way to the first training step). Labels are resolved as the server
     resolves them; if the server's differ, the first message simply starts over."""
     try:

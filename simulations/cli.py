@@ -304,7 +304,7 @@ def prepare_simulation_config(cfg: FedLoraConfig) -> FedLoraConfig:
 
 
 def preflight(cfg: FedLoraConfig) -> None:
-    """Find bad input (data, columns, model, partition sizes) before any process starts."""
+    """Find bad input (data, columns, model, partition sizes) before the run starts."""
     from common.data import load_splits, resolve_labels
     from common.data_checks import check_pool
     from common.model import load_model_config, target_modules_for
@@ -324,10 +324,11 @@ def simulate_command(cfg: FedLoraConfig, verbose: bool, ray_address: str | None 
 
     from server.outputs import RunDirectory
     from simulations.progress import RoundProgress
-    from simulations.runner import simulate
+    from simulations.runner import simulate, start_ray_during
 
     console = Console(stderr=False)
-    preflight(cfg)
+    # Ray starts while the input is checked (seconds each); bad input stops it again.
+    start_ray_during(lambda: preflight(cfg), cfg, ray_address)
     if not verbose:
         from flwr.common.logger import update_console_handler
 

@@ -8,14 +8,22 @@ its simulation runtime the way `flwr-simulation` does; flwr is pinned below 1.42
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
 import logging
 import os
+import shutil
+import sys
+import tempfile
 import tomllib
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from common.config import FedLoraConfig
 
 APP_DIR = Path(__file__).resolve().parent.parent
+_slots_folder: str | None = None  # the load-slot folder of the Ray this process started
 
 
 def backend_config(cfg: FedLoraConfig, ray_address: str | None = None) -> dict:
@@ -46,7 +54,9 @@ def app_components(app_dir: Path = APP_DIR) -> tuple[str, str]:
 
 def simulate(cfg: FedLoraConfig, verbose: bool = False, ray_address: str | None = None) -> None:
     """Run cfg.num_rounds rounds over cfg.num_clients simulated sites; raise if the run fails.
-    With ray_address, on that Ray cluster instead of a Ray instance of this machine."""
+    With ray_address, on that Ray cluster instead of a Ray instance of this machine. Ray is
+    started here unless start_ray_during already did."""
+    import ray
     from flwr.app import Context, RecordDict
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
@@ -56,9 +66,6 @@ def simulate(cfg: FedLoraConfig, verbose: bool = False, ray_address: str | None 
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     serverapp, clientapp = app_components()
     run_config = cfg.to_run_config()
     run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
@@ -69,36 +76,67 @@ def simulate(cfg: FedLoraConfig, verbose: bool = False, ray_address: str | None 
     TaskIdentity.node_id = SUPERLINK_NODE_ID
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(),
                       run_config=run_config)
-    backend = backend_config(cfg, ray_address)
-    start_ray(backend["init_args"], run_config)
+    if not ray.is_initialized():
+        start_ray(cfg, ray_address)
     try:
         _run_simulation(
             num_supernodes=cfg.num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
             server_app_attr=serverapp, client_app_attr=clientapp, backend_name="ray",
-            backend_config=backend, app_dir=str(APP_DIR), run=run,
+            backend_config=backend_config(cfg, ray_address), app_dir=str(APP_DIR), run=run,
             server_app_context=context, is_app=True, verbose_logging=verbose)
     finally:
-        import ray
-
-        if ray.is_initialized():  # Flower shuts Ray down itself, unless it failed first
-            ray.shutdown()
+        stop_ray()  # Flower shuts Ray down itself, unless it failed first
 
 
-def start_ray(init_args: dict, run_config: dict) -> None:
+def start_ray(cfg: FedLoraConfig, ray_address: str | None = None) -> None:
     """Ray as Flower's backend would start it (which then leaves it as it is), plus a worker
     set-up hook: every client process loads its imports, base model and data while the server
-    prepares, instead of on its first message."""
-    import functools
-    import sys
-
+    prepares, instead of on its first message (client/startup.py)."""
     import ray
 
-    from client.app import warm_up
+    from client.startup import RUN_CONFIG_ENV, SLOTS_ENV
 
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     # Workers do not inherit this process's sys.path changes, only the environment.
     pythonpath = os.pathsep.join([str(APP_DIR), *sys.path, os.environ.get("PYTHONPATH", "")])
     os.environ["PYTHONPATH"] = pythonpath
-    # Ray names the hook in its errors: a bare partial has no __name__.
-    hook = functools.update_wrapper(functools.partial(warm_up, run_config), warm_up)
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath},
-                          "worker_process_setup_hook": hook}, **init_args)
+    global _slots_folder
+    _slots_folder = f"fedlora-load-slots-{uuid.uuid4().hex}"
+    env = {"PYTHONPATH": pythonpath, RUN_CONFIG_ENV: json.dumps(cfg.to_run_config()),
+           SLOTS_ENV: _slots_folder}
+    # Named, not passed: the driver need not import torch and transformers to start Ray.
+    ray.init(runtime_env={"env_vars": env,
+                          "worker_process_setup_hook": "client.startup.warm_up_worker"},
+             **backend_config(cfg, ray_address)["init_args"])
+
+
+def stop_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    global _slots_folder
+    if _slots_folder:  # this machine's slots; a cluster's other nodes keep their empty files
+        shutil.rmtree(Path(tempfile.gettempdir()) / _slots_folder, ignore_errors=True)
+        _slots_folder = None
+
+
+def start_ray_during(checks: Callable[[], None], cfg: FedLoraConfig,
+                     ray_address: str | None = None) -> None:
+    """Start Ray while `checks` run in a thread: Ray's start-up (seconds of its own processes)
+    overlaps the slower input checks. If the checks raise, Ray is stopped and their error
+    raised."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        checked = pool.submit(checks)
+        try:
+            start_ray(cfg, ray_address)
+        except BaseException:
+            checked.result()  # bad input is the better message than a failed start
+            raise
+        try:
+            checked.result()
+        except BaseException:
+            stop_ray()
+            raise

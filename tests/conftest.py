@@ -26,6 +26,21 @@ class StaticGrid:
         return self.nodes
 
 
+def simulate_without_ray(monkeypatch, grid=None) -> None:
+    """`fedlora simulate`/`tune` run the ServerApp in this process on a grid (default: sites
+    trained in this process) instead of on Ray, after the same input checks."""
+    from server.app import run_federation
+    from simulations import runner
+    from simulations.inprocess import InProcessGrid
+
+    def simulate(cfg, verbose=False, ray_address=None):
+        run_federation(grid or InProcessGrid(cfg, cfg.num_clients), cfg)
+
+    monkeypatch.setattr(runner, "simulate", simulate)
+    monkeypatch.setattr(runner, "start_ray_during",
+                        lambda checks, cfg, ray_address=None: checks())
+
+
 @pytest.fixture
 def task_identity():
     """What Flower's runtime sets before a ServerApp builds messages."""

@@ -1,4 +1,5 @@
-"""Bad input: one line naming the problem, a non-zero exit, no traceback, and no Ray started."""
+"""Bad input: one line naming the problem, a non-zero exit, no traceback, nothing written, and
+Ray (which starts while the input is checked) stopped again."""
 
 import subprocess
 import sys
@@ -6,6 +7,7 @@ import sys
 import pandas as pd
 import pytest
 
+from simulations import runner
 from simulations.cli import main
 from tests.conftest import REPO
 
@@ -31,7 +33,11 @@ def small_csv(tmp_path):
     (["--run-config", "no-such-key=1"], "unknown config key 'no-such-key'"),
     (["--partition", "zipf"], "invalid choice: 'zipf'"),
 ])
-def test_bad_input_gives_one_clear_line(small_csv, tmp_path, capsys, args, fragment):
+def test_bad_input_gives_one_clear_line(small_csv, tmp_path, capsys, monkeypatch, args,
+                                        fragment):
+    ray_calls: list[str] = []
+    monkeypatch.setattr(runner, "start_ray", lambda cfg, address=None: ray_calls.append("start"))
+    monkeypatch.setattr(runner, "stop_ray", lambda: ray_calls.append("stop"))
     argv = ["simulate", "--data", str(small_csv), "--num-clients", "2", "--out",
             str(tmp_path / "run")] + args
     assert main(argv) == 2
@@ -39,7 +45,12 @@ def test_bad_input_gives_one_clear_line(small_csv, tmp_path, capsys, args, fragm
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("fedlora: error: ") and fragment in lines[0], lines[0]
-    assert not (tmp_path / "run").exists()  # nothing started, nothing written
+    assert not (tmp_path / "run").exists()  # nothing written
+    # A bad option or config value is refused before Ray starts; bad data or a bad model
+    # while it starts, and it is stopped.
+    found_while_starting = args[0] in ("--data", "--model", "--num-clients") or \
+        "label-column" in args[-1]
+    assert ray_calls == (["start", "stop"] if found_while_starting else [])
 
 
 def test_the_console_command_exits_non_zero_without_traceback(tmp_path):

@@ -29,8 +29,8 @@ import pandas as pd
 import pytest
 
 from common.config import FedLoraConfig, parse_overrides
-from simulations import cli, runner
-from tests.conftest import REPO
+from simulations import cli
+from tests.conftest import REPO, simulate_without_ray
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -82,17 +82,13 @@ def _with_stand_ins(words: list[str], data: Path) -> list[str]:
 
 def run_fedlora(words: list[str], data: Path, monkeypatch) -> None:
     """One documented fedlora command, as a user would type it (see the module docstring)."""
-    from server.app import run_federation
-    from simulations.inprocess import InProcessGrid
-
     argv = _with_stand_ins(words, data)[1:]
     if argv[0] == "simulate":
         resume = "--resume" in argv
         argv += SHRINK if not resume else SHRINK[:2] + ["--rounds", "2"] + SHRINK[4:]
     elif argv[0] == "tune":  # one short trial
         argv += SHRINK + ["--trials", "1", "--local-steps", "1", "2"]
-    monkeypatch.setattr(runner, "simulate", lambda cfg, verbose=False, ray_address=None:
-                        run_federation(InProcessGrid(cfg, cfg.num_clients), cfg))
+    simulate_without_ray(monkeypatch)
     code = cli.main(argv)
     assert code == 0, f"fedlora {shlex.join(argv)} exited {code}"
 

@@ -7,7 +7,8 @@ import pytest
 
 from common.config import FedLoraConfig
 from server.app import run_federation
-from simulations import cli, runner
+from simulations import cli
+from tests.conftest import simulate_without_ray
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -42,8 +43,7 @@ def test_a_failing_run_is_marked_failed_and_keeps_round_zero(small_config):
 
 
 def test_the_cli_exits_non_zero_when_the_run_fails(small_config, monkeypatch, capsys):
-    monkeypatch.setattr(runner, "simulate",
-                        lambda cfg, verbose, ray_address: run_federation(LostGrid(), cfg))
+    simulate_without_ray(monkeypatch, LostGrid())
     code = cli.main(["simulate", "--data", small_config.data, "--num-clients", "2",
                      "--out", small_config.out_dir])
     assert code == 1

@@ -4,22 +4,26 @@ flwr-datasets' partitioners without its plotting imports."""
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
 import threading
+import time
 
 import pandas as pd
 import pytest
 import torch
 
 from client import app as client_app
+from client import startup
 from common.config import FedLoraConfig
 from common.errors import FedLoraError
 from common.records import adapter_to_record
 from server.checkpoint import load_checkpoint
 from server.outputs import RunDirectory
 from server.rounds import RoundRecorder
+from simulations import runner
 from tests.conftest import REPO
 
 
@@ -214,3 +218,87 @@ def test_a_rounds_seconds_start_after_the_previous_rounds_evaluation(run_dir):
     recorder(2, _arrays(1.0))  # nothing happened between the two but this one's evaluation
     seconds = [r["seconds"] for r in run_dir.read_rounds()]
     assert 0.4 <= seconds[2] < 0.8, seconds  # not 2 x 0.4: round 1's evaluation is not in it
+
+
+def test_a_machine_leaves_one_core_to_the_server_while_client_processes_load():
+    assert [startup.load_slots(cores) for cores in (1, 2, 4, 16)] == [1, 1, 3, 15]
+
+
+def test_a_second_process_loads_only_when_the_first_frees_its_slot(tmp_path):
+    order: list[str] = []
+    first_holds = threading.Event()
+
+    def first() -> None:
+        with startup.load_slot(tmp_path, 1) as slot:
+            order.append(f"first got {slot}")
+            first_holds.set()
+            time.sleep(0.5)
+            order.append("first done")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert first_holds.wait(10)
+    with startup.load_slot(tmp_path, 1, wait=0.1) as slot:  # the only slot is taken
+        assert slot is None
+    with startup.load_slot(tmp_path, 1, wait=30) as slot:
+        order.append(f"second got {slot}")
+    thread.join()
+    assert order == ["first got 0", "first done", "second got 0"]
+
+
+def test_two_slots_let_two_load_at_once(tmp_path):
+    with startup.load_slot(tmp_path, 2) as one, startup.load_slot(tmp_path, 2, wait=1) as two:
+        assert {one, two} == {0, 1}
+
+
+def test_a_process_that_dies_while_loading_frees_its_slot(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from client.startup import load_slot\n"
+         "with load_slot(Path(sys.argv[1]), 1):\n"
+         "    print('held', flush=True); time.sleep(120)", str(tmp_path)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with startup.load_slot(tmp_path, 1, wait=0.2) as slot:
+            assert slot is None  # held by the live process
+        holder.kill()
+        holder.wait(10)
+        with startup.load_slot(tmp_path, 1, wait=10) as slot:
+            assert slot == 0
+    finally:
+        holder.kill()
+
+
+def test_the_worker_hook_loads_the_run_inside_a_slot(small_csv, tmp_path, monkeypatch):
+    cfg = FedLoraConfig(data=str(small_csv), num_clients=4)
+    seen: list = []
+
+    def warm_up(run_config):  # is the slot held while it loads?
+        with startup.load_slot(tmp_path / "slots", 1, wait=0) as slot:
+            seen.append((run_config, slot))
+
+    monkeypatch.setattr(client_app, "warm_up", warm_up)
+    monkeypatch.setattr(startup.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setenv(startup.RUN_CONFIG_ENV, json.dumps(cfg.to_run_config()))
+    monkeypatch.setenv(startup.SLOTS_ENV, "slots")
+    monkeypatch.setattr(startup, "load_slots", lambda: 1)
+    startup.warm_up_worker()
+    assert seen == [(cfg.to_run_config(), None)]  # the hook's slot was taken
+
+
+def test_the_input_checks_that_fail_while_ray_starts_stop_it(monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(runner, "start_ray", lambda cfg, address=None: calls.append("start"))
+    monkeypatch.setattr(runner, "stop_ray", lambda: calls.append("stop"))
+
+    def bad_rows() -> None:
+        time.sleep(0.2)
+        raise FedLoraError("3 rows are empty")
+
+    with pytest.raises(FedLoraError, match="3 rows are empty"):
+        runner.start_ray_during(bad_rows, FedLoraConfig())
+    assert calls == ["start", "stop"]
+    calls.clear()
+    runner.start_ray_during(lambda: None, FedLoraConfig())
+    assert calls == ["start"]  # good input: Ray stays up for the run

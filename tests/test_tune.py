@@ -9,17 +9,17 @@ import pytest
 from common.config import FedLoraConfig, parse_overrides
 from server.app import run_federation
 from server.outputs import RunDirectory
-from simulations import cli, runner
+from simulations import cli
 from simulations.inprocess import InProcessGrid
 from simulations.tune import SearchSpace, open_study, run_trial
+from tests.conftest import simulate_without_ray
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture
 def in_process(monkeypatch):
-    monkeypatch.setattr(runner, "simulate", lambda cfg, verbose=False, ray_address=None:
-                        run_federation(InProcessGrid(cfg, cfg.num_clients), cfg))
+    simulate_without_ray(monkeypatch)
 
 
 def _tune(banking_subset, out, trials: int) -> int:

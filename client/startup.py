@@ -1,0 +1,80 @@
+"""Ray's worker set-up hook under `fedlora simulate`: a client process loads its imports, the
+base model and the partitioned data (client.app.warm_up) before its first message.
+
+Loading is CPU-bound (torch, transformers and flwr imports, then the model) and every process
+starts at once. On a machine with few cores they would share the cores with each other and
+with the server, which every site waits for, and all finish late. So at most (cores - 1)
+processes of a machine load at once, each holding a slot (an flock that the kernel releases
+even if the process dies): one core stays with the server, the first process to load trains
+first, and the others load as soon as a slot frees. This module imports only the standard
+library, so a process waiting for a slot costs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+RUN_CONFIG_ENV = "FEDLORA_WARM_UP_CONFIG"  # the run_config, as JSON
+SLOTS_ENV = "FEDLORA_WARM_UP_SLOTS"  # the name of this run's slot folder in the temp dir
+SLOT_WAIT_SECONDS = 300.0  # then load anyway: a slow first load must not stall the others
+_POLL_SECONDS = 0.05
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: every process loads at once
+    fcntl = None
+
+
+def load_slots(cores: int | None = None) -> int:
+    """How many processes of a machine with `cores` cores may load at once."""
+    return max(1, (cores or os.cpu_count() or 1) - 1)
+
+
+@contextlib.contextmanager
+def load_slot(folder: Path, slots: int, wait: float = SLOT_WAIT_SECONDS) -> Iterator[int | None]:
+    """Hold one of `slots` slots in `folder` (the slot's number; None if none freed up in
+    `wait` seconds or flock is missing)."""
+    if fcntl is None:
+        yield None
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [open(folder / f"slot-{i}.lock", "a") for i in range(slots)]
+    held: int | None = None
+    try:
+        deadline = time.monotonic() + wait
+        while held is None and time.monotonic() < deadline:
+            for i, file in enumerate(files):
+                try:
+                    fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                held = i
+                break
+            else:
+                time.sleep(_POLL_SECONDS)
+        if held is None:
+            logging.getLogger("fedlora").warning(
+                "fedlora: no load slot freed in %.0f s; loading anyway", wait)
+        yield held
+    finally:
+        for file in files:  # closing releases the lock
+            file.close()
+
+
+def warm_up_worker() -> None:
+    """The hook itself (Ray imports it by name): the run_config comes in the environment."""
+    if RUN_CONFIG_ENV not in os.environ:  # not started by fedlora simulate: nothing to load
+        return
+    run_config = json.loads(os.environ[RUN_CONFIG_ENV])
+    folder = Path(tempfile.gettempdir()) / os.environ.get(SLOTS_ENV, "fedlora-load-slots")
+    with load_slot(folder, load_slots()):
+        from client.app import warm_up
+
+        warm_up(run_config)
