@@ -157,7 +157,7 @@ def test_two_authenticated_sites_train_over_tls(federation):
              for site in ("site-a", "site-b")]
     out = root / "run"
     overrides = (f"eval-data='{root / 'coordinator-test.csv'}' label-column='category' "
-                 f"num-rounds=2 learning-rate=0.01 local-steps=6 fraction-evaluate=0 "
+                 f"num-rounds=1 learning-rate=0.01 local-steps=12 fraction-evaluate=0 "
                  f"out-dir='{out}'")
     result = subprocess.run([str(BIN / "flwr"), "run", ".", "consortium", "--stream",
                              "--run-config", overrides], cwd=REPO, env=fed["env"],
@@ -167,13 +167,12 @@ def test_two_authenticated_sites_train_over_tls(federation):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed", summary
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [0, 1, 2]
-    assert rounds[2]["server"]["accuracy"] > rounds[0]["server"]["accuracy"] + 0.2, rounds
-    assert rounds[2]["server"]["num-examples"] == 100  # the coordinator's whole test set
-    for r in rounds[1:]:
-        assert r["clients"]["train-clients-aggregated"] == 2
-        # Each site trains on all of its own 150 rows but the 10% it keeps for validation.
-        assert r["train"]["num-examples"] == 270 and r["train"]["train-steps"] == 6
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert rounds[1]["server"]["accuracy"] > rounds[0]["server"]["accuracy"] + 0.2, rounds
+    assert rounds[1]["server"]["num-examples"] == 100  # the coordinator's whole test set
+    assert rounds[1]["clients"]["train-clients-aggregated"] == 2
+    # Each site trains on all of its own 150 rows but the 10% it keeps for validation.
+    assert rounds[1]["train"]["num-examples"] == 270 and rounds[1]["train"]["train-steps"] == 12
     assert (out / "final_adapter" / "adapter_config.json").is_file()
     assert (out / "checkpoint").is_dir() and (out / "config.json").is_file()
 
@@ -183,8 +182,7 @@ def test_two_authenticated_sites_train_over_tls(federation):
     secure_out = root / "secure-run"
     result = subprocess.run(
         [str(BIN / "flwr"), "run", ".", "consortium", "--stream", "--run-config",
-         overrides.replace(str(out), str(secure_out)).replace("num-rounds=2", "num-rounds=1")
-         + " secure-aggregation=true"], cwd=REPO, env=fed["env"], capture_output=True,
+         overrides.replace(str(out), str(secure_out)) + " secure-aggregation=true"], cwd=REPO, env=fed["env"], capture_output=True,
         text=True, timeout=480)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert RunDirectory(secure_out).read_summary()["status"] == "completed"

@@ -19,7 +19,7 @@ BIN = Path(sys.executable).parent
 
 
 def _command(data, model, out, *extra):
-    return [str(BIN / "fedlora"), "simulate", "--num-clients", "3", "--rounds", "3", "--data",
+    return [str(BIN / "fedlora"), "simulate", "--num-clients", "3", "--rounds", "2", "--data",
             str(data), "--model", str(model), "--out", str(out), "--strategy", "exact",
             "--run-config", "label-column=category lora-r=4 local-steps=3 max-eval-examples=60",
             *extra]
@@ -56,7 +56,7 @@ def test_a_killed_run_resumes_to_the_same_adapter(banking_subset, tiny_llama_dir
     proc = subprocess.Popen(_command(banking_subset, tiny_llama_dir, run), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while len(_rounds(run)) < 2:  # rounds 0 and 1 recorded: kill during round 2
+    while len(_rounds(run)) < 2:  # rounds 0 and 1 recorded: kill during round 2, the last
         assert proc.poll() is None and time.time() < deadline, "run ended before the kill"
         time.sleep(0.05)
     _kill_tree(proc)
@@ -66,7 +66,7 @@ def test_a_killed_run_resumes_to_the_same_adapter(banking_subset, tiny_llama_dir
     result = subprocess.run([str(BIN / "fedlora"), "simulate", "--resume", str(run)], cwd=REPO,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert _rounds(run) == [0, 1, 2, 3]  # every round exactly once
+    assert _rounds(run) == [0, 1, 2]  # every round exactly once
     expected, resumed = _adapter(reference), _adapter(run)
     assert expected.keys() == resumed.keys()
     for name in expected:
