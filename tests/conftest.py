@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +15,13 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A port no one listens on now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class StaticGrid:

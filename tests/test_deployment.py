@@ -19,15 +19,9 @@ import pandas as pd
 import pytest
 
 from server.outputs import RunDirectory
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _port_free(port: int) -> bool:
@@ -107,7 +101,7 @@ def federation(banking77_dir, tmp_path_factory):
     test[test.category.isin(intents)].groupby("category").head(10).to_csv(
         root / "coordinator-test.csv", index=False)
 
-    port = _free_port()
+    port = free_port()
     procs = Processes(env, root)
     try:
         certs = root / "certs"
@@ -139,7 +133,7 @@ def federation(banking77_dir, tmp_path_factory):
 def _supernode(fed, name: str, key: str | None, ca: Path | None, data: str,
                insecure: bool = False) -> tuple[subprocess.Popen, int]:
     args = ["flower-supernode", "--superlink", f"127.0.0.1:{fed['port']}", "--node-config",
-            f"data-path='{data}'", "--port", str(port := _free_port()),
+            f"data-path='{data}'", "--port", str(port := free_port()),
             "--max-retries", "2", "--max-wait-time", "15"]
     if insecure:
         args.append("--insecure")
@@ -182,8 +176,8 @@ def test_two_authenticated_sites_train_over_tls(federation):
     secure_out = root / "secure-run"
     result = subprocess.run(
         [str(BIN / "flwr"), "run", ".", "consortium", "--stream", "--run-config",
-         overrides.replace(str(out), str(secure_out)) + " secure-aggregation=true"], cwd=REPO, env=fed["env"], capture_output=True,
-        text=True, timeout=480)
+         overrides.replace(str(out), str(secure_out)) + " secure-aggregation=true"],
+        cwd=REPO, env=fed["env"], capture_output=True, text=True, timeout=480)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert RunDirectory(secure_out).read_summary()["status"] == "completed"
     secure = RunDirectory(secure_out).read_rounds()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ import pytest
 
 from common.config import FedLoraConfig, parse_overrides
 from simulations import cli
-from tests.conftest import REPO, simulate_without_ray
+from tests.conftest import REPO, free_port, simulate_without_ray
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -143,15 +142,9 @@ def run_make_target(target: str, data: Path, monkeypatch) -> None:
     run_fedlora(shlex.split(line.replace("$(OUT)", "runs/quickstart")), data, monkeypatch)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_the_scaling_guide_runs_on_a_separately_started_ray_head(scratch, banking_subset):
     """docs/scaling.md as written, with this machine's address and a free port for HEAD:6379."""
-    port = str(_free_port())
+    port = str(free_port())
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
                RAY_DEDUP_LOGS="0", PYTHONPATH=str(REPO))
     commands = documented_commands("docs/scaling.md")

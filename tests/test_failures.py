@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from server.outputs import RunDirectory
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
@@ -22,10 +23,6 @@ def _simulate(data, model, out, faults, *extra):
         capture_output=True, text=True, timeout=600)
 
 
-def _rounds(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 CONFIG = "label-column=category lora-r=4 local-steps=2 max-eval-examples=60 fraction-evaluate=0"
 
 
@@ -35,7 +32,7 @@ def test_failing_clients_are_left_out_and_the_run_goes_on(banking_subset, tiny_l
     result = _simulate(banking_subset, tiny_llama_dir, out, "0:raise@1,1:empty@2,2:sleep=45@3",
                        "--rounds", "3", "--run-config", f"{CONFIG} round-timeout=30")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    rounds = _rounds(out)
+    rounds = RunDirectory(out).read_rounds()
     for r, counter, reason in ((1, "train-rejected", "injected fault"),
                                (2, "train-rejected", "expected one MetricRecord"),
                                (3, "train-missing", "no reply within round-timeout")):
@@ -53,11 +50,11 @@ def test_too_few_replies_stop_the_run_cleanly_and_it_resumes(banking_subset, tin
     assert result.returncode == 1
     [line] = [x for x in result.stderr.splitlines() if x.startswith("fedlora: error:")]
     assert "round 2: only 1 usable training replies, at least 2 needed, after 2 attempts" in line
-    assert [r["round"] for r in _rounds(out)] == [0, 1]
+    assert [r["round"] for r in RunDirectory(out).read_rounds()] == [0, 1]
     assert json.loads((out / "checkpoint" / "state.json").read_text())["round"] == 1
     assert json.loads((out / "summary.json").read_text())["status"] == "failed"
 
     resumed = _simulate(banking_subset, tiny_llama_dir, out, "", "--resume", str(out))
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    assert [r["round"] for r in _rounds(out)] == [0, 1, 2]
+    assert [r["round"] for r in RunDirectory(out).read_rounds()] == [0, 1, 2]
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"

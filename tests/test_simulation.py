@@ -17,7 +17,8 @@ import torch
 from common.config import FedLoraConfig
 from common.data import load_splits, tokenize
 from common.metrics import evaluate_examples
-from tests.conftest import REPO
+from server.outputs import RunDirectory
+from tests.conftest import REPO, free_port
 
 BIN = Path(sys.executable).parent
 
@@ -29,10 +30,6 @@ def _simulate(*args: str, timeout: int = 420) -> subprocess.CompletedProcess:
     return result
 
 
-def _rounds(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def classification_run(banking_subset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cls") / "run"
@@ -42,7 +39,7 @@ def classification_run(banking_subset, tmp_path_factory) -> Path:
 
 
 def test_server_accuracy_rises_and_every_round_is_recorded(classification_run):
-    rounds = _rounds(classification_run)
+    rounds = RunDirectory(classification_run).read_rounds()
     assert [r["round"] for r in rounds] == [0, 1, 2]
     first, last = rounds[0]["server"], rounds[-1]["server"]
     assert last["accuracy"] > first["accuracy"] + 0.3, (first, last)
@@ -80,7 +77,7 @@ def test_final_adapter_reloads_with_peft_and_reproduces_the_accuracy(classificat
     examples = tokenize(load_splits(cfg).test, tokenizer, cfg, labels)
     metrics = evaluate_examples(model, examples, batch_size=64, pad_id=tokenizer.pad_token_id,
                                 device=torch.device("cpu"), classification=True)
-    server = _rounds(classification_run)[-1]["server"]
+    server = RunDirectory(classification_run).read_rounds()[-1]["server"]
     assert metrics["accuracy"] == server["accuracy"]
     assert metrics["loss"] == pytest.approx(server["loss"], abs=1e-4)
 
@@ -92,17 +89,11 @@ def test_causal_lm_federation_lowers_the_server_loss(banking_instructions, tiny_
               "--model", str(tiny_llama_dir), "--task", "causal-lm", "--out", str(out),
               "--run-config", "learning-rate=0.01 local-epochs=2 batch-size=16 "
                               "prompt-template='{prompt}'")
-    rounds = _rounds(out)
+    rounds = RunDirectory(out).read_rounds()
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert rounds[2]["server"]["loss"] < rounds[0]["server"]["loss"] - 0.1
     assert rounds[2]["server"]["perplexity"] < rounds[0]["server"]["perplexity"]
     assert (out / "final_adapter" / "adapter_model.safetensors").is_file()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop_processes_under(marker: str) -> None:
@@ -116,7 +107,7 @@ def _stop_processes_under(marker: str) -> None:
 def test_flwr_run_runs_the_same_apps(banking_subset, tmp_path):
     """`flwr run .` on a private local SuperLink (own FLWR_HOME and ports), stopped after."""
     home = tmp_path / "flwr_home"
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     env = dict(os.environ, FLWR_HOME=str(home), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
                FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(ports[0]),
                FLWR_LOCAL_CONTROL_API_PORT=str(ports[1]),
@@ -132,7 +123,7 @@ def test_flwr_run_runs_the_same_apps(banking_subset, tmp_path):
         # flwr run exits 0 even when the run failed: the run's own summary says how it ended.
         summary = json.loads((out / "summary.json").read_text())
         assert summary["status"] == "completed", summary
-        rounds = _rounds(out)
+        rounds = RunDirectory(out).read_rounds()
         assert [r["round"] for r in rounds] == [0, 1]
         assert rounds[1]["server"]["accuracy"] > rounds[0]["server"]["accuracy"] + 0.2
         assert rounds[1]["clients"]["train-clients-aggregated"] == 2  # flwr's 2 SuperNodes
@@ -183,7 +174,7 @@ def test_every_strategy_runs_end_to_end(strategy, banking_subset, tiny_llama_dir
         **parse_overrides(f"label-column=category lora-r=4 local-steps=3 max-eval-examples=60 "
                           f"{STRATEGY_RUNS[strategy]}")})
     run_federation(InProcessGrid(run_cfg, sites), run_cfg)
-    rounds = _rounds(out)
+    rounds = RunDirectory(out).read_rounds()
     assert [r["round"] for r in rounds] == [0, 1, 2]
     for r in rounds[1:]:
         assert r["clients"]["train-clients-aggregated"] == sites
