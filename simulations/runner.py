@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common.config import FedLoraConfig
+from common.errors import FedLoraError, first_line
 
 APP_DIR = Path(__file__).resolve().parent.parent
 _slots_folder: str | None = None  # the load-slot folder of the Ray this process started
@@ -132,8 +133,11 @@ def start_ray_during(checks: Callable[[], None], cfg: FedLoraConfig,
         checked = pool.submit(checks)
         try:
             start_ray(cfg, ray_address)
-        except BaseException:
+        except BaseException as err:
             checked.result()  # bad input is the better message than a failed start
+            if isinstance(err, Exception):
+                where = f"join the Ray cluster at {ray_address}" if ray_address else "start Ray"
+                raise FedLoraError(f"cannot {where}: {first_line(err)}") from err
             raise
         try:
             checked.result()

@@ -302,3 +302,14 @@ def test_the_input_checks_that_fail_while_ray_starts_stop_it(monkeypatch):
     calls.clear()
     runner.start_ray_during(lambda: None, FedLoraConfig())
     assert calls == ["start"]  # good input: Ray stays up for the run
+
+
+def test_a_ray_cluster_that_cannot_be_joined_is_one_line(monkeypatch):
+    def unreachable(cfg, address=None):
+        raise ConnectionError("Could not find any running Ray instance.\nPlease start one")
+
+    monkeypatch.setattr(runner, "start_ray", unreachable)
+    with pytest.raises(FedLoraError) as raised:
+        runner.start_ray_during(lambda: None, FedLoraConfig(), "10.0.0.9:6379")
+    assert str(raised.value) == ("cannot join the Ray cluster at 10.0.0.9:6379: "
+                                 "Could not find any running Ray instance.")
