@@ -92,7 +92,7 @@ def main() -> None:
                             **measure(run_dir, started, concurrency)}
             results_file.write_text(json.dumps(results, indent=1))
         repeats = results[key].setdefault("first-step-repeats", [])
-        short = args.run_config.replace("local-epochs=1", "local-steps=3")
+        short = f"{args.run_config} local-steps=3"  # local-steps overrides local-epochs
         while len(repeats) < args.first_step_repeats:
             run_dir = out / f"sites{sites}-start{len(repeats)}"
             repeats.append(first_step(run_dir, simulate(args, sites, 1, short, run_dir)))

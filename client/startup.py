@@ -4,10 +4,12 @@ base model and the partitioned data (client.app.warm_up) before its first messag
 Loading is CPU-bound (torch, transformers and flwr imports, then the model) and every process
 starts at once. On a machine with few cores they would share the cores with each other and
 with the server, which every site waits for, and all finish late. So at most (cores - 1)
-processes of a machine load at once, each holding a slot (an flock that the kernel releases
-even if the process dies): one core stays with the server, the first process to load trains
-first, and the others load as soon as a slot frees. This module imports only the standard
-library, so a process waiting for a slot costs nothing.
+processes of a machine load at once, each holding a slot: one core stays with the server, the
+first process to load trains first, and the others load as soon as a slot frees. A slot is an
+flock on a file in one folder per user and machine: the kernel releases it when the process
+exits or dies, so the files hold no state and are never cleaned up, and simulations running
+side by side on one machine share its slots as they share its cores. This module imports only
+the standard library, so a process waiting for a slot costs nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 RUN_CONFIG_ENV = "FEDLORA_WARM_UP_CONFIG"  # the run_config, as JSON
-SLOTS_ENV = "FEDLORA_WARM_UP_SLOTS"  # the name of this run's slot folder in the temp dir
 SLOT_WAIT_SECONDS = 300.0  # then load anyway: a slow first load must not stall the others
 _POLL_SECONDS = 0.05
 
@@ -30,6 +31,12 @@ try:
     import fcntl
 except ImportError:  # not POSIX: every process loads at once
     fcntl = None
+
+
+def slots_folder() -> Path:
+    """This user's slot folder on this machine."""
+    user = os.getuid() if hasattr(os, "getuid") else "all"
+    return Path(tempfile.gettempdir()) / f"fedlora-load-slots-{user}"
 
 
 def load_slots(cores: int | None = None) -> int:
@@ -40,12 +47,22 @@ def load_slots(cores: int | None = None) -> int:
 @contextlib.contextmanager
 def load_slot(folder: Path, slots: int, wait: float = SLOT_WAIT_SECONDS) -> Iterator[int | None]:
     """Hold one of `slots` slots in `folder` (the slot's number; None if none freed up in
-    `wait` seconds or flock is missing)."""
-    if fcntl is None:
+    `wait` seconds, or there are no slots to be had: no flock, or a folder it cannot write)."""
+    log = logging.getLogger("fedlora")
+    files = []
+    try:
+        if fcntl is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(slots):
+                files.append(open(folder / f"slot-{i}.lock", "a"))
+    except OSError as err:  # loading at once is slower, not wrong
+        log.warning("fedlora: no load slots (%s); loading at once", err)
+        for file in files:
+            file.close()
+        files = []
+    if not files:
         yield None
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    files = [open(folder / f"slot-{i}.lock", "a") for i in range(slots)]
     held: int | None = None
     try:
         deadline = time.monotonic() + wait
@@ -60,8 +77,7 @@ def load_slot(folder: Path, slots: int, wait: float = SLOT_WAIT_SECONDS) -> Iter
             else:
                 time.sleep(_POLL_SECONDS)
         if held is None:
-            logging.getLogger("fedlora").warning(
-                "fedlora: no load slot freed in %.0f s; loading anyway", wait)
+            log.warning("fedlora: no load slot freed in %.0f s; loading anyway", wait)
         yield held
     finally:
         for file in files:  # closing releases the lock
@@ -70,11 +86,8 @@ def load_slot(folder: Path, slots: int, wait: float = SLOT_WAIT_SECONDS) -> Iter
 
 def warm_up_worker() -> None:
     """The hook itself (Ray imports it by name): the run_config comes in the environment."""
-    if RUN_CONFIG_ENV not in os.environ:  # not started by fedlora simulate: nothing to load
-        return
     run_config = json.loads(os.environ[RUN_CONFIG_ENV])
-    folder = Path(tempfile.gettempdir()) / os.environ.get(SLOTS_ENV, "fedlora-load-slots")
-    with load_slot(folder, load_slots()):
+    with load_slot(slots_folder(), load_slots()):
         from client.app import warm_up
 
         warm_up(run_config)

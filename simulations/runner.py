@@ -12,11 +12,8 @@ import concurrent.futures
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import tomllib
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +21,6 @@ from common.config import FedLoraConfig
 from common.errors import FedLoraError, first_line
 
 APP_DIR = Path(__file__).resolve().parent.parent
-_slots_folder: str | None = None  # the load-slot folder of the Ray this process started
 
 
 def backend_config(cfg: FedLoraConfig, ray_address: str | None = None) -> dict:
@@ -95,7 +91,7 @@ def start_ray(cfg: FedLoraConfig, ray_address: str | None = None) -> None:
     prepares, instead of on its first message (client/startup.py)."""
     import ray
 
-    from client.startup import RUN_CONFIG_ENV, SLOTS_ENV
+    from client.startup import RUN_CONFIG_ENV
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -103,10 +99,7 @@ def start_ray(cfg: FedLoraConfig, ray_address: str | None = None) -> None:
     # Workers do not inherit this process's sys.path changes, only the environment.
     pythonpath = os.pathsep.join([str(APP_DIR), *sys.path, os.environ.get("PYTHONPATH", "")])
     os.environ["PYTHONPATH"] = pythonpath
-    global _slots_folder
-    _slots_folder = f"fedlora-load-slots-{uuid.uuid4().hex}"
-    env = {"PYTHONPATH": pythonpath, RUN_CONFIG_ENV: json.dumps(cfg.to_run_config()),
-           SLOTS_ENV: _slots_folder}
+    env = {"PYTHONPATH": pythonpath, RUN_CONFIG_ENV: json.dumps(cfg.to_run_config())}
     # Named, not passed: the driver need not import torch and transformers to start Ray.
     ray.init(runtime_env={"env_vars": env,
                           "worker_process_setup_hook": "client.startup.warm_up_worker"},
@@ -118,10 +111,6 @@ def stop_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
-    global _slots_folder
-    if _slots_folder:  # this machine's slots; a cluster's other nodes keep their empty files
-        shutil.rmtree(Path(tempfile.gettempdir()) / _slots_folder, ignore_errors=True)
-        _slots_folder = None
 
 
 def start_ray_during(checks: Callable[[], None], cfg: FedLoraConfig,

@@ -20,21 +20,27 @@ def small_csv(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--data", "/no/such/data.csv"], "data file or folder '/no/such/data.csv' does not exist"),
-    (["--run-config", "label-column=intent"], "has no column 'intent' (set label-column"),
-    (["--model", "no-such-org/no-such-model"], "unknown model 'no-such-org/no-such-model'"),
-    (["--model", "./no_such_model_dir"], "model folder './no_such_model_dir' does not exist"),
-    (["--run-config", "lora-r=0"], "lora-r must be a positive integer, got 0"),
-    (["--run-config", "lora-r=-2"], "lora-r must be a positive integer, got -2"),
-    (["--num-clients", "7"], "7 clients need at least 14 training examples, the data has 10"),
-    (["--rounds", "0"], "num-rounds must be a positive integer"),
-    (["--bogus-option"], "unrecognized arguments: --bogus-option"),
-    (["--run-config", "no-such-key=1"], "unknown config key 'no-such-key'"),
-    (["--partition", "zipf"], "invalid choice: 'zipf'"),
+# found_by: "options" (before Ray starts) or "checks" (the input checks, while Ray starts).
+@pytest.mark.parametrize("args, fragment, found_by", [
+    (["--data", "/no/such/data.csv"], "data file or folder '/no/such/data.csv' does not exist",
+     "checks"),
+    (["--run-config", "label-column=intent"], "has no column 'intent' (set label-column",
+     "checks"),
+    (["--model", "no-such-org/no-such-model"], "unknown model 'no-such-org/no-such-model'",
+     "checks"),
+    (["--model", "./no_such_model_dir"], "model folder './no_such_model_dir' does not exist",
+     "checks"),
+    (["--run-config", "lora-r=0"], "lora-r must be a positive integer, got 0", "options"),
+    (["--run-config", "lora-r=-2"], "lora-r must be a positive integer, got -2", "options"),
+    (["--num-clients", "7"], "7 clients need at least 14 training examples, the data has 10",
+     "checks"),
+    (["--rounds", "0"], "num-rounds must be a positive integer", "options"),
+    (["--bogus-option"], "unrecognized arguments: --bogus-option", "options"),
+    (["--run-config", "no-such-key=1"], "unknown config key 'no-such-key'", "options"),
+    (["--partition", "zipf"], "invalid choice: 'zipf'", "options"),
 ])
 def test_bad_input_gives_one_clear_line(small_csv, tmp_path, capsys, monkeypatch, args,
-                                        fragment):
+                                        fragment, found_by):
     ray_calls: list[str] = []
     monkeypatch.setattr(runner, "start_ray", lambda cfg, address=None: ray_calls.append("start"))
     monkeypatch.setattr(runner, "stop_ray", lambda: ray_calls.append("stop"))
@@ -46,11 +52,7 @@ def test_bad_input_gives_one_clear_line(small_csv, tmp_path, capsys, monkeypatch
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("fedlora: error: ") and fragment in lines[0], lines[0]
     assert not (tmp_path / "run").exists()  # nothing written
-    # A bad option or config value is refused before Ray starts; bad data or a bad model
-    # while it starts, and it is stopped.
-    found_while_starting = args[0] in ("--data", "--model", "--num-clients") or \
-        "label-column" in args[-1]
-    assert ray_calls == (["start", "stop"] if found_while_starting else [])
+    assert ray_calls == (["start", "stop"] if found_by == "checks" else [])
 
 
 def test_the_console_command_exits_non_zero_without_traceback(tmp_path):

@@ -270,6 +270,14 @@ def test_a_process_that_dies_while_loading_frees_its_slot(tmp_path):
         holder.kill()
 
 
+def test_a_slot_folder_that_cannot_be_made_means_loading_at_once(tmp_path, caplog):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    with startup.load_slot(blocked, 1) as slot:
+        assert slot is None  # no slot, no exception: the process still loads
+    assert "no load slots" in caplog.text
+
+
 def test_the_worker_hook_loads_the_run_inside_a_slot(small_csv, tmp_path, monkeypatch):
     cfg = FedLoraConfig(data=str(small_csv), num_clients=4)
     seen: list = []
@@ -279,9 +287,8 @@ def test_the_worker_hook_loads_the_run_inside_a_slot(small_csv, tmp_path, monkey
             seen.append((run_config, slot))
 
     monkeypatch.setattr(client_app, "warm_up", warm_up)
-    monkeypatch.setattr(startup.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(startup, "slots_folder", lambda: tmp_path / "slots")
     monkeypatch.setenv(startup.RUN_CONFIG_ENV, json.dumps(cfg.to_run_config()))
-    monkeypatch.setenv(startup.SLOTS_ENV, "slots")
     monkeypatch.setattr(startup, "load_slots", lambda: 1)
     startup.warm_up_worker()
     assert seen == [(cfg.to_run_config(), None)]  # the hook's slot was taken
