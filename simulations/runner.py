@@ -17,10 +17,14 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
+from client.startup import RUN_CONFIG_ENV, load_slots
 from common.config import FedLoraConfig
 from common.errors import FedLoraError, first_line
+from simulations.actors import flower_pool_takes, pool_capacity, start_site_actors
 
 APP_DIR = Path(__file__).resolve().parent.parent
+# Site actors start_ray started, until Flower's pool takes them (or Ray stops).
+_STARTED_ACTORS: list = []
 
 
 def backend_config(cfg: FedLoraConfig, ray_address: str | None = None) -> dict:
@@ -76,11 +80,14 @@ def simulate(cfg: FedLoraConfig, verbose: bool = False, ray_address: str | None 
     if not ray.is_initialized():
         start_ray(cfg, ray_address)
     try:
-        _run_simulation(
-            num_supernodes=cfg.num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            server_app_attr=serverapp, client_app_attr=clientapp, backend_name="ray",
-            backend_config=backend_config(cfg, ray_address), app_dir=str(APP_DIR), run=run,
-            server_app_context=context, is_app=True, verbose_logging=verbose)
+        with flower_pool_takes(_STARTED_ACTORS):
+            _run_simulation(
+                num_supernodes=cfg.num_clients,
+                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE, server_app_attr=serverapp,
+                client_app_attr=clientapp, backend_name="ray",
+                backend_config=backend_config(cfg, ray_address),
+                app_dir=str(APP_DIR), run=run, server_app_context=context, is_app=True,
+                verbose_logging=verbose)
     finally:
         stop_ray()  # Flower shuts Ray down itself, unless it failed first
 
@@ -88,10 +95,9 @@ def simulate(cfg: FedLoraConfig, verbose: bool = False, ray_address: str | None 
 def start_ray(cfg: FedLoraConfig, ray_address: str | None = None) -> None:
     """Ray as Flower's backend would start it (which then leaves it as it is), plus a worker
     set-up hook: every client process loads its imports, base model and data while the server
-    prepares, instead of on its first message (client/startup.py)."""
+    prepares, instead of on its first message (client/startup.py). The client processes that
+    may load at once start with it (simulations/actors.py)."""
     import ray
-
-    from client.startup import RUN_CONFIG_ENV
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -101,14 +107,20 @@ def start_ray(cfg: FedLoraConfig, ray_address: str | None = None) -> None:
     os.environ["PYTHONPATH"] = pythonpath
     env = {"PYTHONPATH": pythonpath, RUN_CONFIG_ENV: json.dumps(cfg.to_run_config())}
     # Named, not passed: the driver need not import torch and transformers to start Ray.
+    backend = backend_config(cfg, ray_address)
     ray.init(runtime_env={"env_vars": env,
                           "worker_process_setup_hook": "client.startup.warm_up_worker"},
-             **backend_config(cfg, ray_address)["init_args"])
+             **backend["init_args"])
+    resources = backend["client_resources"]
+    # Only those that may load at once: the others would boot now only to wait for a slot.
+    count = min(pool_capacity(resources), load_slots())
+    _STARTED_ACTORS[:] = start_site_actors(resources, count)
 
 
 def stop_ray() -> None:
     import ray
 
+    _STARTED_ACTORS.clear()
     if ray.is_initialized():
         ray.shutdown()
 
@@ -118,6 +130,8 @@ def start_ray_during(checks: Callable[[], None], cfg: FedLoraConfig,
     """Start Ray while `checks` run in a thread: Ray's start-up (seconds of its own processes)
     overlaps the slower input checks. If the checks raise, Ray is stopped and their error
     raised."""
+    import ray  # noqa: F401  (here, before the checks' imports contend for the GIL)
+
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         checked = pool.submit(checks)
         try:
