@@ -4,8 +4,6 @@ pool."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
@@ -13,7 +11,7 @@ from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
 from common.config import FedLoraConfig
 from simulations import runner
 from simulations.actors import SiteActor, flower_pool_takes
-from tests.conftest import REPO
+from tests.conftest import assert_python_runs
 
 
 def _app_that(answer):
@@ -42,9 +40,7 @@ def test_the_driver_makes_site_actors_without_importing_flwr_torch_or_ray():
             "import simulations.actors\n"
             "heavy = {m.split('.')[0] for m in sys.modules} & {'flwr', 'torch', 'ray'}\n"
             "assert not heavy, heavy\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    assert_python_runs(code)
 
 
 def test_ray_starts_the_actors_that_may_load_and_flowers_pool_takes_them(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ from server.checkpoint import load_checkpoint
 from server.outputs import RunDirectory
 from server.rounds import RoundRecorder
 from simulations import runner
-from tests.conftest import REPO
+from tests.conftest import REPO, assert_python_runs
 
 
 class _Strategy:
@@ -184,9 +184,7 @@ def test_partitioners_load_without_the_plotting_stack_and_the_package_stays_whol
             "assert 'seaborn' not in sys.modules and 'matplotlib' not in sys.modules\n"
             "import flwr_datasets\n"
             "assert flwr_datasets.FederatedDataset and flwr_datasets.partitioner.IidPartitioner\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    assert_python_runs(code)
 
 
 def test_the_best_round_survives_a_checkpoint(run_dir):
