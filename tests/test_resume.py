@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from server.outputs import RunDirectory
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
@@ -30,10 +31,7 @@ def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _rounds(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line)["round"] for line in path.read_text().splitlines() if line]
+    return [r["round"] for r in RunDirectory(run_dir).read_rounds()]
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
