@@ -35,6 +35,12 @@ def is_blank(value: str) -> bool:
     return not value.strip()
 
 
+def columns(rows, *names: str) -> tuple[list, ...]:
+    """Whole columns of `rows` as lists, each read at once: iterating a datasets column
+    decodes it row by row, ~20x slower (a second for a few thousand rows)."""
+    return tuple(rows[name][:] for name in names)
+
+
 def read_table(path: Path):
     import pandas as pd
 
@@ -182,7 +188,7 @@ def _to_dataset(frame, cfg: FedLoraConfig, where: str):
 
 def _evaluable(rows):
     """The rows with both a text and a target."""
-    keep = [i for i, (text, target) in enumerate(zip(rows["text"], rows["target"]))
+    keep = [i for i, (text, target) in enumerate(zip(*columns(rows, "text", "target")))
             if not (is_blank(text) or is_blank(target))]
     return rows if len(keep) == len(rows) else rows.select(keep)
 
@@ -207,24 +213,25 @@ def resolve_labels(cfg: FedLoraConfig, splits: DataSplits | None = None) -> list
         return labels
     if splits is None:
         raise FedLoraError("no label set: give config labels or data to read them from")
-    return sorted(label for label in set(splits.train["target"]) | set(splits.test["target"])
-                  if not is_blank(label))
+    (train,), (test,) = columns(splits.train, "target"), columns(splits.test, "target")
+    return sorted(label for label in set(train) | set(test) if not is_blank(label))
 
 
 def tokenize(dataset, tokenizer, cfg: FedLoraConfig, labels: list[str] | None = None):
     """Return a list of examples (dicts of int lists), ready for `batches`."""
+    texts, targets = columns(dataset, "text", "target")
     if cfg.is_classification:
         label_to_id = {label: i for i, label in enumerate(labels or [])}
-        unknown = sorted(set(dataset["target"]) - set(label_to_id))
+        unknown = sorted(set(targets) - set(label_to_id))
         if unknown:
             raise FedLoraError(f"{len(unknown)} label(s) in the data are not in the shared "
                                f"label set, e.g. {unknown[0]!r}")
-        encoded = tokenizer(list(dataset["text"]), truncation=True, max_length=cfg.max_length)
+        encoded = tokenizer(texts, truncation=True, max_length=cfg.max_length)
         return [{"input_ids": ids, "attention_mask": mask, "labels": label_to_id[target]}
                 for ids, mask, target in zip(encoded["input_ids"], encoded["attention_mask"],
-                                             dataset["target"])]
+                                             targets)]
     return [_causal_example(prompt, response, tokenizer, cfg)
-            for prompt, response in zip(dataset["text"], dataset["target"])]
+            for prompt, response in zip(texts, targets)]
 
 
 def _causal_example(prompt: str, response: str, tokenizer, cfg: FedLoraConfig) -> dict:

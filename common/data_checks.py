@@ -19,7 +19,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from common.config import FedLoraConfig
-from common.data import DataSplits, is_blank
+from common.data import DataSplits, columns, is_blank
 from common.errors import FedLoraError
 
 METRIC_PREFIX = "data-"  # a site's counts travel as data-NAME in its train replies
@@ -109,7 +109,7 @@ def compute_report(rows, tokenizer, cfg: FedLoraConfig, labels: Sequence[str] | 
     """The report of `rows` (a Dataset with "text" and "target", as common/data.py reads them)
     before anything is dropped. `labels`: the shared label set (classification); None skips the
     unknown-label check and the histogram."""
-    texts, targets = list(rows["text"]), list(rows["target"])
+    texts, targets = columns(rows, "text", "target")
     missing_label = np.array([is_blank(y) for y in targets], dtype=bool)
     empty = missing_label | np.array([is_blank(t) for t in texts], dtype=bool)
     lengths = token_counts(texts, targets, tokenizer, cfg, usable=~empty)

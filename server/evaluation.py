@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord
 
 from common.adapters import SavedAdapter, load_adapter_model
 from common.config import FedLoraConfig
-from common.data import collate, load_server_splits, tokenize
+from common.data import collate, columns, load_server_splits, tokenize
 from common.metrics import evaluate_examples
 from common.model import LoraModel, pick_device
 from common.records import NUM_EXAMPLES, record_to_adapter
@@ -67,11 +67,11 @@ def evaluate_saved_adapter(saved: SavedAdapter, cfg: FedLoraConfig, num_examples
         predicted = _predict_labels(model, examples[:len(shown)], tokenizer.pad_token_id,
                                     saved.labels)
         samples = [{"input": text, "reference": target, "prediction": label}
-                   for text, target, label in zip(shown["text"], shown["target"], predicted)]
+                   for text, target, label in zip(*columns(shown, "text", "target"), predicted)]
     else:
         samples = [{"input": prompt, "reference": target,
                     "prediction": _generate(model, tokenizer, cfg, prompt)}
-                   for prompt, target in zip(shown["text"], shown["target"])]
+                   for prompt, target in zip(*columns(shown, "text", "target"))]
     return AdapterEvaluation(metrics=metrics, examples=samples)
 
 

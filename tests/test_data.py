@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from common.config import FedLoraConfig
-from common.data import load_splits, resolve_labels, tokenize
+from common.data import columns, load_splits, resolve_labels, tokenize
 from common.errors import FedLoraError
 from common.model import build_lora_model
 from simulations.partitioning import partition_indices
@@ -27,6 +27,17 @@ def test_every_file_type_loads_and_holds_back_a_test_slice(tmp_path, suffix):
     splits = load_splits(cfg)
     assert len(splits.train) == 30 and len(splits.test) == 10
     assert sorted(set(splits.train["text"]) | set(splits.test["text"])) == sorted(frame["text"])
+
+
+def test_columns_read_whole_columns_of_shuffled_and_selected_rows(tmp_path):
+    path = tmp_path / "data.csv"
+    _frame().to_csv(path, index=False)
+    splits = load_splits(FedLoraConfig(data=str(path), label_column="intent", test_fraction=0.25))
+    rows = splits.train.select([5, 0, 17])  # an index mapping over the shuffled split
+    texts, targets = columns(rows, "text", "target")
+    assert isinstance(texts, list) and texts == [row["text"] for row in rows]
+    assert targets == [row["target"] for row in rows]
+    assert columns(rows.select([]), "text") == ([],)
 
 
 def test_a_folder_uses_its_train_and_test_files(banking77_dir):
