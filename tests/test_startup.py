@@ -5,6 +5,7 @@ flwr-datasets' partitioners without its plotting imports."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -307,6 +308,20 @@ def test_the_input_checks_that_fail_while_ray_starts_stop_it(monkeypatch):
     calls.clear()
     runner.start_ray_during(lambda: None, FedLoraConfig())
     assert calls == ["start"]  # good input: Ray stays up for the run
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own niceness is Linux's")
+def test_the_input_checks_run_at_low_priority_while_ray_starts(monkeypatch):
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen: dict[str, int] = {}
+    monkeypatch.setattr(runner, "start_ray",
+                        lambda cfg, address=None: seen.setdefault("ray", niceness()))
+    before = niceness()
+    runner.start_ray_during(lambda: seen.setdefault("checks", niceness()), FedLoraConfig())
+    assert seen == {"checks": max(before, runner.CHECKS_NICENESS), "ray": before}
+    assert niceness() == before  # only the checks' thread, which has ended
 
 
 def test_a_ray_cluster_that_cannot_be_joined_is_one_line(monkeypatch):
