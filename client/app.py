@@ -8,9 +8,11 @@ starts one app process per message, so there each message loads them again (docs
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from logging import WARNING
+from pathlib import Path
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -36,8 +38,11 @@ from common.errors import FedLoraError
 from common.metrics import evaluate_examples
 from common.model import LoraModel, build_lora_model
 from common.records import adapter_to_record
+from common.shared_pool import SHARED_POOL_ENV, Rows, SharedPool, read_shared_pool
 
 app = ClientApp()
+# The driver writes the pool when its input checks pass: seconds after a process starts.
+SHARED_POOL_WAIT_SECONDS = 300.0
 
 
 @dataclass
@@ -58,7 +63,7 @@ class ProcessCache:
 
     key: tuple
     models: dict[int, LoraModel] = field(default_factory=dict)  # one per LoRA rank in use
-    splits: DataSplits | None = None
+    pool: object | None = None  # the training pool: a datasets.Dataset, or the driver's Rows
     partitions: list[list[int]] | None = None
     sites: dict[int, SiteRuntime] = field(default_factory=dict)
     refused: dict[int, FedLoraError] = field(default_factory=dict)  # sites a data check refused
@@ -90,8 +95,11 @@ def _load_partitions(cache: ProcessCache, cfg: FedLoraConfig, sites: int,
     if cache.partitions is None or len(cache.partitions) != sites:
         from simulations.partitioning import partition_indices
 
-        cache.splits = splits or cache.splits or load_splits(cfg)
-        cache.partitions = partition_indices(cache.splits.train, cfg.replace(num_clients=sites))
+        if splits is not None:
+            cache.pool = splits.train
+        elif cache.pool is None or isinstance(cache.pool, Rows):  # partitioners take a Dataset
+            cache.pool = load_splits(cfg).train
+        cache.partitions = partition_indices(cache.pool, cfg.replace(num_clients=sites))
 
 
 def warm_up(run_config: dict) -> None:
@@ -103,14 +111,29 @@ def warm_up(run_config: dict) -> None:
         cfg = FedLoraConfig.from_run_config(run_config)
         if cfg.eval_data:  # the server's labels also come from eval-data: not known here
             return
-        splits = load_splits(cfg)
-        labels = resolve_labels(cfg, splits) if cfg.is_classification else None
-        cache = _process_cache(cfg, labels)
-        _load_partitions(cache, cfg, cfg.num_clients, splits)
+        shared = _shared_pool()
+        if shared is not None and len(shared.partitions) == cfg.num_clients:
+            labels = shared.labels
+            cache = _process_cache(cfg, labels)
+            cache.pool, cache.partitions = shared.rows, shared.partitions
+        else:
+            splits = load_splits(cfg)
+            labels = resolve_labels(cfg, splits) if cfg.is_classification else None
+            cache = _process_cache(cfg, labels)
+            _load_partitions(cache, cfg, cfg.num_clients, splits)
         for rank in sorted(set(cfg.site_ranks)):
             _model(cache, cfg, labels, rank)
     except Exception as err:  # the first message reports the real error, in its own words
         log(WARNING, "fedlora: client warm-up skipped: %s", err)
+
+
+def _shared_pool() -> SharedPool | None:
+    """The pool the simulation's driver read and partitioned (common/shared_pool.py), if it
+    hands one to this process."""
+    path = os.environ.get(SHARED_POOL_ENV)
+    if not path:
+        return None
+    return read_shared_pool(Path(path), SHARED_POOL_WAIT_SECONDS)
 
 
 def _site_runtime(cfg: FedLoraConfig, site: SiteConfig | None, context: Context,
@@ -128,7 +151,7 @@ def _site_runtime(cfg: FedLoraConfig, site: SiteConfig | None, context: Context,
         if site_id not in cache.sites and site_id not in cache.refused:
             # The federation's size, not the config's: under `flwr run` it is set there.
             _load_partitions(cache, cfg, int(node.get("num-partitions", cfg.num_clients)))
-            site_rows = cache.splits.train.select(cache.partitions[site_id])
+            site_rows = cache.pool.select(cache.partitions[site_id])
     else:
         raise FedLoraError("node config has neither data-path (deployment) nor partition-id "
                            "(simulation)")

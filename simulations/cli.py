@@ -14,6 +14,7 @@ from pathlib import Path
 
 from common.config import STRATEGIES, FedLoraConfig, parse_overrides
 from common.errors import FedLoraError
+from common.shared_pool import Rows, SharedPool
 from simulations.inspect import add_inspect_parser, inspect_command
 from simulations.tune import add_tune_parser
 
@@ -303,9 +304,10 @@ def prepare_simulation_config(cfg: FedLoraConfig) -> FedLoraConfig:
                        min_available_clients=min(cfg.min_available_clients, n))
 
 
-def preflight(cfg: FedLoraConfig) -> None:
-    """Find bad input (data, columns, model, partition sizes) before the run starts."""
-    from common.data import load_splits, resolve_labels
+def preflight(cfg: FedLoraConfig) -> SharedPool:
+    """Find bad input (data, columns, model, partition sizes) before the run starts. What was
+    read and partitioned is returned, for the client processes (common/shared_pool.py)."""
+    from common.data import columns, load_splits, resolve_labels
     from common.data_checks import check_pool
     from common.model import load_model_config, target_modules_for
     from server.strategies import check_privacy_fits_strategy
@@ -316,7 +318,8 @@ def preflight(cfg: FedLoraConfig) -> None:
     splits = load_splits(cfg)
     labels = resolve_labels(cfg, splits) if cfg.is_classification else None
     check_pool(cfg, splits, labels)  # a refuse policy stops the run before anything starts
-    partition_indices(splits.train, cfg)
+    partitions = partition_indices(splits.train, cfg)
+    return SharedPool(Rows(*columns(splits.train, "text", "target")), labels, partitions)
 
 
 def simulate_command(cfg: FedLoraConfig, verbose: bool, ray_address: str | None = None) -> int:

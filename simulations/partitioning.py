@@ -15,6 +15,7 @@ import types
 import numpy as np
 
 from common.config import FedLoraConfig
+from common.data import columns
 from common.errors import FedLoraError
 
 MIN_EXAMPLES_PER_SITE = 2  # one to train on, one to validate on
@@ -46,7 +47,7 @@ def partition_indices(dataset, cfg: FedLoraConfig) -> list[list[int]]:
                                                                            cfg.seed))
     partitioner.dataset = indexed
     try:
-        return [list(partitioner.load_partition(i)["_row"]) for i in range(k)]
+        return [columns(partitioner.load_partition(i), "_row")[0] for i in range(k)]
     except ValueError as err:
         raise FedLoraError(f"cannot partition {n} examples over {k} clients with "
                            f"{cfg.partition} alpha={cfg.alpha}: {err}") from None

@@ -12,7 +12,9 @@ import concurrent.futures
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import tomllib
 from collections.abc import Callable
@@ -21,11 +23,14 @@ from pathlib import Path
 from client.startup import RUN_CONFIG_ENV, load_slots
 from common.config import FedLoraConfig
 from common.errors import FedLoraError, first_line
+from common.shared_pool import SHARED_POOL_ENV, SharedPool, write_shared_pool
 from simulations.actors import flower_pool_takes, pool_capacity, start_site_actors
 
 APP_DIR = Path(__file__).resolve().parent.parent
 # Site actors start_ray started, until Flower's pool takes them (or Ray stops).
 _STARTED_ACTORS: list = []
+# The folder of the pool start_ray_during hands to the client processes, until Ray stops.
+_SHARED_POOL_FOLDERS: list[Path] = []
 
 
 def backend_config(cfg: FedLoraConfig, ray_address: str | None = None) -> dict:
@@ -93,11 +98,13 @@ def simulate(cfg: FedLoraConfig, verbose: bool = False, ray_address: str | None 
         stop_ray()  # Flower shuts Ray down itself, unless it failed first
 
 
-def start_ray(cfg: FedLoraConfig, ray_address: str | None = None) -> None:
+def start_ray(cfg: FedLoraConfig, ray_address: str | None = None,
+              shared_pool: Path | None = None) -> None:
     """Ray as Flower's backend would start it (which then leaves it as it is), plus a worker
     set-up hook: every client process loads its imports, base model and data while the server
     prepares, instead of on its first message (client/startup.py). The client processes that
-    may load at once start with it (simulations/actors.py)."""
+    may load at once start with it (simulations/actors.py). With `shared_pool`, they wait
+    for the data there (common/shared_pool.py): a file that must then be written."""
     import ray
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -107,6 +114,8 @@ def start_ray(cfg: FedLoraConfig, ray_address: str | None = None) -> None:
     pythonpath = os.pathsep.join([str(APP_DIR), *sys.path, os.environ.get("PYTHONPATH", "")])
     os.environ["PYTHONPATH"] = pythonpath
     env = {"PYTHONPATH": pythonpath, RUN_CONFIG_ENV: json.dumps(cfg.to_run_config())}
+    if shared_pool is not None:
+        env[SHARED_POOL_ENV] = str(shared_pool)
     # Named, not passed: the driver need not import torch and transformers to start Ray.
     backend = backend_config(cfg, ray_address)
     ray.init(runtime_env={"env_vars": env,
@@ -124,12 +133,18 @@ def stop_ray() -> None:
     _STARTED_ACTORS.clear()
     if ray.is_initialized():
         ray.shutdown()
+    _drop_shared_pools()
+
+
+def _drop_shared_pools() -> None:
+    while _SHARED_POOL_FOLDERS:
+        shutil.rmtree(_SHARED_POOL_FOLDERS.pop(), ignore_errors=True)
 
 
 CHECKS_NICENESS = 19
 
 
-def _at_low_priority(checks: Callable[[], None]) -> None:
+def _at_low_priority(checks: Callable[[], SharedPool | None]) -> SharedPool | None:
     """Run `checks` in this thread at niceness CHECKS_NICENESS (Linux, where a thread has its
     own). Ray's start is on the way to the first training step and the checks are not: its
     processes need the cores the checks would take (~1 s of its ~5 s on 2 cores). The
@@ -139,28 +154,40 @@ def _at_low_priority(checks: Callable[[], None]) -> None:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHECKS_NICENESS)
         except OSError:  # slower, not wrong
             pass
-    checks()
+    return checks()
 
 
-def start_ray_during(checks: Callable[[], None], cfg: FedLoraConfig,
+def start_ray_during(checks: Callable[[], SharedPool | None], cfg: FedLoraConfig,
                      ray_address: str | None = None) -> None:
     """Start Ray while `checks` run in a low-priority thread: Ray's start-up (seconds of its
     own processes) overlaps the slower input checks. If the checks raise, Ray is stopped and
-    their error raised."""
+    their error raised. The pool they return is handed to the client processes of this
+    machine's Ray (not to a cluster's, on other machines)."""
     import ray  # noqa: F401  (here, before the checks' imports contend for the GIL)
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        checked = pool.submit(_at_low_priority, checks)
+    pool_file = None
+    if not ray_address:
+        _SHARED_POOL_FOLDERS.append(Path(tempfile.mkdtemp(prefix="fedlora-pool-")))
+        pool_file = _SHARED_POOL_FOLDERS[-1] / "pool.json"
+    with concurrent.futures.ThreadPoolExecutor(1) as threads:
+        checked = threads.submit(_at_low_priority, checks)
         try:
-            start_ray(cfg, ray_address)
+            start_ray(cfg, ray_address, pool_file)
         except BaseException as err:
+            _drop_shared_pools()
             checked.result()  # bad input is the better message than a failed start
             if isinstance(err, Exception):
                 where = f"join the Ray cluster at {ray_address}" if ray_address else "start Ray"
                 raise FedLoraError(f"cannot {where}: {first_line(err)}") from err
             raise
         try:
-            checked.result()
+            pool = checked.result()
+        except BaseException:
+            stop_ray()
+            raise
+    if pool_file is not None:
+        try:
+            write_shared_pool(pool_file, pool)
         except BaseException:
             stop_ray()
             raise

@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -133,7 +134,7 @@ def test_a_warmed_process_serves_its_first_message_from_the_cache(small_csv, mon
     warmed = client_app._CACHE
     assert warmed is not None and warmed.partitions is not None
     assert sorted(i for part in warmed.partitions for i in part) == \
-        list(range(len(warmed.splits.train)))
+        list(range(len(warmed.pool)))
     model = warmed.models[cfg.global_lora_rank]
 
     context = type("Context", (), {"node_config": {"partition-id": 2, "num-partitions": 4},
@@ -293,9 +294,17 @@ def test_the_worker_hook_loads_the_run_inside_a_slot(small_csv, tmp_path, monkey
     assert seen == [(cfg.to_run_config(), None)]  # the hook's slot was taken
 
 
-def test_the_input_checks_that_fail_while_ray_starts_stop_it(monkeypatch):
+@pytest.fixture
+def pool_folders_in(tmp_path, monkeypatch):
+    """start_ray_during's shared-pool folders, in the test's folder (Ray is not really up)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+def test_the_input_checks_that_fail_while_ray_starts_stop_it(monkeypatch,
+                                                              pool_folders_in):
     calls: list[str] = []
-    monkeypatch.setattr(runner, "start_ray", lambda cfg, address=None: calls.append("start"))
+    monkeypatch.setattr(runner, "start_ray", lambda cfg, address=None, pool=None: calls.append("start"))
     monkeypatch.setattr(runner, "stop_ray", lambda: calls.append("stop"))
 
     def bad_rows() -> None:
@@ -311,21 +320,22 @@ def test_the_input_checks_that_fail_while_ray_starts_stop_it(monkeypatch):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="a thread's own niceness is Linux's")
-def test_the_input_checks_run_at_low_priority_while_ray_starts(monkeypatch):
+def test_the_input_checks_run_at_low_priority_while_ray_starts(monkeypatch, pool_folders_in):
     def niceness() -> int:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
     seen: dict[str, int] = {}
     monkeypatch.setattr(runner, "start_ray",
-                        lambda cfg, address=None: seen.setdefault("ray", niceness()))
+                        lambda cfg, address=None, pool=None: seen.setdefault("ray", niceness()))
     before = niceness()
-    runner.start_ray_during(lambda: seen.setdefault("checks", niceness()), FedLoraConfig())
+    runner.start_ray_during(lambda: seen.setdefault("checks", niceness()) and None,
+                            FedLoraConfig())
     assert seen == {"checks": max(before, runner.CHECKS_NICENESS), "ray": before}
     assert niceness() == before  # only the checks' thread, which has ended
 
 
 def test_a_ray_cluster_that_cannot_be_joined_is_one_line(monkeypatch):
-    def unreachable(cfg, address=None):
+    def unreachable(cfg, address=None, pool=None):
         raise ConnectionError("Could not find any running Ray instance.\nPlease start one")
 
     monkeypatch.setattr(runner, "start_ray", unreachable)
