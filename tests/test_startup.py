@@ -304,7 +304,8 @@ def pool_folders_in(tmp_path, monkeypatch):
 def test_the_input_checks_that_fail_while_ray_starts_stop_it(monkeypatch,
                                                               pool_folders_in):
     calls: list[str] = []
-    monkeypatch.setattr(runner, "start_ray", lambda cfg, address=None, pool=None: calls.append("start"))
+    monkeypatch.setattr(runner, "start_ray",
+                        lambda cfg, address=None, pool=None: calls.append("start"))
     monkeypatch.setattr(runner, "stop_ray", lambda: calls.append("stop"))
 
     def bad_rows() -> None:
