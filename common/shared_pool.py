@@ -11,6 +11,7 @@ file loads the data itself. Standard library only: the driver imports it before 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,11 +58,19 @@ def write_shared_pool(path: Path, pool: SharedPool | None) -> None:
     atomic_write_text(path, json.dumps(saved))
 
 
+class PoolWithdrawn(Exception):
+    """The run ended before its driver handed a pool over: nothing is left to load for."""
+
+
 def read_shared_pool(path: Path, timeout: float) -> SharedPool | None:
     """The pool once the driver has handed it over (it does when its input checks pass);
-    None if it handed none over, or nothing within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+    None if it handed none over, or nothing within `timeout` seconds. Raises PoolWithdrawn
+    when the run ends first: the driver removed the pool's folder, or this process lost its
+    parent (Ray's raylet), which it would not notice while it waits here."""
+    deadline, parent = time.monotonic() + timeout, os.getppid()
     while not path.exists():
+        if not path.parent.is_dir() or os.getppid() != parent:
+            raise PoolWithdrawn("the run ended before its data pool was handed over")
         if time.monotonic() >= deadline:
             return None
         time.sleep(_POLL_SECONDS)

@@ -2,6 +2,8 @@
 
 import json
 import tempfile
+import threading
+import time
 
 import pandas as pd
 import pytest
@@ -14,6 +16,7 @@ from common.errors import FedLoraError
 from common.model import load_tokenizer
 from common.shared_pool import (
     SHARED_POOL_ENV,
+    PoolWithdrawn,
     Rows,
     SharedPool,
     read_shared_pool,
@@ -64,6 +67,17 @@ def test_a_pool_is_handed_over_whole_or_not_at_all(tmp_path):
         (["a b", "c"], ["x", "y"], ["x", "y"], [[1], [0]])
     with pytest.raises(ValueError, match="2 texts but 1 targets"):
         Rows(["a", "b"], ["x"])
+
+
+def test_a_process_stops_waiting_for_a_pool_when_the_run_ends(tmp_path):
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    ended = threading.Timer(0.2, folder.rmdir)  # the driver stops Ray and removes the folder
+    ended.start()
+    started = time.monotonic()
+    with pytest.raises(PoolWithdrawn, match="run ended"):
+        read_shared_pool(folder / "pool.json", timeout=30)
+    assert time.monotonic() - started < 10
 
 
 def test_the_checks_pool_reaches_this_machines_processes_once_the_checks_pass(tmp_path,
