@@ -105,8 +105,9 @@ def _load_partitions(cache: ProcessCache, cfg: FedLoraConfig, sites: int,
 def warm_up(run_config: dict) -> None:
     """A client process's base model and partitioned data, loaded while the server prepares
     (called by Ray's worker set-up hook, client/startup.py), so the first message finds them here
-    (they took ~10 s on the way to the first training step). Labels are resolved as the server
-    resolves them; if the server's differ, the first message simply starts over."""
+    (they took ~10 s on the way to the first training step). The data and labels are those the
+    simulation's driver hands over, if it does; else read and resolved as the server resolves
+    them (if the server's labels differ, the first message simply starts over)."""
     try:
         cfg = FedLoraConfig.from_run_config(run_config)
         if cfg.eval_data:  # the server's labels also come from eval-data: not known here

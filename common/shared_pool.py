@@ -3,9 +3,10 @@
 `fedlora simulate` reads, checks and partitions the pool before the run starts. Each client
 process would then do the same again on its way to its first message: import datasets and
 pandas, parse the file, partition it (~1 s of CPU on the way to the first training step). So
-the driver writes what it read to one file, and the processes read that instead. Only on one
-machine: the file's folder is named in the workers' environment, and a process that finds no
-file loads the data itself. Standard library only: the driver imports it before torch.
+the driver writes what it read to one file, and the processes read that instead. The file's
+folder is named in the workers' environment; a process on another machine of a Ray cluster,
+where there is no such folder, reads the data itself. Standard library only: the driver
+imports it before torch.
 """
 
 from __future__ import annotations
@@ -64,9 +65,12 @@ class PoolWithdrawn(Exception):
 
 def read_shared_pool(path: Path, timeout: float) -> SharedPool | None:
     """The pool once the driver has handed it over (it does when its input checks pass);
-    None if it handed none over, or nothing within `timeout` seconds. Raises PoolWithdrawn
-    when the run ends first: the driver removed the pool's folder, or this process lost its
-    parent (Ray's raylet), which it would not notice while it waits here."""
+    None if it handed none over, nothing within `timeout` seconds, or this process runs on
+    another machine (the folder, made before Ray started, is not here). Raises PoolWithdrawn
+    when the run ends first: the driver removed the folder, or this process lost its parent
+    (Ray's raylet), which it would not notice while it waits here."""
+    if not path.parent.is_dir():
+        return None
     deadline, parent = time.monotonic() + timeout, os.getppid()
     while not path.exists():
         if not path.parent.is_dir() or os.getppid() != parent:

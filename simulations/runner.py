@@ -161,14 +161,13 @@ def start_ray_during(checks: Callable[[], SharedPool | None], cfg: FedLoraConfig
                      ray_address: str | None = None) -> None:
     """Start Ray while `checks` run in a low-priority thread: Ray's start-up (seconds of its
     own processes) overlaps the slower input checks. If the checks raise, Ray is stopped and
-    their error raised. The pool they return is handed to the client processes of this
-    machine's Ray (not to a cluster's, on other machines)."""
+    their error raised. The pool they return is handed to the client processes on this
+    machine (common/shared_pool.py)."""
     import ray  # noqa: F401  (here, before the checks' imports contend for the GIL)
 
-    pool_file = None
-    if not ray_address:
-        _SHARED_POOL_FOLDERS.append(Path(tempfile.mkdtemp(prefix="fedlora-pool-")))
-        pool_file = _SHARED_POOL_FOLDERS[-1] / "pool.json"
+    # Made before Ray starts: a client process that does not find it is on another machine.
+    _SHARED_POOL_FOLDERS.append(Path(tempfile.mkdtemp(prefix="fedlora-pool-")))
+    pool_file = _SHARED_POOL_FOLDERS[-1] / "pool.json"
     with concurrent.futures.ThreadPoolExecutor(1) as threads:
         checked = threads.submit(_at_low_priority, checks)
         try:
@@ -185,9 +184,8 @@ def start_ray_during(checks: Callable[[], SharedPool | None], cfg: FedLoraConfig
         except BaseException:
             stop_ray()
             raise
-    if pool_file is not None:
-        try:
-            write_shared_pool(pool_file, pool)
-        except BaseException:
-            stop_ray()
-            raise
+    try:
+        write_shared_pool(pool_file, pool)
+    except BaseException:
+        stop_ray()
+        raise

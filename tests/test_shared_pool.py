@@ -59,6 +59,8 @@ def test_rows_are_checked_and_tokenised_as_the_dataset_they_came_from(small_csv)
 def test_a_pool_is_handed_over_whole_or_not_at_all(tmp_path):
     path = tmp_path / "pool.json"
     assert read_shared_pool(path, timeout=0.1) is None  # none yet: the process reads the data
+    # A process on another machine of a cluster: no such folder there, nothing to wait for.
+    assert read_shared_pool(tmp_path / "elsewhere" / "pool.json", timeout=30) is None
     write_shared_pool(path, None)  # the driver hands none over
     assert read_shared_pool(path, timeout=0) is None
     write_shared_pool(path, SharedPool(Rows(["a b", "c"], ["x", "y"]), ["x", "y"], [[1], [0]]))
@@ -80,8 +82,7 @@ def test_a_process_stops_waiting_for_a_pool_when_the_run_ends(tmp_path):
     assert time.monotonic() - started < 10
 
 
-def test_the_checks_pool_reaches_this_machines_processes_once_the_checks_pass(tmp_path,
-                                                                               monkeypatch):
+def test_the_checks_pool_is_handed_over_once_the_checks_pass(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     files = []
     monkeypatch.setattr(runner, "start_ray",
@@ -99,7 +100,8 @@ def test_the_checks_pool_reaches_this_machines_processes_once_the_checks_pass(tm
         runner.start_ray_during(bad_rows, FedLoraConfig())
     assert not files[1].parent.exists()  # nothing to wait for: Ray was stopped
     runner.start_ray_during(lambda: pool, FedLoraConfig(), "10.0.0.9:6379")
-    assert files[2] is None  # a cluster's processes run elsewhere: they read the data there
+    assert read_shared_pool(files[2], timeout=0).partitions == [[0], [1]]  # a cluster's too
+    runner.stop_ray()
 
 
 def test_a_process_handed_the_pool_warms_up_from_it_and_trains_on_the_same_examples(
