@@ -141,6 +141,18 @@ def _drop_shared_pools() -> None:
         shutil.rmtree(_SHARED_POOL_FOLDERS.pop(), ignore_errors=True)
 
 
+def remove_abandoned_pools(folder: Path | None = None) -> None:
+    """Remove the shared-pool folders (fedlora-pool-PID-*) whose command is gone: a killed
+    run cannot remove its own."""
+    for pool in Path(folder or tempfile.gettempdir()).glob("fedlora-pool-*-*"):
+        try:
+            os.kill(int(pool.name.split("-")[2]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(pool, ignore_errors=True)
+        except (ValueError, OSError):  # not one of ours, or another user's command
+            continue
+
+
 CHECKS_NICENESS = 19
 
 
@@ -165,8 +177,9 @@ def start_ray_during(checks: Callable[[], SharedPool | None], cfg: FedLoraConfig
     machine (common/shared_pool.py)."""
     import ray  # noqa: F401  (here, before the checks' imports contend for the GIL)
 
+    remove_abandoned_pools()
     # Made before Ray starts: a client process that does not find it is on another machine.
-    _SHARED_POOL_FOLDERS.append(Path(tempfile.mkdtemp(prefix="fedlora-pool-")))
+    _SHARED_POOL_FOLDERS.append(Path(tempfile.mkdtemp(prefix=f"fedlora-pool-{os.getpid()}-")))
     pool_file = _SHARED_POOL_FOLDERS[-1] / "pool.json"
     with concurrent.futures.ThreadPoolExecutor(1) as threads:
         checked = threads.submit(_at_low_priority, checks)

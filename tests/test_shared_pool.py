@@ -1,6 +1,9 @@
 """The training pool a simulation's driver hands to its client processes."""
 
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -146,3 +149,16 @@ def test_a_process_handed_the_pool_imports_neither_datasets_nor_pandas(small_csv
         "assert app._CACHE is not None and app._CACHE.models, 'the warm-up was skipped'\n"
         "heavy = [name for name in ('datasets', 'pandas') if name in sys.modules]\n"
         "assert not heavy, heavy\n")
+
+
+def test_a_killed_runs_pool_folder_is_removed_by_the_next_run(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    abandoned = tmp_path / f"fedlora-pool-{gone.stdout.strip()}-x1"
+    running = tmp_path / f"fedlora-pool-{os.getpid()}-x2"
+    for folder in (abandoned, running, tmp_path / "fedlora-pool-notapid-x3"):
+        folder.mkdir()
+        (folder / "pool.json").write_text("null")
+    runner.remove_abandoned_pools(tmp_path)
+    assert not abandoned.exists()
+    assert running.exists() and (tmp_path / "fedlora-pool-notapid-x3").exists()
