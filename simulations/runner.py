@@ -31,6 +31,7 @@ APP_DIR = Path(__file__).resolve().parent.parent
 _STARTED_ACTORS: list = []
 # The folder of the pool start_ray_during hands to the client processes, until Ray stops.
 _SHARED_POOL_FOLDERS: list[Path] = []
+CHECKS_NICENESS = 19  # the input checks' thread's, while Ray starts
 
 
 def backend_config(cfg: FedLoraConfig, ray_address: str | None = None) -> dict:
@@ -141,6 +142,22 @@ def _drop_shared_pools() -> None:
         shutil.rmtree(_SHARED_POOL_FOLDERS.pop(), ignore_errors=True)
 
 
+def _new_pool_file() -> Path | None:
+    """Where the checks' pool will be, in a folder made now, before Ray starts: a client
+    process that does not find the folder is on another machine. None if no folder can be
+    made (the processes then read the data themselves)."""
+    remove_abandoned_pools()
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f"fedlora-pool-{os.getpid()}-"))
+    except OSError as err:
+        logging.getLogger("fedlora").warning(
+            "fedlora: no folder for the shared data pool (%s); client processes read the "
+            "data themselves", err)
+        return None
+    _SHARED_POOL_FOLDERS.append(folder)
+    return folder / "pool.json"
+
+
 def remove_abandoned_pools(folder: Path | None = None) -> None:
     """Remove the shared-pool folders (fedlora-pool-PID-*) whose command is gone: a killed
     run cannot remove its own."""
@@ -151,9 +168,6 @@ def remove_abandoned_pools(folder: Path | None = None) -> None:
             shutil.rmtree(pool, ignore_errors=True)
         except (ValueError, OSError):  # not one of ours, or another user's command
             continue
-
-
-CHECKS_NICENESS = 19
 
 
 def _at_low_priority(checks: Callable[[], SharedPool | None]) -> SharedPool | None:
@@ -177,10 +191,7 @@ def start_ray_during(checks: Callable[[], SharedPool | None], cfg: FedLoraConfig
     machine (common/shared_pool.py)."""
     import ray  # noqa: F401  (here, before the checks' imports contend for the GIL)
 
-    remove_abandoned_pools()
-    # Made before Ray starts: a client process that does not find it is on another machine.
-    _SHARED_POOL_FOLDERS.append(Path(tempfile.mkdtemp(prefix=f"fedlora-pool-{os.getpid()}-")))
-    pool_file = _SHARED_POOL_FOLDERS[-1] / "pool.json"
+    pool_file = _new_pool_file()
     with concurrent.futures.ThreadPoolExecutor(1) as threads:
         checked = threads.submit(_at_low_priority, checks)
         try:
@@ -198,7 +209,13 @@ def start_ray_during(checks: Callable[[], SharedPool | None], cfg: FedLoraConfig
             stop_ray()
             raise
     try:
-        write_shared_pool(pool_file, pool)
+        if pool_file is not None:
+            write_shared_pool(pool_file, pool)
+    except OSError as err:  # slower, not wrong
+        logging.getLogger("fedlora").warning(
+            "fedlora: cannot hand the data to the client processes (%s); they load it on "
+            "their first message", err)
+        _drop_shared_pools()  # the processes waiting for it stop waiting
     except BaseException:
         stop_ray()
         raise

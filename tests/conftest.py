@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -32,6 +33,14 @@ def assert_python_runs(code: str) -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture
+def pool_folders_in(tmp_path, monkeypatch):
+    """start_ray_during's shared-pool folders, in the test's folder: with Ray stood in for,
+    nothing else removes them."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
 
 
 class StaticGrid:

@@ -3,7 +3,6 @@ Ray (which starts while the input is checked) stopped again."""
 
 import subprocess
 import sys
-import tempfile
 
 import pandas as pd
 import pytest
@@ -41,11 +40,10 @@ def small_csv(tmp_path):
     (["--partition", "zipf"], "invalid choice: 'zipf'", "options"),
 ])
 def test_bad_input_gives_one_clear_line(small_csv, tmp_path, capsys, monkeypatch, args,
-                                        fragment, found_by):
+                                        fragment, found_by, pool_folders_in):
     ray_calls: list[str] = []
     monkeypatch.setattr(runner, "start_ray",
                         lambda cfg, address=None, pool=None: ray_calls.append("start"))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the shared pool's folder
     monkeypatch.setattr(runner, "stop_ray", lambda: ray_calls.append("stop"))
     argv = ["simulate", "--data", str(small_csv), "--num-clients", "2", "--out",
             str(tmp_path / "run")] + args

@@ -85,8 +85,7 @@ def test_a_process_stops_waiting_for_a_pool_when_the_run_ends(tmp_path):
     assert time.monotonic() - started < 10
 
 
-def test_the_checks_pool_is_handed_over_once_the_checks_pass(tmp_path, monkeypatch):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+def test_the_checks_pool_is_handed_over_once_the_checks_pass(monkeypatch, pool_folders_in):
     files = []
     monkeypatch.setattr(runner, "start_ray",
                         lambda cfg, address=None, pool=None: files.append(pool))
@@ -105,6 +104,30 @@ def test_the_checks_pool_is_handed_over_once_the_checks_pass(tmp_path, monkeypat
     runner.start_ray_during(lambda: pool, FedLoraConfig(), "10.0.0.9:6379")
     assert read_shared_pool(files[2], timeout=0).partitions == [[0], [1]]  # a cluster's too
     runner.stop_ray()
+
+
+def test_a_pool_that_cannot_be_handed_over_leaves_the_data_to_the_processes(
+        monkeypatch, pool_folders_in, caplog):
+    files, calls = [], []
+    monkeypatch.setattr(runner, "start_ray",
+                        lambda cfg, address=None, pool=None: files.append(pool))
+    monkeypatch.setattr(runner, "stop_ray", lambda: calls.append("stop"))
+    pool = SharedPool(Rows(["a"], ["x"]), ["x"], [[0]])
+
+    def disk_full(path, pool):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runner, "write_shared_pool", disk_full)
+    runner.start_ray_during(lambda: pool, FedLoraConfig())  # the run goes on, Ray stays up
+    assert calls == [] and not files[0].parent.exists()  # waiting processes stop waiting
+    assert "No space left on device" in caplog.text
+
+    def no_folder(prefix):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", no_folder)
+    runner.start_ray_during(lambda: pool, FedLoraConfig())
+    assert files[1] is None and "Permission denied" in caplog.text  # nobody waits for a pool
 
 
 def test_a_process_handed_the_pool_warms_up_from_it_and_trains_on_the_same_examples(

@@ -9,7 +9,6 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -292,13 +291,6 @@ def test_the_worker_hook_loads_the_run_inside_a_slot(small_csv, tmp_path, monkey
     monkeypatch.setattr(startup, "load_slots", lambda: 1)
     startup.warm_up_worker()
     assert seen == [(cfg.to_run_config(), None)]  # the hook's slot was taken
-
-
-@pytest.fixture
-def pool_folders_in(tmp_path, monkeypatch):
-    """start_ray_during's shared-pool folders, in the test's folder (Ray is not really up)."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    return tmp_path
 
 
 def test_the_input_checks_that_fail_while_ray_starts_stop_it(monkeypatch,
