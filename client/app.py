@@ -15,15 +15,16 @@ from logging import WARNING
 from pathlib import Path
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from client.faults import apply_fault, fault_for
+from client.head_statistics import feature_statistics
 from client.mods import client_dp_clipping_mod, secure_aggregation_mod
-from client.privacy import train_adapter_private
+from client.privacy import release_head_statistics, train_adapter_private
 from client.sync import load_global
-from client.training import train_adapter
+from client.training import frozen, train_adapter
 from common.config import FedLoraConfig, SiteConfig
 from common.data import (
     DataSplits,
@@ -37,7 +38,13 @@ from common.data_checks import DataReport, check_site_rows, report_metrics
 from common.errors import FedLoraError
 from common.metrics import evaluate_examples
 from common.model import LoraModel, build_lora_model
-from common.records import adapter_to_record
+from common.records import (
+    HEAD_ACTION,
+    HEAD_RELEASES,
+    TASK_KEY,
+    TRAIN_HEAD,
+    adapter_to_record,
+)
 from common.shared_pool import SHARED_POOL_ENV, Rows, SharedPool, read_shared_pool
 
 app = ClientApp()
@@ -191,24 +198,31 @@ def _prepare(msg: Message, context: Context) -> tuple[FedLoraConfig, SiteRuntime
 @app.train(mods=[secure_aggregation_mod, client_dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     cfg, runtime = _prepare(msg, context)
-    server_round = int(msg.content["config"]["server-round"])
+    config = msg.content["config"]
+    if config.get(TASK_KEY) == HEAD_ACTION:  # head statistics inside SecAgg+ (train messages)
+        return _head_statistics(msg, cfg, runtime)
+    server_round = int(config["server-round"])
     fault = fault_for(runtime.site_id, server_round)
     if fault and apply_fault(fault):
         return Message(content=RecordDict({}), reply_to=msg)
     started, started_at = time.perf_counter(), time.time()
-    # FedProx pulls towards the global adapter this round started from.
-    anchor = ([p.detach().clone() for p in runtime.lora.model.parameters() if p.requires_grad]
-              if cfg.strategy == "fedprox" else None)
     seed = cfg.seed + 1000 * server_round + runtime.site_id
     pad_id, device = runtime.lora.tokenizer.pad_token_id, runtime.lora.device
-    if cfg.differential_privacy:
-        releases = int(msg.content["config"].get("train-releases", server_round))
-        stats = train_adapter_private(runtime.lora.model, runtime.train_examples, cfg,
-                                      releases=releases, seed=seed, pad_id=pad_id,
-                                      device=device)
-    else:
-        stats = train_adapter(runtime.lora.model, runtime.train_examples, cfg, seed=seed,
-                              pad_id=pad_id, device=device, anchor=anchor)
+    # A fitted head (head-mode fit) stays as the server solved it.
+    fixed = [] if config.get(TRAIN_HEAD, True) else runtime.lora.head_names()
+    with frozen(runtime.lora.model, fixed):
+        # FedProx pulls towards the global adapter this round started from.
+        anchor = ([p.detach().clone() for p in runtime.lora.model.parameters()
+                   if p.requires_grad] if cfg.strategy == "fedprox" else None)
+        if cfg.differential_privacy:
+            stats = train_adapter_private(
+                runtime.lora.model, runtime.train_examples, cfg,
+                releases=int(config.get("train-releases", server_round)),
+                head_releases=int(config.get(HEAD_RELEASES, 0)), seed=seed, pad_id=pad_id,
+                device=device)
+        else:
+            stats = train_adapter(runtime.lora.model, runtime.train_examples, cfg, seed=seed,
+                                  pad_id=pad_id, device=device, anchor=anchor)
     metrics = MetricRecord({
         "num-examples": len(runtime.train_examples),
         "train-loss": stats["loss"],
@@ -219,8 +233,43 @@ def train(msg: Message, context: Context) -> Message:
         # Counts only, with every reply: a resumed server learns them again.
         **report_metrics(runtime.data_report),
     })
-    arrays = adapter_to_record(runtime.lora.trainable_state(), cfg.transfer_dtype)
+    # The fitted head went unchanged: the server has it already.
+    adapter = {n: t for n, t in runtime.lora.trainable_state().items() if n not in fixed}
+    arrays = adapter_to_record(adapter, cfg.transfer_dtype)
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.query(HEAD_ACTION)
+def head_statistics(msg: Message, context: Context) -> Message:
+    cfg, runtime = _prepare(msg, context)
+    return _head_statistics(msg, cfg, runtime)
+
+
+def _head_statistics(msg: Message, cfg: FedLoraConfig, runtime: SiteRuntime) -> Message:
+    """The sums of the features the global model's head reads, over this site's training and
+    validation rows (common/head.py): counts and sums only, noisy under DP."""
+    started = time.perf_counter()
+    config = msg.content["config"]
+    fault = fault_for(runtime.site_id, int(config["server-round"]))
+    if fault and apply_fault(fault):
+        return Message(content=RecordDict({}), reply_to=msg)
+    lora, num_labels = runtime.lora, len(json.loads(str(config["labels"])))
+    # Under DP one row's share is bounded by its features' norm: at most 1 (mean pooling's
+    # features are unit length already).
+    bound = 1.0 if cfg.private_head else None
+    batch_size = max(cfg.batch_size, 64)
+    splits = [feature_statistics(lora, examples, num_labels, batch_size, bound)
+              for examples in (runtime.train_examples, runtime.val_examples)]
+    metrics = {"num-examples": len(runtime.train_examples)}
+    if cfg.private_head:
+        splits, metrics["dp-epsilon"] = release_head_statistics(
+            splits, len(runtime.train_examples), cfg, releases=int(config[HEAD_RELEASES]),
+            train_releases=int(config.get("train-releases", 0)))
+    arrays = {**splits[0].to_arrays("train"), **splits[1].to_arrays("val")}
+    metrics["head-seconds"] = time.perf_counter() - started
+    record = ArrayRecord({name: Array.from_numpy_ndarray(t.numpy()) for name, t in arrays.items()})
+    return Message(content=RecordDict({"arrays": record, "metrics": MetricRecord(metrics)}),
+                   reply_to=msg)
 
 
 @app.evaluate()

@@ -2,7 +2,9 @@
 
 Format: comma-separated `SITE:KIND[@ROUND]`, KIND one of `raise` (the train handler raises),
 `empty` (it replies with no adapter), `sleep=SECONDS` (it answers late); without @ROUND the
-fault applies every round. Example: "0:raise@1,2:sleep=30@2". Never set it in production.
+fault applies every round. A round's head statistics (head-mode fit; round 0 has nothing else)
+meet the same faults as its training. Example: "0:raise@1,2:sleep=30@2". Never set it in
+production.
 """
 
 from __future__ import annotations

@@ -20,9 +20,12 @@ from common.errors import FedLoraError
 from common.records import (
     ARRAY_NAMES_KEY,
     NUM_EXAMPLES,
+    REPLY_NAMES_KEY,
+    REPLY_PER_ROW_KEY,
     adapter_names,
     parameters_to_record,
     record_to_adapter,
+    record_to_tensors,
 )
 
 LEGACY_ARRAYS, LEGACY_CONFIG = "fitins.parameters", "fitins.config"  # Flower's FitIns records
@@ -54,6 +57,9 @@ def _train_in_fedlora_records(msg: Message, ctxt: Context, call_next: ClientAppC
     cfg = FedLoraConfig.from_run_config(ctxt.run_config)
     config = ConfigRecord(dict(msg.content.config_records[LEGACY_CONFIG]))
     names = [str(name) for name in config.pop(ARRAY_NAMES_KEY)]
+    order = ([str(name) for name in config.pop(REPLY_NAMES_KEY)] if REPLY_NAMES_KEY in config
+             else adapter_names(names))
+    per_row = bool(config.pop(REPLY_PER_ROW_KEY)) if REPLY_PER_ROW_KEY in config else False
     legacy_arrays = msg.content.array_records[LEGACY_ARRAYS]
     arrays = parameters_to_record(arrayrecord_to_parameters(legacy_arrays, keep_input=True),
                                   names)
@@ -63,7 +69,7 @@ def _train_in_fedlora_records(msg: Message, ctxt: Context, call_next: ClientAppC
         raise FedLoraError(reply.error.reason)
     records = reply.content
     if "arrays" not in records.array_records or len(records.metric_records) != 1:
-        raise FedLoraError("the train handler sent no adapter and metrics to aggregate")
+        raise FedLoraError("the handler sent no arrays and metrics to aggregate")
     metrics = dict(next(iter(records.metric_records.values())))
     weight = 1 if cfg.client_level_dp else int(metrics[NUM_EXAMPLES])
     if weight > cfg.secagg_max_weight:
@@ -71,15 +77,18 @@ def _train_in_fedlora_records(msg: Message, ctxt: Context, call_next: ClientAppC
                            f"secagg-max-weight ({cfg.secagg_max_weight:g}): raise it to at "
                            f"least {weight}")
     # The sum is of values, not of their transfer encoding (int8 + scales would not add up),
-    # in the order of the adapter the server sent.
-    state = record_to_adapter(records["arrays"])
-    order = adapter_names(names)
+    # in the order the server asked for.
+    if per_row:  # the protocol's weighted mean is then the sites' total / their rows
+        state = {name: tensor.double() / weight
+                 for name, tensor in record_to_tensors(records["arrays"]).items()}
+    else:
+        state = record_to_adapter(records["arrays"])
     if sorted(state) != sorted(order):
-        raise FedLoraError("the train handler's adapter does not match the one the server sent")
+        raise FedLoraError("the handler's reply does not hold the arrays the server asked for")
     for name in order:
         peak = float(state[name].abs().max()) if state[name].numel() else 0.0
         if not np.isfinite(peak) or peak > cfg.secagg_clipping_range:
-            raise FedLoraError(f"adapter tensor {name!r} reaches {peak:.4g}, outside "
+            raise FedLoraError(f"array {name!r} reaches {peak:.4g}, outside "
                                f"secagg-clipping-range ({cfg.secagg_clipping_range:g})")
     # float64: the mod shifts values by the clipping range and scales them to 2**30 before
     # rounding, which in float32 would lose ~6 of those bits. Only the masked integers travel.

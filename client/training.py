@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -37,6 +38,19 @@ def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return torch.nn.functional.cross_entropy(logits.float(), batch["labels"],
                                              weight=weights.to(logits.device))
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module, names: list[str]):
+    """The named trainable parameters left out of training for the duration (a fitted head)."""
+    params = [p for n, p in model.named_parameters() if n in set(names) and p.requires_grad]
+    for param in params:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param in params:
+            param.requires_grad_(True)
 
 
 def train_adapter(model: torch.nn.Module, examples: list[dict], cfg: FedLoraConfig, *,

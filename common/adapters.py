@@ -15,6 +15,10 @@ from common.errors import FedLoraError, first_line
 from common.model import resolve_model_path
 
 TASK_TYPES = {"SEQ_CLS": "classification", "CAUSAL_LM": "causal-lm"}
+# Beside a PEFT adapter: what fedlora needs to rebuild its model (the pooling its head reads).
+SETTINGS_FILE = "fedlora.json"
+# Adapters saved before pooling was a choice read the model's own head.
+DEFAULT_POOLING = "cls"
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,7 @@ class SavedAdapter:
     base_model: str  # a local folder or a hub id
     labels: list[str] | None  # classification: label id -> name
     run_config: dict  # the run's config.json when the adapter sits in a run directory, else {}
+    pooling: str | None = None  # classification: mean or cls
 
 
 def _read_json(path: Path):
@@ -31,6 +36,10 @@ def _read_json(path: Path):
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise FedLoraError(f"{path} cannot be read as JSON: {err}") from None
+
+
+def write_adapter_settings(folder: Path, settings: dict) -> None:
+    (Path(folder) / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n")
 
 
 def find_adapter(path: str | Path) -> Path:
@@ -64,8 +73,13 @@ def read_saved_adapter(path: str | Path, model: str | None = None) -> SavedAdapt
                            f"{' or '.join(TASK_TYPES)}")
     run_config_file = folder.parent / "config.json"
     run_config = _read_json(run_config_file) if run_config_file.is_file() else {}
-    labels = None
+    labels, pooling = None, None
     if task == "classification":
+        settings_file = folder / SETTINGS_FILE
+        settings = _read_json(settings_file) if settings_file.is_file() else {}
+        pooling = settings.get("pooling", DEFAULT_POOLING) if isinstance(settings, dict) else None
+        if pooling not in ("mean", "cls"):
+            raise FedLoraError(f"{settings_file} names pooling {pooling!r}; expected mean or cls")
         labels_file = folder / "labels.json"
         if not labels_file.is_file():
             raise FedLoraError(f"classification adapter {str(folder)!r} has no labels.json")
@@ -78,14 +92,16 @@ def read_saved_adapter(path: str | Path, model: str | None = None) -> SavedAdapt
     except FedLoraError as err:
         raise FedLoraError(f"{err} (the adapter's base model; give --model)") from None
     return SavedAdapter(path=folder, task=task, base_model=base, labels=labels,
-                        run_config=run_config)
+                        run_config=run_config, pooling=pooling)
 
 
 def load_adapter_model(saved: SavedAdapter, device: torch.device | None = None):
     """(peft model in eval mode, tokenizer), in float32 on `device` (default CPU)."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from common.model import load_base_model
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -94,16 +110,10 @@ def load_adapter_model(saved: SavedAdapter, device: torch.device | None = None):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     try:
-        if saved.task == "classification":
-            base = AutoModelForSequenceClassification.from_pretrained(
-                saved.base_model, num_labels=len(saved.labels),
-                id2label=dict(enumerate(saved.labels)),
-                label2id={label: i for i, label in enumerate(saved.labels)},
-                dtype=torch.float32)
-            if base.config.pad_token_id is None:
-                base.config.pad_token_id = tokenizer.pad_token_id
-        else:
-            base = AutoModelForCausalLM.from_pretrained(saved.base_model, dtype=torch.float32)
+        base = load_base_model(saved.base_model, saved.labels, saved.pooling,
+                               {"dtype": torch.float32})
+        if saved.labels is not None and base.config.pad_token_id is None:
+            base.config.pad_token_id = tokenizer.pad_token_id
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             model = PeftModel.from_pretrained(base, saved.path)

@@ -23,6 +23,8 @@ DEVICES = ("auto", "cuda", "mps", "cpu")
 CLIENT_DP_CLIPPING = ("client", "server")
 SELECTION_METRICS = ("auto", "accuracy", "macro-f1", "loss", "perplexity")
 DATA_CHECK_POLICIES = ("warn", "drop", "refuse")
+POOLINGS = ("auto", "mean", "cls")
+HEAD_MODES = ("auto", "fit", "train", "fit-then-train")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "ffa", "exact", "hetlora",
               "median", "trimmed-mean")
 MIXED_RANK_STRATEGIES = ("exact", "hetlora")
@@ -42,6 +44,15 @@ class FedLoraConfig:
     device: str = "auto"  # auto = CUDA (bf16/fp16), else MPS, else CPU (float32)
     load_in_4bit: bool = False  # QLoRA on the clients: needs CUDA and bitsandbytes
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory
+    pooling: str = "auto"  # classification: what the head reads: mean (of the last hidden
+                           # states, unit length), cls (the model's own head), or auto (mean for
+                           # models made for mean pooling, e.g. sentence-transformers folders)
+    # Classification head
+    head_mode: str = "auto"  # fit: closed form from the sites' summed statistics before round 1,
+                             # frozen while LoRA trains; train: trained with LoRA from a random
+                             # start; fit-then-train: fitted, then trained; auto: fit where the
+                             # strategy can use summed statistics, else train
+    head_refit_every: int = 0  # fit modes: fit the head again after every N-th round; 0 = never
     # Data
     data: str = ""  # file, folder or hub data set; empty falls back to $FEDLORA_DATA
     eval_data: str = ""  # the server's evaluation set (deployment); empty = data's test split
@@ -67,7 +78,7 @@ class FedLoraConfig:
                                           # unmapped, never trainable; leaving it out silently
                                           # would skew the site's data
     # Federation
-    num_rounds: int = 3  # federated rounds to run
+    num_rounds: int = 3  # federated rounds to run; 0 = the head round alone (fit head modes)
     fraction_train: float = 1.0  # share of the connected sites sampled to train
     fraction_evaluate: float = 1.0  # share of the connected sites sampled to evaluate; 0 = none
     min_train_clients: int = 2  # fewest sites sampled to train, and usable replies a round needs
@@ -94,6 +105,8 @@ class FedLoraConfig:
     dp_clip_norm: float = 1.0  # per-example gradient norm bound; must be positive
     dp_delta: float = 1e-5  # the delta of each site's (epsilon, delta) guarantee, in (0, 1)
     dp_target_epsilon: float = 0.0  # a site stops training before it would exceed this; 0 = none
+    head_dp_noise_multiplier: float = 0.0  # noise std / sensitivity on each site's head
+                                           # statistics (fit head modes); 0 = dp-noise-multiplier
     # Client-level differential privacy (Flower's fixed-clipping wrappers); noise 0 = off
     client_dp_noise_multiplier: float = 0.0  # Gaussian noise std / (clip norm / clients sampled)
     client_dp_clip_norm: float = 0.1  # L2 bound (> 0) on each site's update (its adapter - global)
@@ -139,7 +152,9 @@ class FedLoraConfig:
         _check_choice("check-duplicates", self.check_duplicates, DATA_CHECK_POLICIES)
         _check_choice("check-too-long", self.check_too_long, DATA_CHECK_POLICIES)
         _check_choice("check-unknown-labels", self.check_unknown_labels, DATA_CHECK_POLICIES)
-        self._require(("lora-r", "max-length", "num-rounds", "local-epochs", "batch-size",
+        _check_choice("pooling", self.pooling, POOLINGS)
+        _check_choice("head-mode", self.head_mode, HEAD_MODES)
+        self._require(("lora-r", "max-length", "local-epochs", "batch-size",
                        "grad-accum-steps", "num-clients", "min-train-clients",
                        "min-evaluate-clients", "min-available-clients"),
                       lambda v: v > 0, "be a positive integer")
@@ -151,7 +166,8 @@ class FedLoraConfig:
                        "max-grad-norm", "client-num-gpus", "proximal-mu", "server-learning-rate",
                        "server-momentum", "global-rank", "max-update-norm", "round-retries",
                        "dp-noise-multiplier", "dp-target-epsilon", "client-dp-noise-multiplier",
-                       "client-dp-target-epsilon"),
+                       "client-dp-target-epsilon", "head-refit-every", "num-rounds",
+                       "head-dp-noise-multiplier"),
                       lambda v: v >= 0, "not be negative")
         self._require(("lora-dropout", "test-fraction", "val-fraction", "server-beta1",
                        "server-beta2"), lambda v: 0 <= v < 1, "be in [0, 1)")
@@ -183,10 +199,12 @@ class FedLoraConfig:
                                "batch's tokens, which does not bound one example's gradient")
         if self.differential_privacy and self.grad_accum_steps != 1:
             raise FedLoraError("DP-SGD samples its own batches: set grad-accum-steps=1")
-        if self.dp_target_epsilon and not self.differential_privacy:
-            raise FedLoraError("dp-target-epsilon needs DP-SGD: set dp-noise-multiplier > 0")
+        if self.dp_target_epsilon and not (self.differential_privacy or self.private_head):
+            raise FedLoraError("dp-target-epsilon needs differential privacy: set "
+                               "dp-noise-multiplier > 0 (or head-dp-noise-multiplier > 0)")
         self._check_client_dp_and_secagg()
         self._check_selection()
+        self._check_head()
         if self.load_in_4bit and self.strategy == "exact":
             raise FedLoraError("strategy exact folds a residual into the base weights, which "
                                "4-bit weights cannot hold: use another strategy or "
@@ -213,6 +231,23 @@ class FedLoraConfig:
         if self.class_weighted_loss and self.differential_privacy:
             raise FedLoraError("class-weighted-loss is not available with DP-SGD (Opacus "
                                "scales per-example gradients for an unweighted mean)")
+
+    def _check_head(self) -> None:
+        if self.num_rounds == 0 and self.head_mode == "train":
+            raise FedLoraError("num-rounds=0 runs the head round alone, which head-mode=train "
+                               "does not have: use num-rounds > 0 or a fit head mode")
+        if self.head_dp_noise_multiplier and not self.differential_privacy and self.num_rounds:
+            raise FedLoraError("head-dp-noise-multiplier protects the head statistics only; the "
+                               "training rounds would send updates without DP: set "
+                               "dp-noise-multiplier too, or num-rounds=0 (the head alone)")
+        if self.is_classification:
+            return
+        if self.pooling != "auto":
+            raise FedLoraError(f"config pooling={self.pooling} applies to classification; "
+                               f"task causal-lm predicts every token and pools nothing")
+        if self.head_mode not in ("auto", "train"):
+            raise FedLoraError(f"config head-mode={self.head_mode} fits a classification head; "
+                               f"task causal-lm has none: use head-mode=auto or train")
 
     def _check_client_dp_and_secagg(self) -> None:
         _check_choice("client-dp-clipping", self.client_dp_clipping, CLIENT_DP_CLIPPING)
@@ -307,6 +342,15 @@ class FedLoraConfig:
     @property
     def differential_privacy(self) -> bool:
         return self.dp_noise_multiplier > 0
+
+    @property
+    def head_noise_multiplier(self) -> float:
+        """Noise std / sensitivity on the head statistics a site releases (0 = none)."""
+        return self.head_dp_noise_multiplier or self.dp_noise_multiplier
+
+    @property
+    def private_head(self) -> bool:
+        return self.head_noise_multiplier > 0
 
     @property
     def client_level_dp(self) -> bool:

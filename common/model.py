@@ -7,6 +7,8 @@ the trainable tensors agree; only those tensors travel (see common/records.py).
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import logging
 import os
 import warnings
@@ -48,6 +50,7 @@ class LoraModel:
     model: torch.nn.Module
     tokenizer: object
     device: torch.device
+    pooling: str | None = None  # classification: what the head reads (mean or cls)
     pretrained_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def trainable_state(self) -> "OrderedDict[str, torch.Tensor]":
@@ -59,6 +62,44 @@ class LoraModel:
         with torch.no_grad():
             for name, tensor in state.items():
                 params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+
+    def head_names(self) -> list[str]:
+        """The trainable tensors outside LoRA: the classification head (none for causal LM)."""
+        return [n for n, p in self.model.named_parameters() if p.requires_grad
+                and ".lora_" not in n]
+
+    def head_module(self) -> torch.nn.Linear:
+        """The linear layer that maps pooled features to logits (peft's trainable copy of it);
+        FedLoraError when the head is of another shape (a closed-form fit needs a linear
+        layer reading one vector per row)."""
+        from peft.utils import ModulesToSaveWrapper
+
+        wrappers = [m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper)]
+        if len(wrappers) == 1:
+            trained = wrappers[0].modules_to_save[wrappers[0].active_adapter]
+            if isinstance(trained, torch.nn.Linear):
+                return trained
+        raise FedLoraError("a closed-form head needs one linear layer on pooled features; this "
+                           "model's head is another shape: use pooling=mean or head-mode=train")
+
+    def pooled_feature_dim(self) -> int:
+        """The width of the one vector per row the head reads; FedLoraError when it reads
+        something else (a decoder's `score` head reads every token and pools afterwards)."""
+        head = self.head_module()
+        seen: list[torch.Size] = []
+        hook = head.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape))
+        pad = self.tokenizer.pad_token_id
+        probe = torch.tensor([[pad, pad]], device=self.device)
+        try:
+            with torch.inference_mode():
+                self.model(input_ids=probe, attention_mask=torch.ones_like(probe))
+        finally:
+            hook.remove()
+        if len(seen) != 1 or len(seen[0]) != 2:
+            raise FedLoraError("a closed-form head needs a head that reads one pooled vector "
+                               "per row; this model's head reads every token: use pooling=mean "
+                               "or head-mode=train")
+        return int(seen[0][1])
 
     def frozen_lora_state(self) -> "OrderedDict[str, torch.Tensor]":
         """LoRA factors that do not train (FFA-LoRA's A), for computing products."""
@@ -94,6 +135,41 @@ def resolve_model_path(name: str) -> str:
     if name.startswith((".", "/", "~")) or os.sep + os.sep in name or name.count("/") > 1:
         raise FedLoraError(f"model folder {name!r} does not exist")
     return name
+
+
+def resolve_pooling(cfg: FedLoraConfig) -> str:
+    """What a classification head reads: cfg.pooling, or for auto 'mean' when the model was
+    made for mean pooling (a sentence-transformers folder whose pooling module says so), else
+    'cls', the model's own sequence-classification head."""
+    if cfg.pooling != "auto":
+        return cfg.pooling
+    return "mean" if _made_for_mean_pooling(resolve_model_path(cfg.model)) else "cls"
+
+
+def _made_for_mean_pooling(path: str) -> bool:
+    modules = _model_json(path, "modules.json")
+    if not isinstance(modules, list):
+        return False
+    for module in modules:
+        if isinstance(module, dict) and str(module.get("type", "")).endswith(".Pooling"):
+            pooling = _model_json(path, f"{module.get('path', '')}/config.json".lstrip("/"))
+            return isinstance(pooling, dict) and bool(pooling.get("pooling_mode_mean_tokens"))
+    return False
+
+
+def _model_json(path: str, name: str):
+    """A JSON file of a model folder or hub model; None when it is absent or unreadable."""
+    folder = Path(path)
+    try:
+        if folder.is_dir():
+            file = folder / name
+        else:
+            from huggingface_hub import hf_hub_download
+
+            file = Path(hf_hub_download(path, name))
+        return json.loads(file.read_text())
+    except Exception:  # absent, unreachable or not JSON: the model says nothing about it
+        return None
 
 
 def _load_pretrained(loader, cfg: FedLoraConfig, failure: str):
@@ -179,13 +255,40 @@ def quantization_config(cfg: FedLoraConfig, device: torch.device):
                               bnb_4bit_compute_dtype=compute_dtype(device))
 
 
+def load_base_model(path: str, labels: list[str] | None, pooling: str | None,
+                    load: dict | None = None):
+    """The pretrained model a LoRA adapter goes on: with labels, a sequence classifier whose
+    head reads the pooled vector `pooling` (mean or cls); else a causal LM. `load`: keyword
+    arguments of from_pretrained (dtype, quantisation)."""
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+    )
+
+    load = load or {}
+    if labels is None:
+        return AutoModelForCausalLM.from_pretrained(path, **load)
+    names = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+             "label2id": {label: i for i, label in enumerate(labels)}}
+    if pooling == "cls":
+        return AutoModelForSequenceClassification.from_pretrained(path, **names, **load)
+    from common.mean_pooling import MeanPoolingForSequenceClassification
+
+    encoder = AutoModel.from_pretrained(path, **load)
+    config = copy.deepcopy(encoder.config)
+    for key, value in names.items():
+        setattr(config, key, value)
+    return MeanPoolingForSequenceClassification(config, encoder=encoder)
+
+
 def build_lora_model(cfg: FedLoraConfig, labels: list[str] | None = None,
                      device: torch.device | None = None, rank: int | None = None) -> LoraModel:
     """Load the base model for cfg.task and wrap it with LoRA of `rank` (default: the global
     rank). Seeded: same cfg, same init. Alpha follows the rank so that the scaling alpha / r
     is the same for every rank; FFA-LoRA freezes A."""
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here
@@ -208,18 +311,13 @@ def build_lora_model(cfg: FedLoraConfig, labels: list[str] | None = None,
     if quantization is not None:
         load.update(quantization_config=quantization, device_map={"": device})
     torch.manual_seed(cfg.seed)
-    if cfg.is_classification:
-        if not labels:
-            raise FedLoraError("classification needs at least one label")
-        base = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={label: i for i, label in enumerate(labels)}, **load)
-        if base.config.pad_token_id is None:
-            base.config.pad_token_id = tokenizer.pad_token_id
-        task_type = TaskType.SEQ_CLS
-    else:
-        base = AutoModelForCausalLM.from_pretrained(path, **load)
-        task_type = TaskType.CAUSAL_LM
+    if cfg.is_classification and not labels:
+        raise FedLoraError("classification needs at least one label")
+    base = load_base_model(path, labels if cfg.is_classification else None,
+                           resolve_pooling(cfg) if cfg.is_classification else None, load)
+    if cfg.is_classification and base.config.pad_token_id is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    task_type = TaskType.SEQ_CLS if cfg.is_classification else TaskType.CAUSAL_LM
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 
@@ -251,4 +349,5 @@ def build_lora_model(cfg: FedLoraConfig, labels: list[str] | None = None,
         for param in model.parameters():
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
-    return LoraModel(model=model, tokenizer=tokenizer, device=device)
+    return LoraModel(model=model, tokenizer=tokenizer, device=device,
+                     pooling=resolve_pooling(cfg) if cfg.is_classification else None)

@@ -19,6 +19,14 @@ from common.quantization import dequantize, num_scales, quantize
 
 NUM_EXAMPLES = "num-examples"  # the example count every train reply reports
 RESIDUAL_KEY = "residual"  # strategy exact: the dense residual record beside the adapter
+TRAIN_HEAD = "train-head"  # in the sites' config: whether local training updates the head
+HEAD_STATISTICS = "query.head_statistics"  # the message a site answers with head statistics
+HEAD_ACTION = "head_statistics"  # its action name (Flower: a Python identifier)
+# In the sites' config: how many head-statistics releases the server has asked for so far
+# (the latest included), so that a site's epsilon needs no state on the site.
+HEAD_RELEASES = "head-releases"
+# SecAgg+ speaks only train messages: a head-statistics request inside it says so here.
+TASK_KEY = "fedlora-task"
 
 INT8_SCALES_KEY = "int8-scales"  # transfer-dtype int8: every tensor's scales, in record order
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -45,9 +53,9 @@ def _int8_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord(arrays)
 
 
-def record_to_adapter(record: ArrayRecord) -> "OrderedDict[str, torch.Tensor]":
-    """Decode an ArrayRecord into float32 tensors (arithmetic on the server happens in fp32+);
-    int8 tensors are dequantised with the record's scales."""
+def record_to_tensors(record: ArrayRecord) -> "OrderedDict[str, torch.Tensor]":
+    """Decode an ArrayRecord's arrays into tensors of the dtypes they hold; FedLoraError
+    naming an array that does not decode or holds another shape than it declares."""
     state: OrderedDict[str, torch.Tensor] = OrderedDict()
     for name, array in record.items():
         try:
@@ -59,6 +67,13 @@ def record_to_adapter(record: ArrayRecord) -> "OrderedDict[str, torch.Tensor]":
         if tuple(decoded.shape) != tuple(array.shape):
             raise FedLoraError(f"adapter tensor {name!r} declares shape {tuple(array.shape)} "
                                f"but holds {tuple(decoded.shape)}")
+    return state
+
+
+def record_to_adapter(record: ArrayRecord) -> "OrderedDict[str, torch.Tensor]":
+    """Decode an ArrayRecord into float32 tensors (arithmetic on the server happens in fp32+);
+    int8 tensors are dequantised with the record's scales."""
+    state = record_to_tensors(record)
     scales = state.pop(INT8_SCALES_KEY, None)
     if scales is not None or any(t.dtype == torch.int8 for t in state.values()):
         return _dequantized(state, scales)
@@ -127,6 +142,11 @@ def message_bytes(messages) -> int:
 
 # -- Flower's legacy Parameters (what the SecAgg+ workflow and mod speak) -----------------------
 ARRAY_NAMES_KEY = "fedlora-array-names"  # in the legacy config: the names Parameters lack
+# In the legacy config: the names of the arrays the reply must hold (default: the request's),
+# and whether they are sums over the site's rows (head statistics), which the site then sends
+# per row, so that SecAgg+'s weighted mean is their total over sites divided by the rows.
+REPLY_NAMES_KEY = "fedlora-reply-names"
+REPLY_PER_ROW_KEY = "fedlora-reply-per-row"
 
 
 def record_to_parameters(record: ArrayRecord) -> tuple[Parameters, list[str]]:

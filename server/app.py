@@ -18,14 +18,15 @@ from common.data import load_server_splits, resolve_labels, tokenize
 from common.lora_math import factorize, lora_modules
 from common.model import LoraModel, build_lora_model
 from common.provenance import run_environment
-from common.records import adapter_to_record, record_to_adapter
-from server.checkpoint import load_checkpoint
+from common.records import TRAIN_HEAD, adapter_to_record, record_to_adapter
+from server.checkpoint import checkpoint_exists, load_checkpoint
 from server.client_dp import ClientLevelDP
 from server.evaluation import GlobalEvaluator
+from server.head_round import HeadRound
 from server.outputs import RunDirectory
 from server.rounds import RoundRecorder
 from server.secure_aggregation import SecAggPlusRound
-from server.strategies import build_strategy
+from server.strategies import build_strategy, resolve_head_mode
 from server.strategies.fedavg import LoraFedAvg
 from server.tensorboard import RoundScalars
 
@@ -57,14 +58,21 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
         evaluator = GlobalEvaluator(lora, tokenize(splits.test, lora.tokenizer, cfg, labels), cfg)
         strategy = build_strategy(cfg, lora)
         client_dp = protect(strategy, cfg)
-        client_config = ConfigRecord({"labels": json.dumps(labels)} if labels else {})
-        initial, first_round = lora.trainable_state(), 1
-        if cfg.resume:
+        head_mode = resolve_head_mode(cfg, lora.pooling)
+        head_round = head_round_for(strategy, cfg, lora, labels, head_mode)
+        parts = [part for part in (client_dp, head_round) if part is not None]
+        client_config = ConfigRecord({"labels": json.dumps(labels),
+                                      TRAIN_HEAD: head_mode != "fit"} if labels else {})
+        initial, first_round = lora.trainable_state(), 0
+        if cfg.resume and not run.read_rounds() and not checkpoint_exists(run.checkpoint_dir):
+            # Stopped before its first round was recorded: nothing is lost by starting over.
+            log(INFO, "fedlora: %s recorded no round yet; starting it from round 0", run.path)
+        elif cfg.resume:
             ckpt = load_checkpoint(run.checkpoint_dir)
             run.keep_rounds_through(ckpt.round)
             strategy.load_state_tensors(ckpt.strategy_state)
-            if client_dp:
-                client_dp.load_state_tensors(ckpt.strategy_state)
+            for part in parts:
+                part.load_state_tensors(ckpt.strategy_state)
             strategy.rng.setstate(ckpt.rng_state)
             # Sites count retried rounds as DP-SGD releases: the count must survive a resume.
             strategy.retried_attempts = int(ckpt.strategy_state.get("run", {}).get(
@@ -72,15 +80,18 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
             initial = OrderedDict((name, ckpt.adapter[name]) for name in initial)
             first_round = ckpt.round + 1
             log(INFO, "fedlora: resuming %s after round %s", run.path, ckpt.round)
+            if head_round is not None:
+                head_round.stamp_releases(client_config)
 
         scalars = RoundScalars(run.path / "tensorboard") if cfg.tensorboard else None
-        recorder = RoundRecorder(run, evaluator, strategy, cfg, client_dp, scalars)
-        if cfg.resume:
+        recorder = RoundRecorder(run, evaluator, strategy, cfg, parts, scalars)
+        if first_round > 0:
             recorder.restore_best(ckpt.strategy_state)
         result = strategy.start(
             grid=grid, initial_arrays=adapter_to_record(initial, "float32"),
             num_rounds=cfg.num_rounds, timeout=cfg.round_timeout, train_config=client_config,
-            evaluate_config=client_config, evaluate_fn=recorder, first_round=first_round)
+            evaluate_config=client_config, evaluate_fn=recorder, first_round=first_round,
+            refine=head_round)
         recorder.wait()
         if scalars is not None:
             scalars.close()
@@ -99,8 +110,10 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
         early = {"stopped-early": strategy.stopped_early} if strategy.stopped_early else {}
         data_checks = ({"data-checks": strategy.data_check_totals()} if strategy.data_reports
                        else {})
+        # What auto resolved to: the pooling the head reads, how the head was made.
+        head = {"head": {"mode": head_mode, "pooling": lora.pooling}} if labels else {}
         run.write_summary({"status": "completed", "rounds": rounds[-1]["round"] if rounds else 0,
-                           **early, **best, **data_checks,
+                           **head, **early, **best, **data_checks,
                            "final": rounds[-1]["server"] if rounds else {},
                            "initial": rounds[0]["server"] if rounds else {},
                            "seconds": time.time() - started})
@@ -113,6 +126,15 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
                            "seconds": time.time() - started})
         raise
     return run
+
+
+def head_round_for(strategy: LoraFedAvg, cfg: FedLoraConfig, lora: LoraModel,
+                   labels: list[str] | None, head_mode: str) -> HeadRound | None:
+    """The head round of a fit head mode (server/head_round.py), else None."""
+    if head_mode == "train":
+        return None
+    return HeadRound(strategy, cfg, lora.head_names(), dim=lora.pooled_feature_dim(),
+                     num_labels=len(labels), unit_features=lora.pooling == "mean")
 
 
 def protect(strategy: LoraFedAvg, cfg: FedLoraConfig) -> ClientLevelDP | None:

@@ -44,8 +44,12 @@ def save_checkpoint(folder: Path, ckpt: Checkpoint) -> None:
                                                     "rng_state": ckpt.rng_state}))
 
 
+def checkpoint_exists(folder: Path) -> bool:
+    return (folder / "state.json").is_file()
+
+
 def load_checkpoint(folder: Path) -> Checkpoint:
-    if not (folder / "state.json").is_file():
+    if not checkpoint_exists(folder):
         raise FedLoraError(f"nothing to resume: {folder} holds no checkpoint")
     try:
         state = json.loads((folder / "state.json").read_text())

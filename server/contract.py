@@ -15,7 +15,13 @@ from flwr.common import log
 from common.config import TRANSFER_DTYPES
 from common.data_checks import LABEL_COUNTS, METRIC_PREFIX, SITE_COUNTS
 from common.errors import FedLoraError
-from common.records import NUM_EXAMPLES, check_adapter_matches, record_to_adapter
+from common.head import HeadStatistics, array_names
+from common.records import (
+    NUM_EXAMPLES,
+    check_adapter_matches,
+    record_to_adapter,
+    record_to_tensors,
+)
 
 MAX_EXAMPLES = 2**31  # more examples than this from one site is not a real count
 
@@ -146,6 +152,82 @@ def parse_train_reply(msg: Message, reference: Mapping[str, torch.Tensor],
                        num_examples=int(metrics[NUM_EXAMPLES]),
                        metrics={k: v for k, v in metrics.items() if math.isfinite(v)},
                        data_report=data_report)
+
+
+HEAD_SPLITS = ("train", "val")  # the splits whose statistics a head reply holds
+# Unit-length features: a row adds at most 1 to each entry of the Gram matrix's trace share;
+# float32 features are unit length to about this relative error.
+UNIT_NORM_TOLERANCE = 1e-3
+
+
+@dataclass
+class HeadReply:
+    node_id: int
+    train: HeadStatistics
+    val: HeadStatistics
+    num_examples: int  # the site's training rows, as its metrics say
+    metrics: dict[str, float]
+
+
+def parse_head_reply(msg: Message, dim: int, num_labels: int, noisy: bool,
+                     unit_features: bool) -> HeadReply:
+    """Decode a head-statistics reply; raise FedLoraError naming what is wrong. Checked: the
+    client's own error, one MetricRecord with a plausible example count, one ArrayRecord of
+    exactly the statistics' float64 arrays (common/head.py) in their shapes, finite values.
+    Without noise (no DP) the statistics must also be what rows could sum to: whole,
+    non-negative counts adding up to num-examples, and (unit_features: features scaled to unit
+    length) a Gram trace equal to the row count and class sums no longer than their counts."""
+    if msg.has_error():
+        raise FedLoraError(f"client failed: {msg.error.reason}")
+    metrics = parse_metrics(msg)
+    num_examples = int(metrics[NUM_EXAMPLES])
+    if num_examples <= 0:
+        raise FedLoraError(f"'{NUM_EXAMPLES}' must be positive: a site without training rows "
+                           f"has no statistics to add")
+    records = [r for r in msg.content.values() if isinstance(r, ArrayRecord)]
+    if len(records) != 1:
+        raise FedLoraError(f"expected one ArrayRecord, got {len(records)}")
+    expected = array_names(HEAD_SPLITS)
+    if sorted(records[0].keys()) != sorted(expected):
+        raise FedLoraError(f"head statistics must be exactly the arrays {', '.join(expected)}; "
+                           f"got {', '.join(records[0].keys()) or 'none'}")
+    for name, array in records[0].items():
+        if array.dtype != "float64":
+            raise FedLoraError(f"head statistic {name!r} has dtype {array.dtype}, not float64")
+    arrays = record_to_tensors(records[0])
+    for name, tensor in arrays.items():
+        if not torch.isfinite(tensor).all():
+            raise FedLoraError(f"head statistic {name!r} has non-finite values")
+    try:
+        train, val = (HeadStatistics.from_arrays(arrays, split, dim, num_labels)
+                      for split in HEAD_SPLITS)
+    except ValueError as err:
+        raise FedLoraError(f"head statistics: {err}") from None
+    if not noisy:
+        for split, stats in zip(HEAD_SPLITS, (train, val)):
+            _check_exact_statistics(split, stats, unit_features)
+        if train.num_rows != num_examples:
+            raise FedLoraError(f"head statistics count {train.num_rows:g} training rows, "
+                               f"'{NUM_EXAMPLES}' says {num_examples}")
+    return HeadReply(node_id=msg.metadata.src_node_id, train=train, val=val,
+                     num_examples=num_examples, metrics=metrics)
+
+
+def _check_exact_statistics(split: str, stats: HeadStatistics, unit_features: bool) -> None:
+    counts = stats.class_counts
+    if bool((counts < 0).any()) or not bool((counts == counts.round()).all()):
+        raise FedLoraError(f"head statistics: {split} class counts must be whole numbers >= 0")
+    if not unit_features:
+        return
+    rows = stats.num_rows
+    if abs(float(stats.gram.diagonal().sum()) - rows) > UNIT_NORM_TOLERANCE * max(rows, 1):
+        raise FedLoraError(f"head statistics: the {split} Gram matrix's trace is "
+                           f"{float(stats.gram.diagonal().sum()):.6g}, not its row count "
+                           f"{rows:g} (features are unit length)")
+    lengths = stats.class_sums.norm(dim=1)
+    if bool((lengths > counts * (1 + UNIT_NORM_TOLERANCE) + 1e-9).any()):
+        raise FedLoraError(f"head statistics: a {split} class sum is longer than its row count "
+                           f"(features are unit length)")
 
 
 def update_norm(state: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor]) -> float:

@@ -1,5 +1,6 @@
 """A run's final adapter, exported: the PEFT adapter alone, or the base model with it merged in
-(loadable with `AutoModelFor...from_pretrained(OUT)`, no peft needed)."""
+(loadable with `AutoModelFor...from_pretrained(OUT)`, no peft needed; a mean-pooling head ships
+its model code beside the weights and loads with `trust_remote_code=True`)."""
 
 from __future__ import annotations
 
@@ -37,8 +38,14 @@ def export_merged(saved: SavedAdapter, out: str | Path, force: bool = False) -> 
     _check_target(out, force)
     model, tokenizer = load_adapter_model(saved)
     merged = model.merge_and_unload()
+    if saved.pooling == "mean":
+        import common.mean_pooling as mean_pooling
+
+        merged.config.auto_map = mean_pooling.AUTO_MAP
     with atomic_directory(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
+        if saved.pooling == "mean":
+            shutil.copy2(mean_pooling.__file__, tmp / "modeling_fedlora.py")
         tokenizer.save_pretrained(tmp)
         if saved.labels is not None:
             (tmp / "labels.json").write_text(json.dumps(saved.labels, indent=1) + "\n")

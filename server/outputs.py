@@ -4,7 +4,9 @@
     environment.json     package versions, the app's git commit, the seeds (and per resume)
     labels.json          the shared label set (classification)
     metrics.jsonl        one JSON object per round (round 0 = the initial adapter)
-    final_adapter/       PEFT format: PeftModel.from_pretrained(base, path) loads it
+    final_adapter/       PEFT format: PeftModel.from_pretrained(base, path) loads it onto the
+                         base of the pooling its fedlora.json names (common.model's
+                         load_base_model builds it)
     best_adapter/        the same, of the best round by the server's selection metric
     summary.json         status (running/completed/failed), final metrics, timing
     checkpoint/          the last complete round (server/checkpoint.py), for resuming
@@ -128,8 +130,12 @@ class RunDirectory:
     def save_adapter(self, lora: LoraModel, labels: list[str] | None,
                      folder: str = "final_adapter") -> None:
         """The adapter in PEFT format: final_adapter/ (the last round's), best_adapter/."""
+        from common.adapters import write_adapter_settings
+
         with atomic_directory(self.path / folder) as tmp:
             lora.model.save_pretrained(tmp)
             lora.tokenizer.save_pretrained(tmp)
             if labels is not None:
                 (tmp / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
+            if lora.pooling is not None:
+                write_adapter_settings(tmp, {"pooling": lora.pooling})

@@ -3,7 +3,8 @@
     <run_dir>/report.html   every plot embedded as a data: URI, inline CSS, no script; a page
                             that can be mailed or archived and opens the same anywhere
     <run_dir>/plots/*.png   server.png, clients_train_loss.png, clients_accuracy.png (causal LM:
-                            clients_loss.png), bytes.png, epsilon.png (only when DP was on)
+                            clients_loss.png), sites.png (worst and median site), bytes.png,
+                            epsilon.png (only when DP was on)
 
 A plot without data is left out. Parts of a round record that are missing or of the wrong type
 count as missing: a report of a running or crashed run shows what there is.
@@ -22,6 +23,15 @@ from pathlib import Path
 from common.atomic import atomic_write_bytes, atomic_write_text
 from common.errors import FedLoraError
 from server.outputs import RunDirectory
+from server.round_record import (
+    client_level_epsilon,
+    round_epsilon,
+    site_epsilon,
+    site_spread,
+)
+from server.round_record import (
+    number as _number,
+)
 
 MAX_LEGEND_ENTRIES = 20  # beyond this the legend hides the plot; the caption still names all
 MAX_ROUND_TICKS = 12
@@ -113,12 +123,6 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _number(value) -> float | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return None
-
-
 def _part(record: dict, key: str, kind: type = dict):
     value = record.get(key)
     return value if isinstance(value, kind) else kind()
@@ -176,6 +180,7 @@ def build_plots(run: Run, clients: dict[int, str]) -> list[Plot]:
                                   f"clients_{run.local_quality.removeprefix('eval-')}",
                                   f"Each client's local {run.local_quality.removeprefix('eval-')}"
                                   " (its own test split)"),
+                  sites_plot(run),
                   bytes_plot(run),
                   epsilon_plot(run)]
     # A plot with no data is left out.
@@ -196,7 +201,8 @@ def server_plot(run: Run) -> Plot:
     return Plot("server", "Global adapter on the server's test set",
                 [Panel(run.quality, [s for s in quality if s.values], log_y=run.is_causal_lm),
                  Panel("loss", [loss])],
-                caption="Round 0 is the initial adapter, before any training.")
+                caption="Round 0 is the adapter before any LoRA training (with a fitted head: "
+                        "the head solved from the sites' statistics).")
 
 
 def per_client_plot(run: Run, clients: dict[int, str], key: str, metric: str, name: str,
@@ -213,22 +219,34 @@ def per_client_plot(run: Run, clients: dict[int, str], key: str, metric: str, na
 def bytes_plot(run: Run) -> Plot:
     down, up = Series("down (server to clients)"), Series("up (clients to server)")
     for record in run.rounds:
-        if record["round"] > 0:  # round 0 is the server's alone: nothing is sent
+        # Round 0 sends something only with a head round (head-mode fit).
+        if record["round"] > 0 or _number(record.get("bytes-up")):
             down.add(record["round"], _scaled(record.get("bytes-down"), 1 / MB))
             up.add(record["round"], _scaled(record.get("bytes-up"), 1 / MB))
     return Plot("bytes", "Bytes sent per round, all clients together",
                 [Panel("MB (10⁶ bytes)", [down, up], from_zero=True)])
 
 
+def sites_plot(run: Run) -> Plot:
+    """The worst and the median site on its own validation rows, per round."""
+    metric = run.local_quality
+    worst, median = Series("worst site"), Series("median site")
+    for record in run.rounds:
+        spread = site_spread(record, metric, higher_is_better=not run.is_causal_lm)
+        if spread is not None:
+            worst.add(record["round"], spread[0])
+            median.add(record["round"], spread[1])
+    return Plot("sites", "Sites on their own validation rows: worst and median",
+                [Panel(metric, [worst, median])],
+                caption="A federation's model is only as useful as it is to its worst site.")
+
+
 def epsilon_plot(run: Run) -> Plot:
-    dp_sgd = Series("DP-SGD at the sites (largest ε of the round's clients)")
+    dp_sgd = Series("example-level DP at the sites (largest ε of the round's sites)")
     client_level = Series("client-level DP at the server")
     for record in run.rounds:
-        site_epsilons = [e for entry in _client_entries(record, "train-per-client")
-                         if (e := _number(entry.get("dp-epsilon"))) is not None]
-        if site_epsilons:
-            dp_sgd.add(record["round"], max(site_epsilons))
-        client_level.add(record["round"], _part(record, "client-dp").get("epsilon"))
+        dp_sgd.add(record["round"], site_epsilon(record))
+        client_level.add(record["round"], client_level_epsilon(record))
     return Plot("epsilon", "Privacy spent so far (ε)",
                 [Panel("ε", [s for s in (dp_sgd, client_level) if s.values], from_zero=True)])
 
@@ -378,6 +396,10 @@ def summary_section(run: Run) -> str:
         value = _part(summary, "best").get(metric)
         parts.append(f"<p><strong>Best round:</strong> {_e(str(summary['best-round']))} "
                      f"({_e(metric)} {_e(_fmt(value))}): its adapter is in best_adapter/</p>")
+    if isinstance(summary.get("head"), dict):
+        head = summary["head"]
+        parts.append(f"<p><strong>Head:</strong> {_e(_fmt(head.get('mode')))} (reads "
+                     f"{_e(_fmt(head.get('pooling')))}-pooled features)</p>")
     if isinstance(summary.get("data-checks"), dict):
         checks = summary["data-checks"]
         rows = [[name, _fmt(checks[name])] for name in
@@ -418,9 +440,10 @@ def plots_section(plots: list[tuple[Plot, bytes]]) -> str:
 
 def rounds_section(run: Run, clients: dict[int, str]) -> str:
     local = run.local_quality.removeprefix("eval-")
-    with_epsilon = any(_round_epsilon(r) is not None for r in run.rounds)
+    with_epsilon = any(round_epsilon(r) is not None for r in run.rounds)
     headers = ["round", f"server {run.quality}", "server loss", "train loss (mean)",
-               f"local {local} (mean)", "clients trained", "MB down", "MB up",
+               f"local {local} (mean)", f"worst site's {local}", "clients trained", "MB down",
+               "MB up",
                *(["ε"] if with_epsilon else []), "seconds", "dropped"]
     rows = []
     for record in run.rounds:
@@ -430,26 +453,24 @@ def rounds_section(run: Run, clients: dict[int, str]) -> str:
                    if "train-clients-sampled" in clients else "—")
         rows.append([record["round"], _fmt(server.get(run.quality)), _fmt(server.get("loss")),
                      _fmt(_part(record, "train").get("train-loss")),
-                     _fmt(_part(record, "evaluate").get(run.local_quality)), trained,
+                     _fmt(_part(record, "evaluate").get(run.local_quality)),
+                     _fmt(_worst_site(run, record)), trained,
                      _fmt(_scaled(record.get("bytes-down"), 1 / MB)),
                      _fmt(_scaled(record.get("bytes-up"), 1 / MB)),
-                     *([_fmt(_round_epsilon(record))] if with_epsilon else []),
+                     *([_fmt(round_epsilon(record))] if with_epsilon else []),
                      _fmt(record.get("seconds")), _dropped(record, clients)])
     return "<h2>Rounds</h2>\n" + _table(headers, rows)
+
+
+def _worst_site(run: Run, record: dict) -> float | None:
+    spread = site_spread(record, run.local_quality, higher_is_better=not run.is_causal_lm)
+    return None if spread is None else spread[0]
 
 
 def config_section(run: Run) -> str:
     rows = [[key, value if isinstance(value, str) and value else json.dumps(value)]
             for key, value in run.config.items()]
     return "<h2>Configuration</h2>\n" + _table(["key", "value"], rows, css_class="config")
-
-
-def _round_epsilon(record: dict) -> float | None:
-    """The round's ε as the epsilon plot shows it (the larger one if both kinds of DP ran)."""
-    values = [e for entry in _client_entries(record, "train-per-client")
-              if (e := _number(entry.get("dp-epsilon"))) is not None]
-    values += [e for e in [_number(_part(record, "client-dp").get("epsilon"))] if e is not None]
-    return max(values) if values else None
 
 
 def _dropped(record: dict, clients: dict[int, str]) -> str:

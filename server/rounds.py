@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from typing import Protocol, Sequence
 
 import torch
 from flwr.app import ArrayRecord, MetricRecord
@@ -12,12 +13,17 @@ from flwr.app import ArrayRecord, MetricRecord
 from common.config import FedLoraConfig
 from common.records import record_to_adapter
 from server.checkpoint import Checkpoint, save_checkpoint
-from server.client_dp import ClientLevelDP
 from server.evaluation import GlobalEvaluator
 from server.outputs import RunDirectory
 from server.selection import improves, should_stop
 from server.strategies.fedavg import LoraFedAvg
 from server.tensorboard import RoundScalars
+
+
+class Stateful(Protocol):
+    def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]: ...
+
+    def load_state_tensors(self, state: dict[str, dict[str, torch.Tensor]]) -> None: ...
 
 
 class RoundRecorder:
@@ -32,10 +38,12 @@ class RoundRecorder:
     """
 
     def __init__(self, run: RunDirectory, evaluator: GlobalEvaluator, strategy: LoraFedAvg,
-                 cfg: FedLoraConfig, client_dp: ClientLevelDP | None = None,
+                 cfg: FedLoraConfig, parts: Sequence[Stateful] = (),
                  scalars: RoundScalars | None = None) -> None:
         self.run, self.evaluator, self.cfg = run, evaluator, cfg
-        self.strategy, self.client_dp = strategy, client_dp
+        # Besides the strategy, what carries state from round to round (client-level DP's
+        # accountant, the head round's release count): checkpointed with every round.
+        self.strategy, self.parts = strategy, list(parts)
         self.scalars = scalars  # TensorBoard, when asked for
         # The best round so far by cfg.selection_key, its adapter and base offsets (exact's
         # residual): checkpointed with every round, so a resumed run keeps them.
@@ -104,7 +112,8 @@ class RoundRecorder:
         state = {**self.strategy.state_tensors(),
                  # Sites count retried rounds as DP-SGD releases: the count must survive a resume.
                  "run": {"retried-attempts": torch.tensor([self.strategy.retried_attempts])},
-                 **(self.client_dp.state_tensors() if self.client_dp else {})}
+                 **{group: tensors for part in self.parts
+                    for group, tensors in part.state_tensors().items()}}
         started = self._round_started
         if server_round == 0:  # round 1 starts now, while round 0 is scored
             self._round_started = time.time()
@@ -140,8 +149,8 @@ class RoundRecorder:
             "clients": {k: v for k, v in stats.items()
                         if k.endswith(("-sampled", "-aggregated", "-rejected", "-missing"))},
             "dropped": stats.get("dropped", []),
-            **{key: stats[key] for key in ("client-dp", "train-exchange-seconds", "data-checks")
-               if key in stats},
+            **{key: stats[key] for key in ("client-dp", "train-exchange-seconds", "data-checks",
+                                           "head", "evaluate-sites") if key in stats},
             # Round 0: set-up and the initial evaluation. Round r: from round r-1's end (round
             # 1: from round 0's start, as the two overlap) to this round's evaluation's end.
             "seconds": time.time() - pending["started"]}

@@ -32,7 +32,8 @@ from common.errors import FedLoraError
 from common.records import (
     ARRAY_NAMES_KEY,
     NUM_EXAMPLES,
-    adapter_names,
+    REPLY_NAMES_KEY,
+    REPLY_PER_ROW_KEY,
     adapter_to_record,
     message_bytes,
     parameters_to_record,
@@ -124,36 +125,22 @@ class SecAggPlusRound:
             return None, None
         nodes = [m.metadata.dst_node_id for m in messages]
         content = messages[0].content  # the same record for every sampled site
-        parameters, names = record_to_parameters(content[self.strategy.arrayrecord_key])
-        fit_config = dict(content[self.strategy.configrecord_key])
-        fit_config[ARRAY_NAMES_KEY] = names
-        sample = FixedSample(grid, nodes, FitIns(parameters, fit_config))
-        observed = ObservedGrid(grid)
-        SecAggPlusWorkflow(
-            num_shares=self.cfg.secagg_shares, reconstruction_threshold=self.cfg.secagg_threshold,
-            max_weight=self.cfg.secagg_max_weight,
-            clipping_range=self.cfg.secagg_clipping_range,
-            quantization_range=quantization_range(len(nodes)), modulus_range=2 ** MODULUS_BITS,
-            timeout=timeout)(observed, _legacy_context(server_round, sample))
+        names = self.strategy.returned_names()
+        results, observed = secure_exchange(
+            self.cfg, grid, server_round, nodes, content[self.strategy.arrayrecord_key],
+            content[self.strategy.configrecord_key], timeout, reply_names=names)
         stats = self.strategy.round_stats[server_round]
         # Every SecAgg+ message of the round, in place of the adapter bytes counted so far.
         stats["bytes-down"] = stats.get("bytes-down", 0) - stats.get("train-bytes-down", 0) \
             + observed.bytes_down
         stats["bytes-up"] = stats.get("bytes-up", 0) + observed.bytes_up
-        return self._aggregate(server_round, nodes, sample.results or [], observed, names)
+        return self._aggregate(server_round, nodes, results, observed, names)
 
     def _aggregate(self, server_round: int, nodes: list[int],
                    results: list[tuple[ClientProxy, FitRes]], observed: ObservedGrid,
                    names: list[str]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         strategy, stats = self.strategy, self.strategy.round_stats[server_round]
-        summed = {proxy.node_id for proxy, _ in results}
-        for node in sorted(set(nodes) - summed):
-            if node in observed.errors:
-                reason = f"client failed: {observed.errors[node]}"
-            elif node in observed.replied:
-                reason = "secure aggregation halted: too few sites left to unmask the sum"
-            else:
-                reason = f"no reply within round-timeout ({self.cfg.round_timeout:g}s)"
+        for node, reason in unsummed(nodes, results, observed, self.cfg).items():
             strategy.leave_out(server_round, node, reason, "train-rejected")
         stats["train-clients-aggregated"] = len(results)
         if len(results) < strategy.min_train_nodes:  # at least 2 (config)
@@ -163,7 +150,7 @@ class SecAggPlusRound:
             stats["train-clients-aggregated"] = 0
             return None, None
         try:
-            mean = self._decode_mean(results[0][1].parameters, adapter_names(names))
+            mean = self._decode_mean(results[0][1].parameters, names)
         except FedLoraError as err:
             for proxy, _ in results:
                 strategy.leave_out(server_round, proxy.node_id, f"unusable secure sum: {err}",
@@ -179,7 +166,8 @@ class SecAggPlusRound:
                                         if isinstance(v, (int, float))},
                                weight=float(res.num_examples))
                    for proxy, res in results]
-        aggregated = strategy.apply_mean(server_round, mean)
+        aggregated = strategy.keep_fixed(strategy.apply_mean(server_round,
+                                                             strategy.with_fixed(mean)))
         return adapter_to_record(aggregated, "float32"), strategy.record_train(server_round,
                                                                                updates)
 
@@ -192,7 +180,46 @@ class SecAggPlusRound:
                 raise FedLoraError(f"tensor {name!r} does not match the global adapter")
             if not torch.isfinite(tensor).all():
                 raise FedLoraError(f"tensor {name!r} has non-finite values")
-        return OrderedDict((name, mean[name]) for name in reference)
+        return OrderedDict((name, mean[name]) for name in names)
+
+
+def secure_exchange(cfg: FedLoraConfig, grid: Grid, server_round: int, nodes: list[int],
+                    arrays: ArrayRecord, config: ConfigRecord, timeout: float,
+                    reply_names: list[str], per_row: bool = False
+                    ) -> tuple[list[tuple[ClientProxy, FitRes]], ObservedGrid]:
+    """One SecAgg+ exchange with `nodes`, sending each `arrays` and `config`: the sites that
+    made it into the sum, each FitRes holding the unmasked weighted mean of the replies (the
+    arrays `reply_names`, in that order), and what travelled. per_row: the replies are sums
+    over each site's rows, which the sites send per row (the mean is then their total over
+    sites divided by the total weight)."""
+    parameters, names = record_to_parameters(arrays)
+    fit_config = dict(config)
+    fit_config[ARRAY_NAMES_KEY] = names
+    fit_config[REPLY_NAMES_KEY] = reply_names
+    fit_config[REPLY_PER_ROW_KEY] = per_row
+    sample = FixedSample(grid, nodes, FitIns(parameters, fit_config))
+    observed = ObservedGrid(grid)
+    SecAggPlusWorkflow(
+        num_shares=cfg.secagg_shares, reconstruction_threshold=cfg.secagg_threshold,
+        max_weight=cfg.secagg_max_weight, clipping_range=cfg.secagg_clipping_range,
+        quantization_range=quantization_range(len(nodes)), modulus_range=2 ** MODULUS_BITS,
+        timeout=timeout)(observed, _legacy_context(server_round, sample))
+    return sample.results or [], observed
+
+
+def unsummed(nodes: list[int], results: list[tuple[ClientProxy, FitRes]],
+             observed: ObservedGrid, cfg: FedLoraConfig) -> dict[int, str]:
+    """Why each site that was asked is not in the secure sum."""
+    summed = {proxy.node_id for proxy, _ in results}
+    reasons = {}
+    for node in sorted(set(nodes) - summed):
+        if node in observed.errors:
+            reasons[node] = f"client failed: {observed.errors[node]}"
+        elif node in observed.replied:
+            reasons[node] = "secure aggregation halted: too few sites left to unmask the sum"
+        else:
+            reasons[node] = f"no reply within round-timeout ({cfg.round_timeout:g}s)"
+    return reasons
 
 
 def _legacy_context(server_round: int, strategy: Strategy) -> LegacyContext:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from server.round_record import client_level_epsilon, site_epsilon
+
 
 class RoundScalars:
     def __init__(self, log_dir: Path) -> None:
@@ -35,10 +37,12 @@ def round_scalars(record: dict) -> dict[str, float]:
             scalars[f"client-train-loss/{client['node']}"] = client["train-loss"]
     scalars["bytes/down"] = record.get("bytes-down", 0)
     scalars["bytes/up"] = record.get("bytes-up", 0)
-    epsilons = [c["dp-epsilon"] for c in record.get("train-per-client", []) if "dp-epsilon" in c]
-    if epsilons:
-        scalars["privacy/dp-sgd-epsilon"] = max(epsilons)
-    if "client-dp" in record:
-        scalars["privacy/client-level-epsilon"] = record["client-dp"]["epsilon"]
+    if (epsilon := site_epsilon(record)) is not None:
+        scalars["privacy/dp-sgd-epsilon"] = epsilon
+    if (epsilon := client_level_epsilon(record)) is not None:
+        scalars["privacy/client-level-epsilon"] = epsilon
+    for key in ("worst", "median"):
+        if key in record.get("evaluate-sites", {}):
+            scalars[f"sites/{key}"] = record["evaluate-sites"][key]
     scalars["seconds"] = record.get("seconds", 0.0)
     return {k: float(v) for k, v in scalars.items()}

@@ -4,18 +4,25 @@
   as the whole federation does (rounds x sites x local steps x batch size);
 - local-only: each site trains alone on its own partition for all rounds' local steps; the
   score is the mean of the sites' accuracies on the global test set.
+
+Both make their head as the federation would (head-mode): with a fit mode, from the statistics
+of the rows they train on (centralized: the pooled rows; local-only: the site's own), frozen
+while LoRA trains under fit.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from client.training import train_adapter
+from client.head_statistics import feature_statistics
+from client.training import frozen, train_adapter
 from common.config import FedLoraConfig
 from common.data import load_splits, resolve_labels, tokenize, train_val_split
 from common.data_checks import check_site_rows
+from common.head import head_state, solve_head
 from common.metrics import evaluate_examples
-from common.model import build_lora_model
+from common.model import LoraModel, build_lora_model
+from server.strategies import resolve_head_mode
 from simulations.partitioning import partition_indices
 
 
@@ -31,16 +38,36 @@ def _score(lora, examples, cfg):
                              classification=cfg.is_classification)
 
 
+def _split_rows(rows, lora: LoraModel, cfg: FedLoraConfig, labels, seed: int):
+    """A site's checked rows, tokenised, split as a site splits them (train, validation)."""
+    train_rows, val_rows = train_val_split(list(range(len(rows))), cfg.val_fraction, seed)
+    return (tokenize(rows.select(train_rows), lora.tokenizer, cfg, labels),
+            tokenize(rows.select(val_rows), lora.tokenizer, cfg, labels))
+
+
+def _train(lora: LoraModel, train, val, cfg: FedLoraConfig, labels, steps: int,
+           seed: int) -> None:
+    """The head as head-mode makes it, then `steps` of LoRA training."""
+    mode = resolve_head_mode(cfg, lora.pooling)
+    if mode != "train":
+        size = max(cfg.batch_size, 64)
+        fit = solve_head(feature_statistics(lora, train, len(labels), size),
+                         feature_statistics(lora, val, len(labels), size))
+        lora.load_trainable_state(head_state(fit, lora.head_names()))
+    with frozen(lora.model, lora.head_names() if mode == "fit" else []):
+        train_adapter(lora.model, train, cfg.replace(local_steps=steps), seed=seed,
+                      pad_id=lora.tokenizer.pad_token_id, device=lora.device)
+
+
 def centralized(cfg: FedLoraConfig) -> dict:
     """Needs cfg.local_steps > 0, so that 'the same samples processed' is well defined."""
     splits, labels = _setup(cfg)
     lora = build_lora_model(cfg, labels)
     test = tokenize(splits.test, lora.tokenizer, cfg, labels)
     rows, _ = check_site_rows(splits.train, lora.tokenizer, cfg, labels)  # as the sites do
-    pooled = tokenize(rows, lora.tokenizer, cfg, labels)
+    train, val = _split_rows(rows, lora, cfg, labels, cfg.seed)
     steps = cfg.num_rounds * cfg.num_clients * cfg.local_steps
-    train_adapter(lora.model, pooled, cfg.replace(local_steps=steps), seed=cfg.seed,
-                  pad_id=lora.tokenizer.pad_token_id, device=lora.device)
+    _train(lora, train, val, cfg, labels, steps, cfg.seed)
     return {"steps": steps, **_score(lora, test, cfg)}
 
 
@@ -54,13 +81,9 @@ def local_only(cfg: FedLoraConfig) -> dict:
         # What the site trains on in a federation (client/app.py): its checked rows, less
         # its validation share.
         rows, _ = check_site_rows(splits.train.select(partition), lora.tokenizer, cfg, labels)
-        train_rows, _ = train_val_split(list(range(len(rows))), cfg.val_fraction, cfg.seed + site)
-        examples = tokenize(rows.select(train_rows), lora.tokenizer, cfg, labels)
+        train, val = _split_rows(rows, lora, cfg, labels, cfg.seed + site)
         lora.load_trainable_state(initial)
-        train_adapter(lora.model, examples,
-                      cfg.replace(local_steps=cfg.num_rounds * cfg.local_steps),
-                      seed=cfg.seed + site, pad_id=lora.tokenizer.pad_token_id,
-                      device=lora.device)
+        _train(lora, train, val, cfg, labels, cfg.num_rounds * cfg.local_steps, cfg.seed + site)
         scores.append(_score(lora, test, cfg))
     keys = scores[0].keys()
     return {k: float(np.mean([s[k] for s in scores])) for k in keys}

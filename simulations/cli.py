@@ -309,12 +309,13 @@ def preflight(cfg: FedLoraConfig) -> SharedPool:
     read and partitioned is returned, for the client processes (common/shared_pool.py)."""
     from common.data import columns, load_splits, resolve_labels
     from common.data_checks import check_pool
-    from common.model import load_model_config, target_modules_for
-    from server.strategies import check_privacy_fits_strategy
+    from common.model import load_model_config, resolve_pooling, target_modules_for
+    from server.strategies import check_privacy_fits_strategy, resolve_head_mode
     from simulations.partitioning import partition_indices
 
     check_privacy_fits_strategy(cfg)
     target_modules_for(cfg, load_model_config(cfg).model_type)
+    resolve_head_mode(cfg, resolve_pooling(cfg) if cfg.is_classification else None)
     splits = load_splits(cfg)
     labels = resolve_labels(cfg, splits) if cfg.is_classification else None
     check_pool(cfg, splits, labels)  # a refuse policy stops the run before anything starts

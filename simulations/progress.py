@@ -11,6 +11,7 @@ from rich.table import Table
 
 from common.config import FedLoraConfig
 from server.outputs import RunDirectory
+from server.round_record import client_level_epsilon, round_epsilon, site_epsilon
 
 
 def headline_metric(cfg: FedLoraConfig) -> str:
@@ -28,11 +29,12 @@ def format_round(record: dict, cfg: FedLoraConfig) -> str:
     parts.append(f"loss {server.get('loss', float('nan')):.4f}")
     if record.get("train"):
         parts.append(f"train-loss {record['train'].get('train-loss', float('nan')):.4f}")
-    epsilons = [c["dp-epsilon"] for c in record.get("train-per-client", []) if "dp-epsilon" in c]
-    if epsilons:
-        parts.append(f"epsilon {max(epsilons):.2f}")
-    if "client-dp" in record:
-        parts.append(f"client-level epsilon {record['client-dp']['epsilon']:.2f}")
+    if (epsilon := site_epsilon(record)) is not None:
+        parts.append(f"epsilon {epsilon:.2f}")
+    if (epsilon := client_level_epsilon(record)) is not None:
+        parts.append(f"client-level epsilon {epsilon:.2f}")
+    if "evaluate-sites" in record:
+        parts.append(f"worst site {record['evaluate-sites']['worst']:.4f}")
     dropped = record.get("dropped", [])
     if dropped:
         parts.append(f"left out {len(dropped)}: {dropped[0]['reason'][:80]}")
@@ -105,24 +107,21 @@ class RoundProgress:
 def rounds_table(rounds: list[dict], cfg: FedLoraConfig, title: str) -> Table:
     """Server metrics, client losses, traffic, privacy spent and time, one row per round."""
     metric = headline_metric(cfg)
-    with_dp = any("client-dp" in r or any("dp-epsilon" in c for c in r.get("train-per-client", []))
-                  for r in rounds)
+    with_dp = any(round_epsilon(r) is not None for r in rounds)
     table = Table(title=title)
     columns = ["round", f"server {metric}", "server loss", "client train loss",
-               "client eval loss", "MB down", "MB up"] + (["epsilon"] if with_dp else []) + [
-               "left out", "seconds"]
+               "client eval loss", "worst site", "MB down", "MB up"] + (
+               ["epsilon"] if with_dp else []) + ["left out", "seconds"]
     for column in columns:
         table.add_column(column, justify="right")
     for r in rounds:
-        epsilons = [c["dp-epsilon"] for c in r.get("train-per-client", []) if "dp-epsilon" in c]
-        epsilon = r["client-dp"]["epsilon"] if "client-dp" in r else (
-            max(epsilons) if epsilons else None)
         row = [str(r["round"]), f"{r['server'].get(metric, float('nan')):.4f}",
                f"{r['server'].get('loss', float('nan')):.4f}",
                _fmt(r.get("train", {}).get("train-loss")),
                _fmt(r.get("evaluate", {}).get("eval-loss")),
+               _fmt(r.get("evaluate-sites", {}).get("worst")),
                f"{r.get('bytes-down', 0) / 1e6:.2f}", f"{r.get('bytes-up', 0) / 1e6:.2f}"]
-        row += [_fmt(epsilon)] if with_dp else []
+        row += [_fmt(round_epsilon(r))] if with_dp else []
         row += [str(len(r.get("dropped", []))), f"{r.get('seconds', 0):.1f}"]
         table.add_row(*row)
     return table

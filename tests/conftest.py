@@ -53,6 +53,33 @@ class StaticGrid:
         return self.nodes
 
 
+def recording_grid(cfg, num_nodes: int):
+    """An in-process grid that keeps every request with its reply, as they travelled (a
+    serialised copy: what a receiver changes afterwards is not seen). It answers in order."""
+    from simulations.inprocess import InProcessGrid, over_the_wire
+
+    class RecordingGrid(InProcessGrid):
+        def __init__(self):
+            super().__init__(cfg, num_nodes)
+            self.pairs = []
+
+        def send_and_receive(self, messages, timeout=None):
+            messages = list(messages)
+            replies = super().send_and_receive(messages, timeout)
+            self.pairs.extend(zip(map(over_the_wire, messages), map(over_the_wire, replies)))
+            return replies
+
+        @property
+        def sent(self):
+            return [request for request, _ in self.pairs]
+
+        @property
+        def replies(self):
+            return [reply for _, reply in self.pairs]
+
+    return RecordingGrid()
+
+
 def simulate_without_ray(monkeypatch, grid=None) -> None:
     """`fedlora simulate`/`tune` run the ServerApp in this process on a grid (default: sites
     trained in this process) instead of on Ray, after the same input checks."""

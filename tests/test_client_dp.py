@@ -22,7 +22,8 @@ from server.strategies import build_strategy, check_privacy_fits_strategy
 from server.strategies.fedavg import LoraFedAvg
 from simulations.inprocess import InProcessGrid
 from simulations.progress import format_round
-from tests.test_secure_aggregation import SITES, RecordingGrid, _cfg
+from tests.conftest import recording_grid
+from tests.test_secure_aggregation import SITES, _cfg
 
 DP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024]
 
@@ -62,7 +63,7 @@ def _round(cfg: FedLoraConfig):
     initial = lora.trainable_state()
     strategy = build_strategy(cfg, lora)
     protect(strategy, cfg)
-    grid = RecordingGrid(cfg, SITES)
+    grid = recording_grid(cfg, SITES)
     arrays, _ = strategy.train_exchange(grid, 1, adapter_to_record(initial),
                                         ConfigRecord({"labels": json.dumps(labels)}), 60.0)
     sent = [record_to_adapter(r.content["arrays"]) for r in grid.replies

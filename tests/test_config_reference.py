@@ -21,7 +21,8 @@ from tests.conftest import REPO
 CHOICES = {"task": config.TASKS, "partition": config.PARTITIONS,
            "transfer-dtype": config.TRANSFER_DTYPES, "device": config.DEVICES,
            "strategy": config.STRATEGIES, "client-dp-clipping": config.CLIENT_DP_CLIPPING,
-           "selection-metric": config.SELECTION_METRICS,
+           "selection-metric": config.SELECTION_METRICS, "pooling": config.POOLINGS,
+           "head-mode": config.HEAD_MODES,
            **dict.fromkeys(("check-empty", "check-duplicates", "check-too-long",
                             "check-unknown-labels"), config.DATA_CHECK_POLICIES)}
 TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}

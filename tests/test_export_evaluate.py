@@ -5,6 +5,8 @@ computation by hand."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -14,6 +16,7 @@ import torch
 from common.adapters import load_adapter_model, read_saved_adapter
 from common.config import FedLoraConfig
 from common.model import build_lora_model
+from common.records import adapter_to_record, record_to_adapter
 from server.outputs import RunDirectory
 from simulations.cli import main
 
@@ -43,6 +46,13 @@ def classification_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def cls_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cls_pooling_run")
+    return _trained_run(FedLoraConfig(out_dir=str(out / "run"), lora_r=4, pooling="cls"),
+                        LABELS)
+
+
+@pytest.fixture(scope="module")
 def causal_run(tiny_llama_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("lm_run")
     return _trained_run(FedLoraConfig(out_dir=str(out / "run"), model=str(tiny_llama_dir),
@@ -55,25 +65,72 @@ def _logits(model, tokenizer, texts):
         return model(**batch).logits
 
 
-def test_the_merged_classifier_predicts_as_the_adapter_model(classification_run, tmp_path):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+MERGED_LOGITS = """
+import json, sys
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+OUT, texts = sys.argv[1], json.loads(sys.argv[2])
+tokenizer = AutoTokenizer.from_pretrained(OUT)
+model = AutoModelForSequenceClassification.from_pretrained(OUT, trust_remote_code=True).eval()
+logits = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+fedlora = [m for m in sys.modules if m.split(".")[0] in ("common", "server", "client",
+                                                         "simulations", "peft")]
+print(json.dumps({"logits": logits.tolist(), "imported": fedlora,
+                  "class": type(model).__name__}))
+"""
+
+
+def test_mean_pooling_gives_the_same_logits_in_training_evaluation_and_the_merged_export(
+        classification_run, tmp_path):
+    """Training's model, the server's evaluator, `fedlora evaluate`'s loader and the merged
+    export, loaded as the docs say in a fresh interpreter without fedlora or peft."""
+    from server.evaluation import GlobalEvaluator
+
+    saved = read_saved_adapter(classification_run.path)
+    assert saved.pooling == "mean"
+    cfg = FedLoraConfig.from_run_config(classification_run.saved_config())
+    adapter_model, tokenizer = load_adapter_model(saved)
+    expected = _logits(adapter_model, tokenizer, TEXTS)
+
+    # The server's evaluator loads the global adapter's record into a model built as the
+    # sites build theirs.
+    training = build_lora_model(cfg, LABELS)
+    loaded = dict(adapter_model.named_parameters())
+    record = adapter_to_record({n: loaded[n] for n in training.trainable_state()})
+    evaluator = GlobalEvaluator(training, [], cfg)
+    evaluator.lora.load_trainable_state(record_to_adapter(record))
+    assert torch.equal(_logits(evaluator.lora.model.eval(), tokenizer, TEXTS), expected)
 
     out = tmp_path / "merged"
     assert main(["export", str(classification_run.path), "--merged", str(out)]) == 0
+    result = subprocess.run([sys.executable, "-c", MERGED_LOGITS, str(out), json.dumps(TEXTS)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    merged = json.loads(result.stdout.strip().splitlines()[-1])
+    assert merged["class"] == "MeanPoolingForSequenceClassification"
+    assert merged["imported"] == []
+    got = torch.tensor(merged["logits"])
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+    # The adapter changed the predictions, so the equality above is not that of two bases.
+    assert not torch.allclose(_logits(build_lora_model(cfg, LABELS).model.eval(), tokenizer,
+                                      TEXTS), expected, atol=1e-2)
+
+
+def test_the_merged_cls_classifier_loads_as_a_plain_transformers_model(cls_run, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path / "merged"
+    assert main(["export", str(cls_run.path), "--merged", str(out)]) == 0
     assert not (out / "adapter_config.json").exists()
+    assert not (out / "modeling_fedlora.py").exists()
     merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert not any("lora" in name for name in merged.state_dict())  # a plain transformers model
     assert [merged.config.id2label[i] for i in range(len(LABELS))] == LABELS
 
-    adapter_model, tokenizer = load_adapter_model(read_saved_adapter(classification_run.path))
+    adapter_model, tokenizer = load_adapter_model(read_saved_adapter(cls_run.path))
     expected = _logits(adapter_model, tokenizer, TEXTS)
     got = _logits(merged, AutoTokenizer.from_pretrained(out), TEXTS)
     assert torch.allclose(got, expected, atol=1e-3), (got - expected).abs().max()
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
-    # The adapter changed the predictions, so the equality above is not that of two bases.
-    base = AutoModelForSequenceClassification.from_pretrained(
-        read_saved_adapter(classification_run.path).base_model, num_labels=3).eval()
-    assert not torch.allclose(_logits(base, tokenizer, TEXTS), expected, atol=1e-2)
 
 
 def test_the_merged_causal_lm_predicts_as_the_adapter_model(causal_run, tmp_path):

@@ -96,7 +96,8 @@ def test_a_site_refuses_the_round_that_would_exceed_its_budget(site):
     eps_1, eps_2 = epsilon_after(1, len(train), cfg), epsilon_after(2, len(train), cfg)
     limited = cfg.replace(dp_target_epsilon=(eps_1 + eps_2) / 2)
     before = {n: p.clone() for n, p in lora.trainable_state().items()}
-    with pytest.raises(PrivacyBudgetExhausted, match="privacy budget reached: release 2"):
+    with pytest.raises(PrivacyBudgetExhausted,
+                       match="privacy budget reached: training release 2"):
         train_adapter_private(lora.model, train, limited, releases=2, seed=0,
                               pad_id=lora.tokenizer.pad_token_id, device=lora.device)
     assert all(torch.equal(before[n], p) for n, p in lora.trainable_state().items())
@@ -106,7 +107,7 @@ def test_a_site_refuses_the_round_that_would_exceed_its_budget(site):
     ({"strategy": "fedprox"}, "proximal term"),
     ({"grad_accum_steps": 2}, "grad-accum-steps=1"),
     ({"dp_delta": 1.0}, "dp-delta in"),
-    ({"dp_noise_multiplier": 0.0, "dp_target_epsilon": 3.0}, "needs DP-SGD"),
+    ({"dp_noise_multiplier": 0.0, "dp_target_epsilon": 3.0}, "needs differential privacy"),
     ({"task": "causal-lm"}, "loss per example"),
 ])
 def test_dp_config_errors(change, message):

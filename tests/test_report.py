@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from common.errors import FedLoraError
-from server.report import write_report
+from server.report import read_run, sites_plot, write_report
 
 # Sorted, these are client 1, 2, 3; written out of order on purpose.
 NODES = [9_100_000_000_000_000_003, 1_224_110_483_190_152_785, 5_000_000_000_000_000_002]
@@ -135,11 +135,11 @@ def test_classification_run_with_dp_sgd_has_every_plot_embedded_and_alone(tmp_pa
     page = page_path.read_text()
     assert_self_contained(page)
     pngs = embedded_pngs(page)
-    assert page.count("data:image/png;base64,") == len(pngs) == 5
+    assert page.count("data:image/png;base64,") == len(pngs) == 6
     for png in pngs:
         assert_real_plot(png)
     expected = ["bytes.png", "clients_accuracy.png", "clients_train_loss.png", "epsilon.png",
-                "server.png"]
+                "server.png", "sites.png"]
     assert sorted(p.name for p in (run / "plots").iterdir()) == expected  # no temporary files
     for name in expected:
         assert_real_plot((run / "plots" / name).read_bytes())
@@ -161,16 +161,18 @@ def test_page_shows_header_summary_config_and_names_each_client(tmp_path):
     assert f"client 3 = node {max(NODES)}" in text
 
 
-def test_the_summary_names_the_best_round_and_the_sites_data_checks(tmp_path):
+def test_the_summary_names_the_best_round_the_head_and_the_sites_data_checks(tmp_path):
     summary = {"status": "completed", "rounds": 3, "seconds": 40.5,
                "selection-metric": "accuracy", "best-round": 2,
                "best": {"accuracy": 0.4321},
                "data-checks": {"sites": 3, "rows": 900, "empty": 7, "duplicates": 11,
-                               "too-long": 2, "unknown-labels": 0, "dropped": 7}}
+                               "too-long": 2, "unknown-labels": 0, "dropped": 7},
+               "head": {"mode": "fit", "pooling": "mean"}}
     page = write_report(make_run(tmp_path / "run", summary=summary)).read_text()
     text = " ".join(page_text(page).split())
     assert "Best round: 2 (accuracy 0.4321)" in text
     assert "Data checks" in text and "duplicates 11" in text and "sites 3" in text
+    assert "Head: fit (reads mean-pooled features)" in text
 
 
 def test_every_text_is_escaped(tmp_path):
@@ -189,12 +191,23 @@ def test_causal_lm_run_plots_perplexity_and_local_loss_without_epsilon(tmp_path)
     page = write_report(run).read_text()
 
     assert_self_contained(page)
-    assert len(embedded_pngs(page)) == 4
+    assert len(embedded_pngs(page)) == 5
     assert sorted(p.name for p in (run / "plots").iterdir()) == [
-        "bytes.png", "clients_loss.png", "clients_train_loss.png", "server.png"]
+        "bytes.png", "clients_loss.png", "clients_train_loss.png", "server.png", "sites.png"]
     text = page_text(page)
     assert "server perplexity" in text and "local loss (mean)" in text
     assert "accuracy" not in text and "ε" not in text
+
+
+def test_the_sites_plot_shows_the_worst_and_the_median_site_of_each_round(tmp_path):
+    run = read_run(make_run(tmp_path / "run", task="causal-lm"))
+
+    worst, median = sites_plot(run).panels[0].series
+
+    # Each round's three sites have eval-loss 4.3 - 0.3 r - 0.1 i: the worst is the highest.
+    assert worst.rounds == median.rounds == [1, 2, 3]
+    assert worst.values == pytest.approx([4.3 - 0.3 * r for r in (1, 2, 3)])
+    assert median.values == pytest.approx([4.2 - 0.3 * r for r in (1, 2, 3)])
 
 
 def test_client_level_dp_gets_an_epsilon_plot(tmp_path):
@@ -202,7 +215,7 @@ def test_client_level_dp_gets_an_epsilon_plot(tmp_path):
 
     page = write_report(run).read_text()
 
-    assert len(embedded_pngs(page)) == 5
+    assert len(embedded_pngs(page)) == 6
     assert (run / "plots" / "epsilon.png").is_file()
     assert "4.5" in page_text(page)  # round 3's ε
 
@@ -230,7 +243,7 @@ def test_out_puts_the_page_elsewhere(tmp_path):
     page_path = write_report(str(run), out=tmp_path / "pages" / "mine.html")
 
     assert page_path == tmp_path / "pages" / "mine.html"
-    assert len(embedded_pngs(page_path.read_text())) == 4
+    assert len(embedded_pngs(page_path.read_text())) == 5
     assert not (run / "report.html").exists()
     assert (run / "plots" / "server.png").is_file()
 

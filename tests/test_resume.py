@@ -1,8 +1,10 @@
-"""Kill the server process with SIGKILL mid-run, resume, and get the uninterrupted result."""
+"""Kill the server process with SIGKILL mid-run (in a head round, and mid-round), resume, and
+get the uninterrupted result."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,17 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from client.faults import ENV_VAR as FAULTS
 from server.outputs import RunDirectory
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
-
-
-def _command(data, model, out, *extra):
-    return [str(BIN / "fedlora"), "simulate", "--num-clients", "3", "--rounds", "2", "--data",
-            str(data), "--model", str(model), "--out", str(out), "--strategy", "exact",
-            "--run-config", "label-column=category lora-r=4 local-steps=3 max-eval-examples=60",
-            *extra]
 
 
 def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -45,26 +41,50 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(tree, timeout=20)
 
 
-def test_a_killed_run_resumes_to_the_same_adapter(banking_subset, tiny_llama_dir, tmp_path):
+def test_a_run_killed_in_and_after_head_rounds_resumes_to_the_same_adapter(banking_subset,
+                                                                          tmp_path):
+    """Head fitted before round 1 and again after round 2 (the default model: mean pooling),
+    strategy exact (its residual is checkpointed too): killed while a site is inside round 0's
+    head round (nothing recorded yet: resume starts over), then while round 2, the last,
+    trains and refits; every round once and the same final adapter, tensor for tensor."""
+    command = [str(BIN / "fedlora"), "simulate", "--num-clients", "3", "--rounds", "2",
+               "--data", str(banking_subset), "--partition", "dirichlet", "--alpha", "0.5",
+               "--strategy", "exact", "--run-config", "label-column=category lora-r=4 "
+               "local-steps=3 max-eval-examples=60 head-mode=fit head-refit-every=2", "--out"]
     reference = tmp_path / "uninterrupted"
-    subprocess.run(_command(banking_subset, tiny_llama_dir, reference), cwd=REPO, check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(command + [str(reference)], cwd=REPO, check=True, capture_output=True,
+                   timeout=600)
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen(_command(banking_subset, tiny_llama_dir, run), cwd=REPO,
+    env = {**os.environ, FAULTS: "0:sleep=600@0"}  # site 0 stalls in round 0's head round
+    proc = subprocess.Popen(command + [str(run)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while len(_rounds(run)) < 2:  # rounds 0 and 1 recorded: kill during round 2, the last
+    # The server makes the run directory as it starts round 0, whose head round then waits
+    # 600 s for site 0: a kill from then on finds nothing recorded.
+    while not (run / "config.json").is_file():
         assert proc.poll() is None and time.time() < deadline, "run ended before the kill"
+        time.sleep(0.05)
+    time.sleep(5)
+    assert proc.poll() is None
+    _kill_tree(proc)
+    assert _rounds(run) == [] and not (run / "checkpoint").exists()
+
+    resume = [str(BIN / "fedlora"), "simulate", "--resume", str(run)]
+    proc = subprocess.Popen(resume, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    while len(_rounds(run)) < 2:  # rounds 0 and 1 recorded: kill during round 2
+        assert proc.poll() is None and time.time() < deadline + 300, "run ended before the kill"
         time.sleep(0.05)
     _kill_tree(proc)
     assert json.loads((run / "summary.json").read_text())["status"] == "running"
     assert not (run / "final_adapter").exists()
-
-    result = subprocess.run([str(BIN / "fedlora"), "simulate", "--resume", str(run)], cwd=REPO,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(resume, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert _rounds(run) == [0, 1, 2]  # every round exactly once
+
+    rounds = RunDirectory(run).read_rounds()
+    assert [r["round"] for r in rounds] == [0, 1, 2]  # every round exactly once
+    assert "head" in rounds[0] and "head" in rounds[2] and "head" not in rounds[1]
     expected, resumed = _adapter(reference), _adapter(run)
     assert expected.keys() == resumed.keys()
     for name in expected:

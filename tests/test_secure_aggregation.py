@@ -17,7 +17,8 @@ from common.records import adapter_to_record, record_to_adapter
 from server.app import protect, run_federation
 from server.secure_aggregation import quantization_range
 from server.strategies import build_strategy, check_privacy_fits_strategy
-from simulations.inprocess import InProcessGrid, over_the_wire
+from simulations.inprocess import InProcessGrid
+from tests.conftest import recording_grid
 
 SITES = 3
 
@@ -30,17 +31,6 @@ def _cfg(banking_subset, tiny_llama_dir, **changes) -> FedLoraConfig:
     return base.replace(**changes)
 
 
-class RecordingGrid(InProcessGrid):
-    def __init__(self, cfg, num_nodes):
-        super().__init__(cfg, num_nodes)
-        self.replies = []
-
-    def send_and_receive(self, messages, timeout=None):
-        replies = super().send_and_receive(messages, timeout)
-        self.replies.extend(over_the_wire(r) for r in replies)  # as sent: the server may clip
-        return replies
-
-
 def _one_round(cfg: FedLoraConfig):
     """Round 1 of a federation from the initial adapter: the new global adapter and the
     strategy's statistics of the round."""
@@ -48,7 +38,7 @@ def _one_round(cfg: FedLoraConfig):
     lora = build_lora_model(cfg, labels)
     strategy = build_strategy(cfg, lora)
     protect(strategy, cfg)
-    grid = RecordingGrid(cfg, SITES)
+    grid = recording_grid(cfg, SITES)  # the replies as sent: the server may clip
     initial = lora.trainable_state()
     arrays, _ = strategy.train_exchange(grid, 1, adapter_to_record(initial),
                                         ConfigRecord({"labels": json.dumps(labels)}), 60.0)

@@ -46,7 +46,40 @@ def check_privacy_fits_strategy(cfg: FedLoraConfig) -> None:
                            f"{fits}")
 
 
+# What head-mode=auto means where the strategy can use summed head statistics: the mode measured
+# best on BANKING77 (docs/benchmarks.md).
+AUTO_HEAD_MODE = "fit"
+
+
+def resolve_head_mode(cfg: FedLoraConfig, pooling: str | None) -> str:
+    """How the run makes its classification head (fit, train or fit-then-train): head-mode,
+    with auto resolved (a fit mode where the head reads mean-pooled features, `pooling` being
+    the resolved one, and the strategy and privacy setting can use summed statistics);
+    FedLoraError when those cannot for a fit mode asked for by name."""
+    if not cfg.is_classification:
+        return "train"
+    fits = STRATEGIES[cfg.strategy].sums_head_statistics
+    reason = (f"strategy {cfg.strategy} bounds what a few bad sites can do, and one site can "
+              f"move a summed head statistic as far as it likes" if not fits else
+              "client-level DP noise covers a site's adapter update, not its head statistics"
+              if cfg.client_level_dp else "")
+    if cfg.head_mode == "auto":
+        if not reason and pooling != "mean":
+            reason = f"the head reads pooling={pooling} features, not mean-pooled ones"
+        mode = "train" if reason else AUTO_HEAD_MODE
+        if mode == "train" and cfg.num_rounds == 0:
+            raise FedLoraError(f"num-rounds=0 runs the head round alone, and head-mode=auto "
+                               f"trains the head here ({reason})")
+        return mode
+    if cfg.head_mode != "train" and reason:
+        raise FedLoraError(f"head-mode={cfg.head_mode} fits the head from summed statistics; "
+                           f"{reason}: use head-mode=train")
+    return cfg.head_mode
+
+
 def build_strategy(cfg: FedLoraConfig, lora: LoraModel) -> LoraFedAvg:
     check_privacy_fits_strategy(cfg)
+    # A fitted head stays as the server solved it: the sites do not send it back.
+    fixed = lora.head_names() if resolve_head_mode(cfg, lora.pooling) == "fit" else []
     return STRATEGIES[cfg.strategy](cfg, reference=lora.trainable_state(),
-                                    frozen=lora.frozen_lora_state())
+                                    frozen=lora.frozen_lora_state(), fixed=fixed)

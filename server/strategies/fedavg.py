@@ -27,6 +27,10 @@ from common.lora_math import exact_mean_deltas, lora_deltas, relative_error
 from common.records import NUM_EXAMPLES, adapter_to_record, message_bytes, record_to_adapter
 from server.aggregation import weighted_average, weighted_mean_metrics
 from server.contract import TrainUpdate, parse_metrics, parse_train_reply, state_digest
+from server.round_record import site_spread
+
+# (grid, server round, global adapter, the sites' config, timeout) -> the global adapter to use
+Refine = Callable[[Grid, int, ArrayRecord, ConfigRecord, float], ArrayRecord]
 
 
 class LoraFedAvg(FedAvg):
@@ -37,9 +41,13 @@ class LoraFedAvg(FedAvg):
     # DP wrappers has the sensitivity they assume (clip norm / clients).
     aggregate_is_mean = True
     accepts_mixed_ranks = False
+    # The head can be fitted from the sites' summed statistics (server/head_round.py): a sum
+    # lets one site move it as far as it likes, which robust strategies exist to prevent.
+    sums_head_statistics = True
 
     def __init__(self, cfg: FedLoraConfig, reference: Mapping[str, torch.Tensor],
-                 frozen: Mapping[str, torch.Tensor] | None = None) -> None:
+                 frozen: Mapping[str, torch.Tensor] | None = None,
+                 fixed: Iterable[str] = ()) -> None:
         super().__init__(fraction_train=cfg.fraction_train,
                          fraction_evaluate=cfg.fraction_evaluate,
                          min_train_nodes=cfg.min_train_clients,
@@ -48,6 +56,9 @@ class LoraFedAvg(FedAvg):
         self.cfg = cfg
         self.reference = OrderedDict((k, v.detach().clone()) for k, v in reference.items())
         self.frozen = OrderedDict((k, v.detach().clone()) for k, v in (frozen or {}).items())
+        # Tensors the sites keep as the server sent them (a fitted head, head-mode fit): they
+        # are not sent back; the global values this round sent stand in for them.
+        self.fixed = frozenset(fixed)
         self.scaling = cfg.lora_scaling
         self.current: OrderedDict[str, torch.Tensor] | None = None  # the global sent this round
         self.round_stats: dict[int, dict] = defaultdict(dict)
@@ -64,7 +75,8 @@ class LoraFedAvg(FedAvg):
             self.train_round
 
     # -- what the clients receive ------------------------------------------------------------
-    def _outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
+    def outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The global adapter as it travels to the sites (transfer-dtype)."""
         if self.cfg.transfer_dtype == "float32":
             return arrays
         return adapter_to_record(record_to_adapter(arrays), self.cfg.transfer_dtype)
@@ -92,14 +104,17 @@ class LoraFedAvg(FedAvg):
         size = min(max(int(len(nodes) * fraction), min_nodes), len(nodes))
         return sorted(self.rng.sample(nodes, size)) if size < len(nodes) else nodes
 
-    def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                  nodes: list[int], message_type: str) -> list[Message]:
+    def build_messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                       nodes: list[int], message_type: str) -> list[Message]:
+        """One message per node, all with the same content: the global adapter as it travels,
+        the config with the round, and what the strategy attaches (exact's residual)."""
         config["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: self._outgoing(arrays),
+        record = RecordDict({self.arrayrecord_key: self.outgoing(arrays),
                              self.configrecord_key: config})
-        messages = self._construct_messages(record, nodes, message_type)
+        messages = [Message(content=record, message_type=message_type, dst_node_id=node)
+                    for node in nodes]
         self.attach(messages)
-        return list(messages)
+        return messages
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -108,7 +123,7 @@ class LoraFedAvg(FedAvg):
         if "labels" in config:
             self.labels = json.loads(str(config["labels"]))
         nodes = self.sample_nodes(grid, self.fraction_train, self.min_train_nodes)
-        messages = self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)
+        messages = self.build_messages(server_round, arrays, config, nodes, MessageType.TRAIN)
         self._sampled = set(nodes)
         self._count_down(server_round, messages, "train")
         return messages
@@ -116,7 +131,8 @@ class LoraFedAvg(FedAvg):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         nodes = self.sample_nodes(grid, self.fraction_evaluate, self.min_evaluate_nodes)
-        messages = self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE)
+        messages = self.build_messages(server_round, arrays, config, nodes,
+                                       MessageType.EVALUATE)
         self._count_down(server_round, messages, "evaluate")
         return messages
 
@@ -132,11 +148,12 @@ class LoraFedAvg(FedAvg):
         for msg in replies:
             stats["bytes-up"] = stats.get("bytes-up", 0) + message_bytes([msg])
             try:
-                update = parse_train_reply(msg, self.reference,
+                update = parse_train_reply(msg, self.returned_reference(),
                                            any_rank=self.accepts_mixed_ranks,
                                            current=self.current,
                                            max_update_norm=self.cfg.max_update_norm,
                                            num_labels=len(self.labels) if self.labels else None)
+                update.state = self.with_fixed(update.state)
                 self.check_update(update)
             except FedLoraError as err:
                 self.leave_out(server_round, msg.metadata.src_node_id, str(err), "train-rejected")
@@ -157,7 +174,7 @@ class LoraFedAvg(FedAvg):
         target = exact_mean_deltas([self.with_frozen(u.state) for u in updates],
                                    [self.scaling] * len(updates), weights)
         target = self.adjust_target(target, updates, weights)
-        aggregated = self.aggregate_updates(server_round, updates)
+        aggregated = self.keep_fixed(self.aggregate_updates(server_round, updates))
         stats["agg-rel-error"] = relative_error(self.applied_deltas(aggregated), target)
         return adapter_to_record(aggregated, "float32"), self.record_train(server_round, updates)
 
@@ -192,17 +209,22 @@ class LoraFedAvg(FedAvg):
               timeout: float = 3600, train_config: ConfigRecord | None = None,
               evaluate_config: ConfigRecord | None = None,
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-              first_round: int = 1) -> Result:
-        """Flower's Strategy.start, able to begin at a later round (resume): the initial
-        evaluation (round 0) runs only when starting from round 1."""
+              first_round: int = 0, refine: Refine | None = None) -> Result:
+        """Flower's Strategy.start, able to begin at a later round (resume): round 0 (the
+        initial adapter, scored) runs only when first_round is 0. `refine` may replace the
+        global adapter before it is scored, in round 0 and after each round's aggregation
+        (the head round, server/head_round.py)."""
         train_config = train_config if train_config is not None else ConfigRecord()
         evaluate_config = evaluate_config if evaluate_config is not None else ConfigRecord()
         result, arrays = Result(), initial_arrays
-        if evaluate_fn and first_round == 1:
-            metrics = evaluate_fn(0, arrays)
-            if metrics is not None:
-                result.evaluate_metrics_serverapp[0] = metrics
-        for server_round in range(first_round, num_rounds + 1):
+        if first_round == 0:
+            if refine is not None:
+                arrays = refine(grid, 0, arrays, train_config, timeout)
+            if evaluate_fn:
+                metrics = evaluate_fn(0, arrays)
+                if metrics is not None:
+                    result.evaluate_metrics_serverapp[0] = metrics
+        for server_round in range(max(first_round, 1), num_rounds + 1):
             log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
             for attempt in range(self.cfg.round_retries + 1):
                 # A retried round is one more release of each site's DP-SGD: counted for epsilon.
@@ -233,6 +255,8 @@ class LoraFedAvg(FedAvg):
                 break
             if new_arrays is not None:
                 arrays = new_arrays
+                if refine is not None:
+                    arrays = refine(grid, server_round, arrays, train_config, timeout)
             if train_metrics is not None:
                 result.train_metrics_clientapp[server_round] = train_metrics
             replies = grid.send_and_receive(
@@ -321,6 +345,27 @@ class LoraFedAvg(FedAvg):
         aggregation reveals). FedAvg takes the mean itself."""
         return mean
 
+    def returned_reference(self) -> "OrderedDict[str, torch.Tensor]":
+        """The tensors a site's reply holds: the adapter but the fixed ones."""
+        return OrderedDict((n, t) for n, t in self.reference.items() if n not in self.fixed)
+
+    def returned_names(self) -> list[str]:
+        return list(self.returned_reference())
+
+    def with_fixed(self, state: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+        """A reply's tensors with the fixed ones put back as this round sent them, in the
+        adapter's order."""
+        return OrderedDict((n, self.current[n] if n in self.fixed else state[n])
+                           for n in self.reference if n in state or n in self.fixed)
+
+    def keep_fixed(self, state: "OrderedDict[str, torch.Tensor]"
+                   ) -> "OrderedDict[str, torch.Tensor]":
+        """The new global adapter with the fixed tensors exactly as sent (whatever a rule's
+        arithmetic did to equal values)."""
+        for name in self.fixed:
+            state[name] = self.current[name].clone()
+        return state
+
     def with_frozen(self, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """The adapter with factors that never travel (FFA's frozen A) put back."""
         return {**self.frozen, **state} if self.frozen else state
@@ -347,8 +392,14 @@ class LoraFedAvg(FedAvg):
         parsed = {node: m for node, m in parsed.items() if m[NUM_EXAMPLES] > 0}
         if not parsed:
             return None
-        self.round_stats[server_round]["evaluate-per-client"] = [
-            {"node": node, **m} for node, m in parsed.items()]
+        per_client = [{"node": node, **m} for node, m in parsed.items()]
+        self.round_stats[server_round]["evaluate-per-client"] = per_client
+        metric = "eval-accuracy" if self.cfg.is_classification else "eval-loss"
+        spread = site_spread({"evaluate-per-client": per_client}, metric,
+                             higher_is_better=self.cfg.is_classification)
+        if spread is not None:
+            self.round_stats[server_round]["evaluate-sites"] = {
+                "metric": metric, "worst": spread[0], "median": spread[1]}
         weights = [m[NUM_EXAMPLES] for m in parsed.values()]
         metrics = weighted_mean_metrics(list(parsed.values()), weights)
         metrics[NUM_EXAMPLES] = float(sum(weights))
