@@ -4,6 +4,7 @@ that every benchmark resumes where it stopped."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
@@ -16,9 +17,20 @@ def load_results(out: Path, name: str) -> tuple[Path, dict]:
 
 def save_results(out: Path, name: str, results) -> None:
     """Write the results under out and print them."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / name).write_text(json.dumps(results, indent=1))
+    store_results(out, name, results)
     print(json.dumps(results, indent=1))
+
+
+def store_results(out: Path, name: str, results) -> None:
+    """Write the results under out as JSON; a kill leaves the old or the new file."""
+    store_text(out, name, json.dumps(results, indent=1))
+
+
+def store_text(out: Path, name: str, text: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / f".{name}.partial"
+    partial.write_text(text)
+    os.replace(partial, out / name)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
