@@ -104,10 +104,10 @@ def jobs(args: argparse.Namespace, out: Path):
         yield "make-run", key, run_federation(key, args.data, MAKE_RUN, 3,
                                               f"{MAKE_RUN_CONFIG} {extra}",
                                               flags_have_rounds=True)
-    for partition, name in (("alpha 0.1", "fit (default)"), ("iid", "fit (default)"),
-                            ("alpha 0.1", "today"), ("alpha 1.0", "fit (default)"),
-                            ("alpha 0.1", "fit-then-train"), ("alpha 0.1", "fit, refit every 2")):
-        yield banking(partition, name)
+    for partition in PARTITIONS:
+        for name in ("fit (default)", "today"):
+            yield banking(partition, name)
+    yield banking("alpha 0.1", "fit-then-train")
     if "trec" in args.parts:
         trec = str(trec_folder(out / "trec-data"))
         for partition in ("alpha 0.1", "iid"):
@@ -118,8 +118,7 @@ def jobs(args: argparse.Namespace, out: Path):
         for name, extra in (("today, plain LoRA loop", TODAY), ("fit (default)", "")):
             yield "trec", f"trec centralized {name}", (
                 lambda extra=extra: centralized(trec, f"label-column=label {extra}", 4))
-    for partition in ("alpha 1.0", "iid"):
-        yield banking(partition, "today")
+    yield banking("alpha 0.1", "fit, refit every 2")
     for name, extra in (("today, plain LoRA loop", TODAY), ("fit (default)", "")):
         yield "centralized", f"centralized {name}", (
             lambda extra=extra: centralized(args.data, f"{args.run_config} {extra}", 4))
