@@ -213,21 +213,26 @@ def trec_folder(folder: Path) -> Path:
 
 
 def report(results: dict) -> str:
+    """Per-round accuracy for every federation that trained, then one line for each run with
+    a single result (the head alone under DP, the centralized runs)."""
     parts = []
-    federations = {k: v for k, v in results.items() if k.startswith(("federation ", "trec "))
-                   and "accuracy" in v and isinstance(v["accuracy"], list)}
+    federations = {k: v for k, v in results.items()
+                   if isinstance(v.get("accuracy"), list) and len(v["accuracy"]) > 1}
     if federations:
         rounds = max(len(v["accuracy"]) for v in federations.values())
-        header = ["run", *[f"r{i}" for i in range(rounds)], "worst site (last)",
-                  "head KB up/site", "s/round", "command s"]
+        header = ["run", *[f"r{i}" for i in range(rounds)], "best", "worst site (last)",
+                  "head KB up/site", "LoRA KB up/site/round", "s/round", "command s"]
         rows = []
         for key, v in federations.items():
             accuracy = [f"{a:.4f}" for a in v["accuracy"]] + ["-"] * (rounds - len(v["accuracy"]))
             worst = v["worst-site"][-1]
             steady = v["seconds"][1:] or v["seconds"]
-            rows.append([key, *accuracy, f"{worst:.4f}" if worst is not None else "-",
+            sites = 10
+            rows.append([key, *accuracy, f"{max(v['accuracy']):.4f}",
+                         f"{worst:.4f}" if worst is not None else "-",
                          f"{v['head-bytes-up-per-site'] / 1e3:.0f}"
                          if v.get("head-bytes-up-per-site") else "-",
+                         f"{v['bytes-up'][-1] / sites / 1e3:.0f}",
                          f"{sum(steady) / len(steady):.1f}", f"{v['command-seconds']:.0f}"])
         parts.append(markdown_table(header, rows))
     others = {k: v for k, v in results.items() if k not in federations}
