@@ -136,10 +136,13 @@ def federation(run_dir: Path, data: str, flags: list[str], rounds: int, run_conf
     if not _completed(run_dir):
         started = time.time()
         rounds_flag = [] if flags_have_rounds else ["--rounds", str(rounds)]
-        subprocess.run([str(ROOT / ".venv/bin/fedlora"), "simulate", "--data", data,
-                        "--num-clients", "10", *rounds_flag, *flags, "--out", str(run_dir),
-                        "--run-config", run_config], check=True, cwd=ROOT,
+        command = ["simulate", "--data", data, "--num-clients", "10", *rounds_flag, *flags,
+                   "--out", str(run_dir), "--run-config", run_config]
+        if (run_dir / "checkpoint").is_dir():  # a run killed part-way goes on where it was
+            command = ["simulate", "--resume", str(run_dir)]
+        subprocess.run([str(ROOT / ".venv/bin/fedlora"), *command], check=True, cwd=ROOT,
                        stdout=subprocess.DEVNULL)
+        # A resumed run's seconds are those of its last process (the table says so).
         (run_dir / "command-seconds").write_text(f"{time.time() - started:.1f}\n")
     records = RunDirectory(run_dir).read_rounds()
     summary = json.loads((run_dir / "summary.json").read_text())
