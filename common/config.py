@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
@@ -143,6 +144,11 @@ class FedLoraConfig:
     tensorboard: bool = False  # also write TensorBoard event files to <out-dir>/tensorboard
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            # A non-finite learning rate or timeout would fail a round later, far from its cause.
+            if str(f.type) == "float" and not math.isfinite(value):
+                raise FedLoraError(f"config {_key(f.name)} must be a finite number, got {value}")
         _check_choice("task", self.task, TASKS)
         _check_choice("partition", self.partition, PARTITIONS)
         _check_choice("transfer-dtype", self.transfer_dtype, TRANSFER_DTYPES)

@@ -1,3 +1,4 @@
+import dataclasses
 import tomllib
 
 import pytest
@@ -35,6 +36,19 @@ def test_run_config_round_trip_and_coercion():
 def test_bad_values_are_rejected_with_the_key_named(overrides, fragment):
     with pytest.raises(FedLoraError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         FedLoraConfig.from_run_config(overrides)
+
+
+NUMERIC_KEYS = {f.name.replace("_", "-"): str(f.type) for f in dataclasses.fields(FedLoraConfig)
+                if str(f.type) in ("float", "int")}
+
+
+@pytest.mark.parametrize("key", NUMERIC_KEYS)
+def test_every_numeric_key_rejects_nan_and_infinities(key):
+    wording = "a finite number" if NUMERIC_KEYS[key] == "float" else "an integer"
+    # Given as TOML gives them (float) and as the CLI gives them (text).
+    for raw in (float("nan"), float("inf"), float("-inf"), "nan", "-inf"):
+        with pytest.raises(FedLoraError, match=f"^config {key} must be {wording}, got"):
+            FedLoraConfig.from_run_config({key: raw})
 
 
 def test_parse_overrides_reads_toml_values_and_bare_words():
