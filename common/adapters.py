@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from common.atomic import readable_directory
 from common.errors import FedLoraError, first_line
 from common.model import resolve_model_path
 
@@ -44,17 +45,18 @@ def write_adapter_settings(folder: Path, settings: dict) -> None:
 
 def find_adapter(path: str | Path) -> Path:
     """An adapter folder, or a run directory (its final_adapter/)."""
-    path = Path(path).expanduser()
+    path = readable_directory(Path(path).expanduser())
     if (path / "adapter_config.json").is_file():
         return path
     if (path / "metrics.jsonl").is_file() or (path / "config.json").is_file():
         summary = path / "summary.json"
         status = _read_json(summary).get("status") if summary.is_file() else None
-        if not (path / "final_adapter" / "adapter_config.json").is_file():
+        final = readable_directory(path / "final_adapter")
+        if not (final / "adapter_config.json").is_file():
             raise FedLoraError(f"run {str(path)!r} has no final adapter (status: "
                                f"{status or 'unknown'}); finish it with fedlora simulate "
                                f"--resume {path}")
-        return path / "final_adapter"
+        return final
     if not path.exists():
         raise FedLoraError(f"adapter {str(path)!r} does not exist")
     raise FedLoraError(f"{str(path)!r} is neither a PEFT adapter folder (no "

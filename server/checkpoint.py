@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.atomic import atomic_directory
+from common.atomic import atomic_directory, recover_directory
 from common.errors import FedLoraError
 
 SEPARATOR = "::"  # strategy tensors are stored as "<state name>::<tensor name>"
@@ -45,7 +45,7 @@ def save_checkpoint(folder: Path, ckpt: Checkpoint) -> None:
 
 
 def checkpoint_exists(folder: Path) -> bool:
-    return (folder / "state.json").is_file()
+    return (recover_directory(folder) / "state.json").is_file()
 
 
 def load_checkpoint(folder: Path) -> Checkpoint:
