@@ -6,9 +6,12 @@ configured transfer dtype: ArrayRecord rejects bfloat16, and float16 halves the 
 
 from __future__ import annotations
 
+import io
+import math
 from collections import OrderedDict
 from typing import Mapping
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.common import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
@@ -55,19 +58,42 @@ def _int8_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
 
 def record_to_tensors(record: ArrayRecord) -> "OrderedDict[str, torch.Tensor]":
     """Decode an ArrayRecord's arrays into tensors of the dtypes they hold; FedLoraError
-    naming an array that does not decode or holds another shape than it declares."""
-    state: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for name, array in record.items():
-        try:
-            decoded = array.numpy()
-            state[name] = torch.from_numpy(decoded.copy())
-        except Exception as err:  # np.load on a peer's bytes can raise many types
-            raise FedLoraError(f"adapter tensor {name!r} cannot be decoded: "
-                               f"{type(err).__name__}: {err}") from None
-        if tuple(decoded.shape) != tuple(array.shape):
-            raise FedLoraError(f"adapter tensor {name!r} declares shape {tuple(array.shape)} "
-                               f"but holds {tuple(decoded.shape)}")
-    return state
+    naming an array whose bytes are not exactly what its declared dtype and shape need."""
+    return OrderedDict((name, torch.from_numpy(_decoded(name, array).copy()))
+                       for name, array in record.items())
+
+
+# The dtypes an adapter can travel as; a peer's bytes are never read as anything else.
+_WIRE_DTYPES = {"float32", "float16", "float64", "int8", "int32", "int64"}
+
+
+def _decoded(name: str, array: Array) -> np.ndarray:
+    """The array's values, read only after its .npy header and byte length are checked
+    against the dtype and shape the array declares (Flower's own decoding trusts the
+    header, so a payload of other bytes would be cast and aggregated)."""
+    declared_shape = tuple(int(d) for d in array.shape)
+    if array.stype != "numpy.ndarray" or array.dtype not in _WIRE_DTYPES:
+        raise FedLoraError(f"adapter tensor {name!r} declares {array.stype} of {array.dtype}, "
+                           f"not a numpy array of {' or '.join(sorted(_WIRE_DTYPES))}")
+    stream = io.BytesIO(array.data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}[version]
+        shape, fortran_order, dtype = read_header(stream)
+    except Exception as err:  # a peer's bytes can fail the header parse in many ways
+        raise FedLoraError(f"adapter tensor {name!r} cannot be decoded: "
+                           f"{type(err).__name__}: {err}") from None
+    if dtype != np.dtype(array.dtype) or tuple(shape) != declared_shape:
+        raise FedLoraError(f"adapter tensor {name!r} declares {array.dtype} {declared_shape} "
+                           f"but its bytes say {dtype} {tuple(shape)}")
+    payload = memoryview(array.data)[stream.tell():]
+    needed = math.prod(declared_shape) * dtype.itemsize
+    if len(payload) != needed:
+        raise FedLoraError(f"adapter tensor {name!r} holds {len(payload)} bytes of values where "
+                           f"{array.dtype} {declared_shape} needs {needed}")
+    return np.frombuffer(payload, dtype=dtype).reshape(
+        declared_shape, order="F" if fortran_order else "C")
 
 
 def record_to_adapter(record: ArrayRecord) -> "OrderedDict[str, torch.Tensor]":

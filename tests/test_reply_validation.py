@@ -120,3 +120,26 @@ def test_an_update_beyond_the_norm_bound_is_dropped():
     with pytest.raises(FedLoraError, match="exceeds max-update-norm"):
         parse_train_reply(msg, REFERENCE, current=REFERENCE, max_update_norm=5.0)
     assert parse_train_reply(msg, REFERENCE, current=REFERENCE, max_update_norm=1e3)
+
+
+def _npy(values: np.ndarray) -> bytes:
+    return Array(values).data
+
+
+@pytest.mark.parametrize("label, data", [
+    ("float64 bytes declared float32", _npy(np.ones((4, 2), np.float64))),
+    ("int8 bytes declared float32", _npy(np.full((4, 2), 100, np.int8))),
+    ("another shape in the header", _npy(np.ones((2, 4), np.float32))),
+    ("values cut short", _npy(np.ones((4, 2), np.float32))[:-4]),
+    ("bytes appended", _npy(np.ones((4, 2), np.float32)) + b"\x00\x00\x80\x7f"),
+    ("no npy header", np.ones((4, 2), np.float32).tobytes()),
+])
+def test_a_payload_unlike_its_declared_dtype_and_shape_is_refused(label, data):
+    record = dict(adapter_to_record(REFERENCE))
+    record["m.lora_B.default.weight"] = Array(dtype="float32", shape=(4, 2),
+                                              stype="numpy.ndarray", data=data)
+    msg = Message(RecordDict({"arrays": ArrayRecord(record),
+                              "metrics": MetricRecord({"num-examples": 3})}),
+                  reply_to=_instruction())
+    with pytest.raises(FedLoraError, match="adapter tensor 'm.lora_B.default.weight'"):
+        parse_train_reply(msg, REFERENCE)
