@@ -36,6 +36,22 @@ def default_run_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
 
 
+def check_new_run_dir(path: str | Path) -> None:
+    """A new run takes a missing or empty folder, or one that holds an earlier run (which it
+    moves aside); any other folder is refused, so that `--out ~` cannot move a home away."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FedLoraError(f"out-dir {str(path)!r} is a file, not a folder")
+    if path.is_dir() and any(path.iterdir()) and not is_run_directory(path):
+        raise FedLoraError(f"out-dir {str(path)!r} holds files but no fedlora run: name a new "
+                           f"or empty folder")
+
+
+def is_run_directory(path: str | Path) -> bool:
+    """Whether ``path`` holds a fedlora run (what RunDirectory.create writes first)."""
+    return all((Path(path) / name).is_file() for name in ("config.json", "summary.json"))
+
+
 class RunDirectory:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -43,6 +59,7 @@ class RunDirectory:
     @classmethod
     def create(cls, cfg: FedLoraConfig, labels: list[str] | None) -> "RunDirectory":
         run = cls(cfg.out_dir or default_run_dir())
+        check_new_run_dir(run.path)
         if run.path.exists() and any(run.path.iterdir()):
             # A new run must not mix rounds with an old one, nor destroy it: move it aside.
             stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())

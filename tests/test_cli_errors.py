@@ -62,6 +62,26 @@ def test_bad_input_gives_one_clear_line(small_csv, tmp_path, capsys, monkeypatch
     assert ray_calls == (["start", "stop"] if found_by == "checks" else [])
 
 
+@pytest.mark.parametrize("kind", ["folder of other files", "file"])
+def test_an_out_dir_that_holds_no_run_is_refused_and_left_alone(small_csv, tmp_path, capsys,
+                                                                 monkeypatch, kind,
+                                                                 pool_folders_in):
+    monkeypatch.setattr(runner, "start_ray", lambda cfg, address=None, pool=None: None)
+    monkeypatch.setattr(runner, "stop_ray", lambda: None)
+    out = tmp_path / "home"
+    if kind == "file":
+        out.write_text("notes")
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("notes")
+    assert main(["simulate", "--data", str(small_csv), "--num-clients", "2", "--out",
+                 str(out)]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"fedlora: error: out-dir '{out}' ")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("home")] == ["home"]
+    assert (out.read_text() if kind == "file" else (out / "notes.txt").read_text()) == "notes"
+
+
 def test_the_console_command_exits_non_zero_without_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "simulations.cli", "simulate", "--data", str(tmp_path / "x.csv")],
