@@ -131,6 +131,8 @@ class FedLoraConfig:
     client_ranks: str = ""  # per-site LoRA ranks "4,8,16", cycled over sites; empty = lora-r
     global_rank: int = 0  # rank of the global adapter; 0 = the largest client rank
     max_update_norm: float = 0.0  # replies whose update is larger (L2) are dropped; 0 = off
+    max_examples_ratio: float = 100.0  # drop a reply over this x the others' median count; 0 = off
+    max_update_norm_ratio: float = 10.0  # drop updates over this x the others' median norm; 0 = off
     trim_fraction: float = 0.2  # trimmed-mean: share cut from each end per coordinate
     # Simulation
     num_clients: int = 10  # simulated sites; under flwr run the federation's node count instead
@@ -171,6 +173,7 @@ class FedLoraConfig:
                        "early-stopping-min-delta", "max-eval-examples", "weight-decay",
                        "max-grad-norm", "client-num-gpus", "proximal-mu", "server-learning-rate",
                        "server-momentum", "global-rank", "max-update-norm", "round-retries",
+                       "max-examples-ratio", "max-update-norm-ratio",
                        "dp-noise-multiplier", "dp-target-epsilon", "client-dp-noise-multiplier",
                        "client-dp-target-epsilon", "head-refit-every", "num-rounds",
                        "head-dp-noise-multiplier"),

@@ -6,8 +6,9 @@ import hashlib
 import math
 from dataclasses import dataclass
 from logging import WARNING
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common import log
@@ -238,6 +239,29 @@ def update_norm(state: Mapping[str, torch.Tensor], current: Mapping[str, torch.T
         diff = tensor - base if base is not None and base.shape == tensor.shape else tensor
         total += float(diff.double().pow(2).sum())
     return total ** 0.5
+
+
+def round_outliers(num_examples: Sequence[float], norms: Sequence[float], examples_ratio: float,
+                   norm_ratio: float) -> dict[int, str]:
+    """The replies far outside the rest of their round, by index, with the reason: an example
+    count above examples_ratio times the median count of the round's other replies, or an
+    update norm above norm_ratio times the median of theirs (a ratio of 0 turns its test off).
+    Each reply is held against the others, not against a median that includes it, so that even
+    two sites check each other; a lone reply has nothing to be held against."""
+    counts = np.asarray(num_examples, dtype=np.float64)
+    sizes = np.asarray(norms, dtype=np.float64)
+    reasons: dict[int, str] = {}
+    for i in range(len(counts) if len(counts) > 1 else 0):
+        for values, ratio, what, key in ((counts, examples_ratio, "example count",
+                                          "max-examples-ratio"),
+                                         (sizes, norm_ratio, "update norm",
+                                          "max-update-norm-ratio")):
+            typical = float(np.median(np.delete(values, i)))
+            if ratio > 0 and typical > 0 and values[i] > ratio * typical:
+                reasons[i] = (f"{what} {values[i]:.4g} is more than {key} ({ratio:g}) times the "
+                              f"median of the round's other replies ({typical:.4g})")
+                break
+    return reasons
 
 
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:

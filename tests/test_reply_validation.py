@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from common.config import FedLoraConfig
 from common.errors import FedLoraError
 from common.records import adapter_to_record, record_to_adapter
-from server.contract import parse_train_reply
+from server.contract import parse_train_reply, round_outliers
 from server.strategies.fedavg import LoraFedAvg
 from tests.conftest import StaticGrid
 
@@ -143,3 +143,60 @@ def test_a_payload_unlike_its_declared_dtype_and_shape_is_refused(label, data):
                   reply_to=_instruction())
     with pytest.raises(FedLoraError, match="adapter tensor 'm.lora_B.default.weight'"):
         parse_train_reply(msg, REFERENCE)
+
+
+@st.composite
+def rounds_with_one_hostile_reply(draw):
+    """Honest replies (50-500 examples, updates of unit scale) and one that claims a huge
+    example count, sends huge finite values (float32, float16 or int8), or both."""
+    honest = draw(st.integers(2, 5))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    states = [OrderedDict((k, torch.rand(v.shape, generator=generator) * 2 - 1)
+                          for k, v in REFERENCE.items()) for _ in range(honest)]
+    counts = [draw(st.integers(50, 500)) for _ in range(honest)]
+    kind = draw(st.sampled_from(["count", "values", "both"]))
+    dtype = draw(st.sampled_from(["float32", "float16", "int8"]))
+    top = 6e4 if dtype == "float16" else 3e38
+    scale = draw(st.floats(1e3, top)) if kind != "count" else 1.0
+    hostile = OrderedDict((k, torch.rand(v.shape, generator=generator).clamp_min(0.5) * scale)
+                          for k, v in REFERENCE.items())
+    count = draw(st.integers(50_001, 2**31)) if kind != "values" else draw(st.integers(50, 500))
+    position = draw(st.integers(0, honest))
+    return states, counts, (hostile, count, dtype), position
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rounds_with_one_hostile_reply())
+def test_a_hostile_reply_never_reaches_the_aggregate(round_):
+    states, counts, (hostile, count, dtype), position = round_
+
+    def aggregate(with_hostile: bool):
+        strategy = LoraFedAvg(FedLoraConfig(min_available_clients=1, min_train_clients=1),
+                              REFERENCE)
+        nodes = list(range(1, len(states) + 2))
+        messages = strategy.configure_train(1, adapter_to_record(REFERENCE), ConfigRecord(),
+                                            StaticGrid(nodes))
+        by_node = {m.metadata.dst_node_id: m for m in messages}
+        replies = [Message(RecordDict({"arrays": adapter_to_record(s),
+                                       "metrics": MetricRecord({"num-examples": n})}),
+                           reply_to=by_node[node])
+                   for node, s, n in zip(nodes, states, counts)]
+        if with_hostile:
+            replies.insert(position, Message(
+                RecordDict({"arrays": adapter_to_record(hostile, dtype),
+                            "metrics": MetricRecord({"num-examples": count})}),
+                reply_to=by_node[nodes[-1]]))
+        arrays, _ = strategy.aggregate_train(1, replies)
+        return record_to_adapter(arrays), strategy.round_stats[1]
+
+    attacked, stats = aggregate(with_hostile=True)
+    clean, _ = aggregate(with_hostile=False)
+    assert [d["node"] for d in stats["dropped"]] == [len(states) + 1]
+    assert all(torch.equal(attacked[k], clean[k]) for k in REFERENCE)
+
+
+def test_two_replies_check_each_other_and_a_lone_reply_is_kept():
+    assert list(round_outliers([100, 100], [1.0, 50.0], 100, 10)) == [1]
+    assert list(round_outliers([10**9, 100], [1.0, 1.0], 100, 10)) == [0]
+    assert round_outliers([100], [1e30], 100, 10) == {}
+    assert round_outliers([10**9, 100], [1.0, 1e9], 0, 0) == {}  # both tests off

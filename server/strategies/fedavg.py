@@ -26,7 +26,14 @@ from common.errors import PRIVACY_BUDGET_REACHED, FedLoraError
 from common.lora_math import exact_mean_deltas, lora_deltas, relative_error
 from common.records import NUM_EXAMPLES, adapter_to_record, message_bytes, record_to_adapter
 from server.aggregation import weighted_average, weighted_mean_metrics
-from server.contract import TrainUpdate, parse_metrics, parse_train_reply, state_digest
+from server.contract import (
+    TrainUpdate,
+    parse_metrics,
+    parse_train_reply,
+    round_outliers,
+    state_digest,
+    update_norm,
+)
 from server.round_record import site_spread
 
 # (grid, server round, global adapter, the sites' config, timeout) -> the global adapter to use
@@ -159,6 +166,8 @@ class LoraFedAvg(FedAvg):
                 self.leave_out(server_round, msg.metadata.src_node_id, str(err), "train-rejected")
                 continue
             updates.append(update)
+        if not self.cfg.client_level_dp:  # there, clipping bounds each site and weights are 1
+            updates = self._without_outliers(server_round, updates)
         self.keep_data_reports(server_round, updates)
         # Replies arrive in any order; a fixed order makes the float sums reproducible.
         updates.sort(key=lambda u: (u.num_examples, state_digest(u.state)))
@@ -177,6 +186,15 @@ class LoraFedAvg(FedAvg):
         aggregated = self.keep_fixed(self.aggregate_updates(server_round, updates))
         stats["agg-rel-error"] = relative_error(self.applied_deltas(aggregated), target)
         return adapter_to_record(aggregated, "float32"), self.record_train(server_round, updates)
+
+    def _without_outliers(self, server_round: int, updates: list[TrainUpdate]
+                          ) -> list[TrainUpdate]:
+        outliers = round_outliers([u.num_examples for u in updates],
+                                  [update_norm(u.state, self.current or {}) for u in updates],
+                                  self.cfg.max_examples_ratio, self.cfg.max_update_norm_ratio)
+        for index, reason in outliers.items():
+            self.leave_out(server_round, updates[index].node_id, reason, "train-rejected")
+        return [u for i, u in enumerate(updates) if i not in outliers]
 
     def record_train(self, server_round: int, updates: list[TrainUpdate]) -> MetricRecord:
         """The round's training metrics, per site and weighted like the adapters."""
