@@ -13,10 +13,12 @@
     tensorboard/         event files, when config tensorboard = true
     report.html, plots/  written by `fedlora report`
     STOP                 made by a user or `fedlora tune`: the run ends after this round
+    .lock                flock-ed by the process that runs in the folder, while it lives
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -42,7 +44,7 @@ def check_new_run_dir(path: str | Path) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FedLoraError(f"out-dir {str(path)!r} is a file, not a folder")
-    if path.is_dir() and any(path.iterdir()) and not is_run_directory(path):
+    if path.is_dir() and _holds_files(path) and not is_run_directory(path):
         raise FedLoraError(f"out-dir {str(path)!r} holds files but no fedlora run: name a new "
                            f"or empty folder")
 
@@ -50,6 +52,55 @@ def check_new_run_dir(path: str | Path) -> None:
 def is_run_directory(path: str | Path) -> bool:
     """Whether ``path`` holds a fedlora run (what RunDirectory.create writes first)."""
     return all((Path(path) / name).is_file() for name in ("config.json", "summary.json"))
+
+
+LOCK_FILE = ".lock"  # held (flock) by the process that runs in the folder
+_held_locks: dict[Path, int] = {}  # this process's locks: a path's open descriptor
+
+
+def check_not_in_use(path: str | Path) -> None:
+    """FedLoraError if another process runs in ``path`` now; for checks before a run starts."""
+    lock = Path(path) / LOCK_FILE
+    if Path(path).resolve() in _held_locks or not lock.is_file():
+        return
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        _flock_or_refuse(fd, Path(path))
+    finally:
+        os.close(fd)  # closing releases a lock taken here
+
+
+def _lock(path: Path) -> None:
+    """Hold ``path``'s lock until this process ends; the kernel drops it if the process dies,
+    so a killed run never leaves a stale lock behind."""
+    key = path.resolve()
+    if key in _held_locks:
+        return
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        _flock_or_refuse(fd, path)
+    except FedLoraError:
+        os.close(fd)
+        raise
+    _held_locks[key] = fd
+
+
+def _release(path: Path) -> None:
+    fd = _held_locks.pop(path.resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _holds_files(path: Path) -> bool:
+    return any(p.name != LOCK_FILE for p in path.iterdir())
+
+
+def _flock_or_refuse(fd: int, path: Path) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise FedLoraError(f"run directory {str(path)!r} is in use by another fedlora process: "
+                           f"wait for it to end, or choose another out-dir") from None
 
 
 class RunDirectory:
@@ -60,7 +111,9 @@ class RunDirectory:
     def create(cls, cfg: FedLoraConfig, labels: list[str] | None) -> "RunDirectory":
         run = cls(cfg.out_dir or default_run_dir())
         check_new_run_dir(run.path)
-        if run.path.exists() and any(run.path.iterdir()):
+        if run.path.exists():
+            check_not_in_use(run.path)  # a live run's folder is never moved aside
+        if run.path.exists() and _holds_files(run.path):
             # A new run must not mix rounds with an old one, nor destroy it: move it aside.
             stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
             kept = run.path.with_name(f"{run.path.name}.old-{stamp}")
@@ -68,10 +121,12 @@ class RunDirectory:
             while kept.exists():
                 kept = run.path.with_name(f"{run.path.name}.old-{stamp}-{suffix}")
                 suffix += 1
+            _release(run.path)  # the lock file moves aside with the earlier run
             os.replace(run.path, kept)
             logging.getLogger("flwr").warning(
                 "fedlora: %s held an earlier run; it was moved to %s", run.path, kept)
         run.path.mkdir(parents=True, exist_ok=True)
+        _lock(run.path)
         atomic_write_text(run.path / "config.json", cfg.to_json() + "\n")
         if labels is not None:
             atomic_write_text(run.path / "labels.json", json.dumps(labels, indent=1) + "\n")
@@ -85,6 +140,7 @@ class RunDirectory:
         if not cfg.out_dir or not (run.path / "config.json").is_file():
             raise FedLoraError(f"nothing to resume: {cfg.out_dir or '(no out-dir)'} is not a "
                                f"run directory")
+        _lock(run.path)
         run.stop_file.unlink(missing_ok=True)  # a stop request ended the earlier process only
         return run
 

@@ -310,12 +310,14 @@ def preflight(cfg: FedLoraConfig) -> SharedPool:
     from common.data import columns, load_splits, resolve_labels
     from common.data_checks import check_pool
     from common.model import load_model_config, resolve_pooling, target_modules_for
-    from server.outputs import check_new_run_dir
+    from server.outputs import check_new_run_dir, check_not_in_use
     from server.strategies import check_privacy_fits_strategy, resolve_head_mode
     from simulations.partitioning import partition_indices
 
     if not cfg.resume:
         check_new_run_dir(cfg.out_dir)
+    if Path(cfg.out_dir).is_dir():
+        check_not_in_use(cfg.out_dir)
     check_privacy_fits_strategy(cfg)
     target_modules_for(cfg, load_model_config(cfg).model_type)
     resolve_head_mode(cfg, resolve_pooling(cfg) if cfg.is_classification else None)

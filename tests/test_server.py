@@ -61,3 +61,36 @@ def test_an_earlier_run_in_the_same_directory_is_kept(small_config, tmp_path):
     assert second.path == first.path and second.read_rounds() == []
     [kept] = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
     assert RunDirectory(kept).read_rounds() == [{"round": 0, "server": {"accuracy": 0.5}}]
+
+
+def test_a_run_directory_in_use_by_another_process_is_neither_taken_nor_moved(small_config,
+                                                                              tmp_path):
+    import subprocess
+    import sys
+
+    from common.errors import FedLoraError
+    from server.outputs import LOCK_FILE, RunDirectory, check_not_in_use
+
+    live = tmp_path / "run"
+    live.mkdir()
+    for name in ("config.json", "summary.json", LOCK_FILE):
+        (live / name).write_text("{}")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+         str(live / LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for attempt in (lambda: RunDirectory.create(small_config, ["a", "b"]),
+                        lambda: RunDirectory.reopen(small_config.replace(resume=True)),
+                        lambda: check_not_in_use(live)):
+            with pytest.raises(FedLoraError, match="is in use by another fedlora process"):
+                attempt()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["d.csv", "run"]
+        assert (live / "summary.json").read_text() == "{}"
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died: its lock went with it, and a new run moves the old one aside.
+    assert RunDirectory.create(small_config, ["a", "b"]).read_summary() == {"status": "running"}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
