@@ -48,9 +48,13 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
     if cfg.resume:
         run = RunDirectory.reopen(cfg)
         check_resumable(run.saved_config(), cfg)
-        run.write_summary({"status": "running"})
+        # What the interrupted or finished process wrote stays until this one has better.
+        earlier = {k: v for k, v in run.read_summary().items()
+                   if k not in ("error", "traceback", "resume-error")}
+        run.write_summary({**earlier, "status": "running"})
     else:
         run = RunDirectory.create(cfg, labels)
+        earlier = {}
     run.record_environment(run_environment(cfg), resumed=cfg.resume)
     log(INFO, "fedlora: run directory %s", run.path)
     recorder: RoundRecorder | None = None
@@ -112,7 +116,8 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
                        else {})
         # What auto resolved to: the pooling the head reads, how the head was made.
         head = {"head": {"mode": head_mode, "pooling": lora.pooling}} if labels else {}
-        run.write_summary({"status": "completed", "rounds": rounds[-1]["round"] if rounds else 0,
+        run.write_summary({**earlier, "status": "completed",
+                           "rounds": rounds[-1]["round"] if rounds else 0,
                            **head, **early, **best, **data_checks,
                            "final": rounds[-1]["server"] if rounds else {},
                            "initial": rounds[0]["server"] if rounds else {},
@@ -121,9 +126,13 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
         if recorder is not None:  # round 0's checkpoint, if it is still being written
             recorder.wait(reraise=False)
         log(ERROR, "fedlora: run failed: %s", err)
-        run.write_summary({"status": "failed", "error": f"{type(err).__name__}: {err}",
-                           "traceback": traceback.format_exc(),
-                           "seconds": time.time() - started})
+        error = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+        if earlier.get("status") == "completed":
+            # A resume that failed took nothing from a finished run: it stays completed.
+            run.write_summary({**earlier, "resume-error": error["error"]})
+        else:
+            run.write_summary({**earlier, "status": "failed", **error,
+                               "seconds": time.time() - started})
         raise
     return run
 

@@ -5,7 +5,6 @@ prepare a real deployment (docs/deployment.md)."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import threading
@@ -268,10 +267,11 @@ def tune_command(args: argparse.Namespace) -> int:
 def config_from_args(args: argparse.Namespace) -> FedLoraConfig:
     values = dict(FedLoraConfig().to_run_config())
     if args.resume:
-        saved = Path(args.resume) / "config.json"
-        if not saved.is_file():
+        from server.outputs import RunDirectory
+
+        if not (Path(args.resume) / "config.json").is_file():
             raise FedLoraError(f"nothing to resume: {args.resume} is not a run directory")
-        values.update(json.loads(saved.read_text()))
+        values.update(RunDirectory(args.resume).saved_config())
         values.update({"resume": True, "out-dir": str(Path(args.resume).resolve())})
     for overrides in args.run_config:
         values.update(parse_overrides(overrides))

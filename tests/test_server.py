@@ -94,3 +94,27 @@ def test_a_run_directory_in_use_by_another_process_is_neither_taken_nor_moved(sm
     # The holder died: its lock went with it, and a new run moves the old one aside.
     assert RunDirectory.create(small_config, ["a", "b"]).read_summary() == {"status": "running"}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+
+
+def test_a_failed_resume_keeps_what_the_finished_run_wrote(small_config, capsys):
+    with pytest.raises(RuntimeError, match="SuperLink lost"):
+        run_federation(LostGrid(), small_config.replace(head_mode="train"))
+    run = small_config.out_dir
+    finished = {"status": "completed", "rounds": 0, "final": {"accuracy": 0.5},
+                "best": {"accuracy": 0.6}, "data-checks": {"rows": 30}}
+    with open(f"{run}/summary.json", "w") as handle:
+        json.dump(finished, handle)
+    with open(f"{run}/checkpoint/state.json", "w") as handle:
+        handle.write('{"round": 0, "rng')  # cut short
+    with pytest.raises(Exception, match="cannot be read"):
+        run_federation(LostGrid(), small_config.replace(head_mode="train", resume=True))
+    summary = json.loads(open(f"{run}/summary.json").read())
+    assert {k: v for k, v in summary.items() if k != "resume-error"} == finished
+    assert "cannot be read" in summary["resume-error"]
+    # A config.json cut short is one line, not a JSONDecodeError traceback.
+    config = open(f"{run}/config.json").read()
+    with open(f"{run}/config.json", "w") as handle:
+        handle.write(config[: len(config) // 2])
+    assert cli.main(["simulate", "--resume", run]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("fedlora: error: ") and "config.json cannot be read" in line
