@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from common.atomic import readable_directory
+from common.checksums import verify_checksums
 from common.errors import FedLoraError, first_line
 from common.model import resolve_model_path
 
@@ -67,6 +69,7 @@ def read_saved_adapter(path: str | Path, model: str | None = None) -> SavedAdapt
     """What an adapter needs to be loaded; `model` overrides the base model it names (for a
     run directory moved to another machine)."""
     folder = find_adapter(path)
+    verify_checksums(folder, "adapter")
     adapter_config = _read_json(folder / "adapter_config.json")
     task = TASK_TYPES.get(str(adapter_config.get("task_type")))
     if task is None:
@@ -119,7 +122,7 @@ def load_adapter_model(saved: SavedAdapter, device: torch.device | None = None):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             model = PeftModel.from_pretrained(base, saved.path)
-    except (OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         reason = first_line(err)
         raise FedLoraError(f"cannot load adapter {str(saved.path)!r} onto "
                            f"{saved.base_model!r}: {reason}") from None

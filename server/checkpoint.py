@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from common.atomic import atomic_directory, recover_directory
+from common.checksums import verify_checksums, write_checksums
 from common.errors import FedLoraError
 
 SEPARATOR = "::"  # strategy tensors are stored as "<state name>::<tensor name>"
@@ -42,6 +44,7 @@ def save_checkpoint(folder: Path, ckpt: Checkpoint) -> None:
         save_file(flat, str(tmp / "strategy.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"round": ckpt.round,
                                                     "rng_state": ckpt.rng_state}))
+        write_checksums(tmp)
 
 
 def checkpoint_exists(folder: Path) -> bool:
@@ -51,6 +54,7 @@ def checkpoint_exists(folder: Path) -> bool:
 def load_checkpoint(folder: Path) -> Checkpoint:
     if not checkpoint_exists(folder):
         raise FedLoraError(f"nothing to resume: {folder} holds no checkpoint")
+    verify_checksums(folder, "checkpoint")
     try:
         state = json.loads((folder / "state.json").read_text())
         adapter = load_file(str(folder / "adapter.safetensors"))
@@ -58,10 +62,11 @@ def load_checkpoint(folder: Path) -> Checkpoint:
         for key, tensor in load_file(str(folder / "strategy.safetensors")).items():
             group, _, name = key.partition(SEPARATOR)
             grouped.setdefault(group, {})[name] = tensor
-    except (OSError, ValueError) as err:
-        raise FedLoraError(f"checkpoint in {folder} cannot be read: {err}") from None
-    return Checkpoint(round=int(state["round"]), adapter=adapter, strategy_state=grouped,
-                      rng_state=_as_rng_state(state["rng_state"]))
+        return Checkpoint(round=int(state["round"]), adapter=adapter, strategy_state=grouped,
+                          rng_state=_as_rng_state(state["rng_state"]))
+    except (OSError, ValueError, TypeError, KeyError, SafetensorError) as err:
+        raise FedLoraError(f"checkpoint in {folder} cannot be read: "
+                           f"{type(err).__name__}: {err}") from None
 
 
 def _as_rng_state(value):

@@ -8,9 +8,13 @@ import json
 import shutil
 from pathlib import Path
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
 from common.adapters import SavedAdapter, load_adapter_model
 from common.atomic import atomic_directory
-from common.errors import FedLoraError
+from common.checksums import write_checksums
+from common.errors import FedLoraError, first_line
 
 
 def _check_target(out: Path, force: bool) -> None:
@@ -24,10 +28,17 @@ def export_adapter(saved: SavedAdapter, out: str | Path, force: bool = False) ->
     """Copy the adapter folder (weights, adapter_config.json, tokenizer, labels.json)."""
     out = Path(out).expanduser()
     _check_target(out, force)
+    for weights in saved.path.glob("*.safetensors"):
+        try:  # an adapter of another tool has no checksums: its weights must at least load
+            load_file(str(weights))
+        except (OSError, SafetensorError) as err:
+            raise FedLoraError(f"adapter {str(saved.path)!r} is corrupt: {weights.name} does "
+                               f"not load ({first_line(err)})") from None
     with atomic_directory(out) as tmp:
         for item in saved.path.iterdir():
             if item.is_file():
                 shutil.copy2(item, tmp / item.name)
+        write_checksums(tmp)
     return out
 
 
@@ -49,4 +60,5 @@ def export_merged(saved: SavedAdapter, out: str | Path, force: bool = False) -> 
         tokenizer.save_pretrained(tmp)
         if saved.labels is not None:
             (tmp / "labels.json").write_text(json.dumps(saved.labels, indent=1) + "\n")
+        write_checksums(tmp)
     return out

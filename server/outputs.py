@@ -219,6 +219,7 @@ class RunDirectory:
                      folder: str = "final_adapter") -> None:
         """The adapter in PEFT format: final_adapter/ (the last round's), best_adapter/."""
         from common.adapters import write_adapter_settings
+        from common.checksums import write_checksums
 
         with atomic_directory(self.path / folder) as tmp:
             lora.model.save_pretrained(tmp)
@@ -227,3 +228,4 @@ class RunDirectory:
                 (tmp / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
             if lora.pooling is not None:
                 write_adapter_settings(tmp, {"pooling": lora.pooling})
+            write_checksums(tmp)

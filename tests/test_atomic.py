@@ -1,13 +1,17 @@
-"""Folders replaced by two renames: a process killed between them loses nothing."""
+"""What a run writes survives: folders replaced by two renames lose nothing when killed between
+them, and checkpoints and adapters with flipped bytes are refused, not loaded."""
 
 import os
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import common.atomic
 from common.adapters import find_adapter
 from common.atomic import atomic_directory
+from common.checksums import CHECKSUMS_FILE, write_checksums
+from common.errors import FedLoraError
 from server.checkpoint import Checkpoint, checkpoint_exists, load_checkpoint, save_checkpoint
 
 
@@ -58,3 +62,47 @@ def test_an_adapter_swap_killed_between_renames_is_still_found(tmp_path, monkeyp
     found = find_adapter(run)
     assert (found / "adapter_config.json").read_text() == '{"round": 1}'
     assert not (run / "final_adapter").exists()  # a reader leaves the folder as it found it
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x40  # a tensor value's byte: the file still parses
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_with_flipped_bytes_is_refused_not_resumed(tmp_path):
+    folder = tmp_path / "checkpoint"
+    save_checkpoint(folder, _checkpoint(3))
+    assert load_checkpoint(folder).round == 3
+    _flip_last_byte(folder / "adapter.safetensors")
+    with pytest.raises(FedLoraError, match="is corrupt: adapter.safetensors is not what was"):
+        load_checkpoint(folder)
+    (folder / CHECKSUMS_FILE).unlink()  # a checkpoint of an older version: read as it is
+    assert load_checkpoint(folder).adapter["w"][1, 1] != 3.0
+
+
+def test_a_corrupt_adapter_is_one_line_for_evaluate_and_export(tmp_path, capsys):
+    from simulations.cli import main
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(
+        '{"task_type": "SEQ_CLS", "base_model_name_or_path": "default"}')
+    (adapter / "labels.json").write_text('["a", "b"]')
+    save_file({"w": torch.ones(4)}, str(adapter / "adapter_model.safetensors"))
+    write_checksums(adapter)
+    _flip_last_byte(adapter / "adapter_model.safetensors")
+    for argv in (["export", str(adapter), "--adapter", str(tmp_path / "out")],
+                 ["export", str(adapter), "--merged", str(tmp_path / "out")],
+                 ["evaluate", "--adapter", str(adapter), "--data", str(tmp_path)]):
+        assert main(argv) == 2
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert "is corrupt: adapter_model.safetensors is not what was written" in line, line
+    assert not (tmp_path / "out").exists()
+    # Without checksums (another tool's adapter) a file cut short is still refused.
+    (adapter / CHECKSUMS_FILE).unlink()
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    assert main(["export", str(adapter), "--adapter", str(tmp_path / "out")]) == 2
+    assert "adapter_model.safetensors does not load" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from common.config import FedLoraConfig
+from common.errors import FedLoraError
 from server.app import run_federation
 from simulations import cli
 from tests.conftest import simulate_without_ray
@@ -68,7 +69,6 @@ def test_a_run_directory_in_use_by_another_process_is_neither_taken_nor_moved(sm
     import subprocess
     import sys
 
-    from common.errors import FedLoraError
     from server.outputs import LOCK_FILE, RunDirectory, check_not_in_use
 
     live = tmp_path / "run"
@@ -106,11 +106,11 @@ def test_a_failed_resume_keeps_what_the_finished_run_wrote(small_config, capsys)
         json.dump(finished, handle)
     with open(f"{run}/checkpoint/state.json", "w") as handle:
         handle.write('{"round": 0, "rng')  # cut short
-    with pytest.raises(Exception, match="cannot be read"):
+    with pytest.raises(FedLoraError, match="checkpoint .* is corrupt: state.json"):
         run_federation(LostGrid(), small_config.replace(head_mode="train", resume=True))
     summary = json.loads(open(f"{run}/summary.json").read())
     assert {k: v for k, v in summary.items() if k != "resume-error"} == finished
-    assert "cannot be read" in summary["resume-error"]
+    assert "is corrupt" in summary["resume-error"]
     # A config.json cut short is one line, not a JSONDecodeError traceback.
     config = open(f"{run}/config.json").read()
     with open(f"{run}/config.json", "w") as handle:
