@@ -115,6 +115,9 @@ def load_splits(cfg: FedLoraConfig) -> DataSplits:
         held = train.train_test_split(test_size=cfg.test_fraction, seed=cfg.seed)
         train, test = held["train"], held["test"]
     test = _evaluable(test)
+    if len(test) == 0:
+        raise FedLoraError(f"the test split of data {source!r} has no rows with both a text and "
+                           f"a target: the server would have nothing to evaluate on")
     if cfg.max_train_examples and len(train) > cfg.max_train_examples:
         train = train.shuffle(seed=cfg.seed).select(range(cfg.max_train_examples))
     if cfg.max_eval_examples and len(test) > cfg.max_eval_examples:

@@ -208,6 +208,15 @@ def target_modules_for(cfg: FedLoraConfig, model_type: str) -> list[str]:
                        f"lora-target-modules (comma-separated module names)")
 
 
+def check_rank_fits(cfg: FedLoraConfig, model_config) -> None:
+    """A LoRA rank above the model's hidden size adds parameters but no rank: refuse it."""
+    hidden = getattr(model_config, "hidden_size", None)
+    largest = max([cfg.lora_r, cfg.global_lora_rank, *cfg.site_ranks])
+    if isinstance(hidden, int) and largest > hidden:
+        raise FedLoraError(f"LoRA rank {largest} exceeds the model's hidden size {hidden}: "
+                           f"lower lora-r (and global-rank, client-ranks)")
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     """auto: CUDA, else Apple's MPS, else CPU. A device asked for by name must be there."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),

@@ -307,19 +307,29 @@ def prepare_simulation_config(cfg: FedLoraConfig) -> FedLoraConfig:
 def preflight(cfg: FedLoraConfig) -> SharedPool:
     """Find bad input (data, columns, model, partition sizes) before the run starts. What was
     read and partitioned is returned, for the client processes (common/shared_pool.py)."""
+    from common.config import check_resumable
     from common.data import columns, load_splits, resolve_labels
     from common.data_checks import check_pool
-    from common.model import load_model_config, resolve_pooling, target_modules_for
-    from server.outputs import check_new_run_dir, check_not_in_use
+    from common.model import (
+        check_rank_fits,
+        load_model_config,
+        resolve_pooling,
+        target_modules_for,
+    )
+    from server.outputs import RunDirectory, check_new_run_dir, check_not_in_use
     from server.strategies import check_privacy_fits_strategy, resolve_head_mode
     from simulations.partitioning import partition_indices
 
-    if not cfg.resume:
+    if cfg.resume:
+        check_resumable(RunDirectory(cfg.out_dir).saved_config(), cfg)
+    else:
         check_new_run_dir(cfg.out_dir)
     if Path(cfg.out_dir).is_dir():
         check_not_in_use(cfg.out_dir)
     check_privacy_fits_strategy(cfg)
-    target_modules_for(cfg, load_model_config(cfg).model_type)
+    model_config = load_model_config(cfg)
+    target_modules_for(cfg, model_config.model_type)
+    check_rank_fits(cfg, model_config)
     resolve_head_mode(cfg, resolve_pooling(cfg) if cfg.is_classification else None)
     splits = load_splits(cfg)
     labels = resolve_labels(cfg, splits) if cfg.is_classification else None

@@ -32,6 +32,8 @@ def small_csv(tmp_path):
      "checks"),
     (["--run-config", "lora-r=0"], "lora-r must be a positive integer, got 0", "options"),
     (["--run-config", "lora-r=-2"], "lora-r must be a positive integer, got -2", "options"),
+    (["--run-config", "lora-r=4096"], "LoRA rank 4096 exceeds the model's hidden size 384",
+     "checks"),
     (["--num-clients", "7"], "7 clients need at least 14 training examples, the data has 10",
      "checks"),
     (["--rounds", "-1"], "num-rounds must not be negative, got -1", "options"),
@@ -47,19 +49,50 @@ def small_csv(tmp_path):
 ])
 def test_bad_input_gives_one_clear_line(small_csv, tmp_path, capsys, monkeypatch, args,
                                         fragment, found_by, pool_folders_in):
+    argv = ["simulate", "--data", str(small_csv), "--num-clients", "2", "--out",
+            str(tmp_path / "run")] + args
+    _assert_refused(argv, fragment, found_by, capsys, monkeypatch)
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def _assert_refused(argv, fragment, found_by, capsys, monkeypatch):
     ray_calls: list[str] = []
     monkeypatch.setattr(runner, "start_ray",
                         lambda cfg, address=None, pool=None: ray_calls.append("start"))
     monkeypatch.setattr(runner, "stop_ray", lambda: ray_calls.append("stop"))
-    argv = ["simulate", "--data", str(small_csv), "--num-clients", "2", "--out",
-            str(tmp_path / "run")] + args
     assert main(argv) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("fedlora: error: ") and fragment in lines[0], lines[0]
-    assert not (tmp_path / "run").exists()  # nothing written
+    # Found by the checks that run while Ray starts, so Ray was stopped again; a ServerApp
+    # that had started would have called no stop here.
     assert ray_calls == (["start", "stop"] if found_by == "checks" else [])
+
+
+def test_a_test_split_of_no_rows_is_found_before_the_run(small_csv, tmp_path, capsys,
+                                                         monkeypatch, pool_folders_in):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train.csv").write_text(small_csv.read_text())
+    (folder / "test.csv").write_text("text,label\n")
+    _assert_refused(["simulate", "--data", str(folder), "--num-clients", "2", "--out",
+                     str(tmp_path / "run")],
+                    "the test split of data", "checks", capsys, monkeypatch)
+
+
+def test_a_resume_with_a_changed_config_is_found_before_the_run(small_csv, tmp_path, capsys,
+                                                                monkeypatch, pool_folders_in):
+    from common.config import FedLoraConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(FedLoraConfig(data=str(small_csv), num_clients=2,
+                                                   out_dir=str(run)).to_json())
+    (run / "summary.json").write_text('{"status": "failed"}')
+    _assert_refused(["simulate", "--resume", str(run), "--run-config", "lora-r=4"],
+                    "cannot resume with a different config: lora-r", "checks", capsys,
+                    monkeypatch)
 
 
 @pytest.mark.parametrize("kind", ["folder of other files", "file"])
