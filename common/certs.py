@@ -104,6 +104,8 @@ def write_site_keys(out: Path, site: str, force: bool = False) -> SiteKeys:
 def check_before_writing(out: Path, sans: list[str], sites: list[str], force: bool) -> None:
     """Every name valid and no file in the way, before anything is written: a bad request
     leaves the folder as it was."""
+    if out.exists() and not out.is_dir():
+        raise FedLoraError(f"certs: --out {str(out)!r} is a file, not a folder")
     paths = []
     if sans:
         for value in sans:

@@ -64,6 +64,14 @@ def test_bad_certs_input_is_one_line(tmp_path, capsys, args, message):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_certs_out_naming_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "notes").write_text("kept")
+    assert main(["certs", "--out", str(tmp_path / "notes"), "--site", "a"]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and err.count("\n") == 1
+    assert (tmp_path / "notes").read_text() == "kept"
+
+
 def test_connect_saves_a_tls_connection_for_flwr(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
     assert main(["certs", "--out", str(tmp_path), "--san", "localhost"]) == 0
