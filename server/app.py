@@ -47,9 +47,9 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
     lora = build_lora_model(cfg.replace(load_in_4bit=False), labels)
     if cfg.resume:
         run = RunDirectory.reopen(cfg)
-        check_resumable(run.saved_config(), cfg)
+        check_resumable(run.config_to_resume(), cfg)
         # What the interrupted or finished process wrote stays until this one has better.
-        earlier = {k: v for k, v in run.read_summary().items()
+        earlier = {k: v for k, v in _readable_summary(run).items()
                    if k not in ("error", "traceback", "resume-error")}
         run.write_summary({**earlier, "status": "running"})
     else:
@@ -135,6 +135,15 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
                                "seconds": time.time() - started})
         raise
     return run
+
+
+def _readable_summary(run: RunDirectory) -> dict:
+    """The run's summary; {} where it cannot be read (this process rewrites it)."""
+    try:
+        summary = run.read_summary()
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 def head_round_for(strategy: LoraFedAvg, cfg: FedLoraConfig, lora: LoraModel,

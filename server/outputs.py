@@ -165,10 +165,13 @@ class RunDirectory:
         atomic_write_text(path, json.dumps(record, indent=1) + "\n")
 
     def saved_config(self) -> dict:
+        return json.loads((self.path / "config.json").read_text())
+
+    def config_to_resume(self) -> dict:
         """The run's config.json; FedLoraError where it is missing, cut short or not a dict."""
         path = self.path / "config.json"
         try:
-            saved = json.loads(path.read_text())
+            saved = self.saved_config()
         except (OSError, ValueError) as err:
             raise FedLoraError(f"{path} cannot be read ({type(err).__name__}: {err}): the run "
                                f"cannot be resumed") from None
@@ -207,13 +210,8 @@ class RunDirectory:
         atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
 
     def read_summary(self) -> dict:
-        """summary.json, or {} where there is none or it cannot be read (a resume rewrites it)."""
         path = self.path / "summary.json"
-        try:
-            summary = json.loads(path.read_text()) if path.exists() else {}
-        except (OSError, ValueError):
-            return {}
-        return summary if isinstance(summary, dict) else {}
+        return json.loads(path.read_text()) if path.exists() else {}
 
     def save_adapter(self, lora: LoraModel, labels: list[str] | None,
                      folder: str = "final_adapter") -> None:

@@ -271,7 +271,7 @@ def config_from_args(args: argparse.Namespace) -> FedLoraConfig:
 
         if not (Path(args.resume) / "config.json").is_file():
             raise FedLoraError(f"nothing to resume: {args.resume} is not a run directory")
-        values.update(RunDirectory(args.resume).saved_config())
+        values.update(RunDirectory(args.resume).config_to_resume())
         values.update({"resume": True, "out-dir": str(Path(args.resume).resolve())})
     for overrides in args.run_config:
         values.update(parse_overrides(overrides))
@@ -321,10 +321,10 @@ def preflight(cfg: FedLoraConfig) -> SharedPool:
     from simulations.partitioning import partition_indices
 
     if cfg.resume:
-        check_resumable(RunDirectory(cfg.out_dir).saved_config(), cfg)
-    else:
+        check_resumable(RunDirectory(cfg.out_dir).config_to_resume(), cfg)
+    elif cfg.out_dir:
         check_new_run_dir(cfg.out_dir)
-    if Path(cfg.out_dir).is_dir():
+    if cfg.out_dir and Path(cfg.out_dir).is_dir():
         check_not_in_use(cfg.out_dir)
     check_privacy_fits_strategy(cfg)
     model_config = load_model_config(cfg)
