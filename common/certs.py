@@ -28,6 +28,9 @@ class SiteKeys:
     public_key: Path  # goes to the coordinator: flwr supernode register
 
 
+LOOPBACK_SANS = ("127.0.0.1", "localhost")  # always in the server certificate
+
+
 def write_ca_and_server_cert(out: Path, sans: list[str], force: bool = False,
                              days: int = 365) -> list[Path]:
     """A self-signed CA and a SuperLink certificate for `sans` (host names and IP addresses)
@@ -40,7 +43,9 @@ def write_ca_and_server_cert(out: Path, sans: list[str], force: bool = False,
     if not sans:
         raise FedLoraError("the server certificate needs at least one --san (host name or IP "
                            "address the sites connect to)")
-    names = [_san(value) for value in sans]
+    # The SuperLink starts its own SuperExec against 127.0.0.1 and checks this certificate
+    # there: without the loopback names every run would wait forever for a ServerApp.
+    names = [_san(value) for value in dict.fromkeys([*sans, *LOOPBACK_SANS])]
     paths = [out / CA_CERT, out / CA_KEY, out / SERVER_CERT, out / SERVER_KEY]
     _refuse_overwrite(paths, force)
     now = dt.datetime.now(dt.timezone.utc)

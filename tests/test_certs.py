@@ -23,8 +23,10 @@ def test_ca_server_certificate_and_site_keys(tmp_path, capsys):
     server = x509.load_pem_x509_certificate((tmp_path / "server.crt").read_bytes())
     server.verify_directly_issued_by(ca)  # raises if the CA did not sign it
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert sans.get_values_for_type(x509.DNSName) == ["coordinator.example.org"]
-    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    # The loopback names too: the SuperLink's own SuperExec connects to 127.0.0.1 over TLS.
+    assert sans.get_values_for_type(x509.DNSName) == ["coordinator.example.org", "localhost"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["10.0.0.5",
+                                                                            "127.0.0.1"]
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     # The site's key pair matches, in the OpenSSH format Flower reads, and only the owner
     # may read the private keys.
