@@ -11,7 +11,6 @@ BANKING77 in float32. Resumable. Writes communication.json and communication.md 
 
 from __future__ import annotations
 
-import json
 import statistics
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from results import load_results, markdown_table  # noqa: E402  (bench/results.py)
+from results import load_results, markdown_table, store_results  # noqa: E402  (bench/results.py)
 from strategies import federation_parser  # noqa: E402  (bench/strategies.py)
 
 from server.outputs import RunDirectory  # noqa: E402
@@ -39,7 +38,7 @@ def full_model_bytes() -> int:
 def main() -> None:
     args = federation_parser("bench-communication", ["fedavg"]).parse_args()
     out = Path(args.out)
-    results_file, results = load_results(out, "communication.json")
+    _, results = load_results(out, "communication.json")
     results.setdefault("full-model-bytes", full_model_bytes())
     for strategy in args.strategies:
         for dtype in DTYPES:
@@ -58,7 +57,7 @@ def main() -> None:
                                                          for r in rounds),
                 "bytes-up-per-client": statistics.mean(r["bytes-up-per-client"] for r in rounds),
                 "accuracy": rounds[-1]["server"]["accuracy"]}
-            results_file.write_text(json.dumps(results, indent=1))
+            store_results(out, "communication.json", results)
     (out / "communication.md").write_text(table(results))
     print(table(results))
 

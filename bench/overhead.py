@@ -17,7 +17,6 @@ Resumable. Writes overhead.json and overhead.md under --out.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import subprocess
@@ -28,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from results import load_results, markdown_table  # noqa: E402  (bench/results.py)
+from results import load_results, markdown_table, store_results  # noqa: E402  (bench/results.py)
 from strategies import federation_parser  # noqa: E402  (bench/strategies.py)
 
 from server.outputs import RunDirectory  # noqa: E402
@@ -80,7 +79,7 @@ def main() -> None:
                         "max-train-examples=4000 max-eval-examples=1000")
     args = parser.parse_args()
     out = Path(args.out)
-    results_file, results = load_results(out, "overhead.json")
+    _, results = load_results(out, "overhead.json")
     cpus_per_client = 1.0  # fedlora simulate's default client-num-cpus
     for sites in args.sites:
         key = f"sites={sites}"
@@ -90,13 +89,13 @@ def main() -> None:
             concurrency = min(sites, int(os.cpu_count() // cpus_per_client))
             results[key] = {"sites": sites, "concurrency": concurrency,
                             **measure(run_dir, started, concurrency)}
-            results_file.write_text(json.dumps(results, indent=1))
+            store_results(out, "overhead.json", results)
         repeats = results[key].setdefault("first-step-repeats", [])
         short = f"{args.run_config} local-steps=3"  # local-steps overrides local-epochs
         while len(repeats) < args.first_step_repeats:
             run_dir = out / f"sites{sites}-start{len(repeats)}"
             repeats.append(first_step(run_dir, simulate(args, sites, 1, short, run_dir)))
-            results_file.write_text(json.dumps(results, indent=1))
+            store_results(out, "overhead.json", results)
     (out / "overhead.md").write_text(table(results))
     print(table(results))
 

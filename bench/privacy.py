@@ -11,7 +11,6 @@ privacy.json, privacy.md and privacy.png under --out.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from results import load_results  # noqa: E402  (bench/results.py)
+from results import load_results, store_results  # noqa: E402  (bench/results.py)
 from strategies import federation_parser, save_figure  # noqa: E402  (bench/strategies.py)
 
 from common.config import FedLoraConfig, parse_overrides  # noqa: E402
@@ -40,7 +39,7 @@ def noise_for(epsilon: float, cfg: FedLoraConfig, site_examples: int) -> float:
 def main() -> None:
     args = federation_parser("bench-privacy", ["fedavg", "ffa"]).parse_args()
     out = Path(args.out)
-    results_file, results = load_results(out, "privacy.json")
+    _, results = load_results(out, "privacy.json")
     cfg = FedLoraConfig.from_run_config({**parse_overrides(args.run_config),
                                          "num-rounds": args.rounds, "num-clients": args.clients})
     # IID: every site holds max-train-examples / clients rows, minus its validation share.
@@ -64,7 +63,7 @@ def main() -> None:
                             "noise-multiplier": noise, "epsilon-spent": spent,
                             "accuracy": [r["server"]["accuracy"] for r in rounds],
                             "seconds": RunDirectory(run_dir).read_summary()["seconds"]}
-            results_file.write_text(json.dumps(results, indent=1))
+            store_results(out, "privacy.json", results)
     (out / "privacy.md").write_text(table(results))
     plot(results, out / "privacy.png")
     print(table(results))

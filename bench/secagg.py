@@ -16,7 +16,6 @@ Resumable. Writes secagg.json and secagg.md under --out.
 
 from __future__ import annotations
 
-import json
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from results import load_results, markdown_table  # noqa: E402  (bench/results.py)
+from results import load_results, markdown_table, store_results  # noqa: E402  (bench/results.py)
 from strategies import federation_parser  # noqa: E402  (bench/strategies.py)
 
 from server.outputs import RunDirectory  # noqa: E402
@@ -39,7 +38,7 @@ def main() -> None:
     parser.set_defaults(rounds=3)
     args = parser.parse_args()
     out = Path(args.out)
-    results_file, results = load_results(out, "secagg.json")
+    _, results = load_results(out, "secagg.json")
     for strategy in args.strategies:
         for sites in args.sites:
             for secure in (False, True):
@@ -61,12 +60,12 @@ def main() -> None:
                     "bytes-down": statistics.mean(r["bytes-down"] for r in rounds),
                     "bytes-up": statistics.mean(r["bytes-up"] for r in rounds),
                     "accuracy": rounds[-1]["server"]["accuracy"]}
-                results_file.write_text(json.dumps(results, indent=1))
+                store_results(out, "secagg.json", results)
     for sites in args.protocol_sites:
         key = f"protocol sites={sites}"
         if key not in results:
             results[key] = protocol_cost(sites)
-            results_file.write_text(json.dumps(results, indent=1))
+            store_results(out, "secagg.json", results)
     (out / "secagg.md").write_text(table(results) + "\n" + protocol_table(results))
     print(table(results) + "\n" + protocol_table(results))
 

@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from results import load_results  # noqa: E402  (bench/results.py)
+from results import load_results, store_results  # noqa: E402  (bench/results.py)
 
 from common.config import STRATEGIES, FedLoraConfig  # noqa: E402
 from simulations.baselines import centralized, local_only  # noqa: E402
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.1, 1.0])
     args = parser.parse_args()
     out = Path(args.out)
-    results_file, results = load_results(out, "results.json")
+    _, results = load_results(out, "results.json")
     for alpha in args.alphas:
         key = f"alpha={alpha}"
         entry = results.setdefault(key, {})
@@ -64,14 +64,14 @@ def main() -> None:
                 "bytes-up-per-client": rounds[-1]["bytes-up-per-client"],
                 "bytes-down-per-client": rounds[-1]["bytes-down-per-client"],
                 "seconds": json.loads((run_dir / "summary.json").read_text())["seconds"]}
-            results_file.write_text(json.dumps(results, indent=1))
+            store_results(out, "results.json", results)
         cfg = FedLoraConfig.from_run_config({
             **_overrides(args.run_config), "data": args.data, "num-clients": args.clients,
             "num-rounds": args.rounds, "partition": "dirichlet", "alpha": alpha})
         for name, baseline in (("centralized", centralized), ("local-only", local_only)):
             if name not in entry:
                 entry[name] = baseline(cfg)
-                results_file.write_text(json.dumps(results, indent=1))
+                store_results(out, "results.json", results)
         plot(entry, alpha, out / f"accuracy_alpha{alpha}.png")
     (out / "results.md").write_text(table(results))
     print(table(results))
