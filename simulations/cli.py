@@ -1,6 +1,7 @@
 """The `fedlora` command. `fedlora simulate` runs a local federation and shows its progress;
-`report`, `export` and `evaluate` work on what a run left; `fedlora certs` and `fedlora connect`
-prepare a real deployment (docs/deployment.md)."""
+`report`, `export` and `evaluate` work on what a run left; `fedlora certs`, `fedlora connect`
+and `fedlora gateway` (the coordinator's public port) serve a real deployment
+(docs/deployment.md)."""
 
 from __future__ import annotations
 
@@ -101,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     connect.add_argument("--address", required=True, help="the SuperLink's HOST:PORT")
     connect.add_argument("--ca", required=True, help="the federation's ca.crt")
     connect.add_argument("--default", action="store_true", help="make it flwr's default")
+
+    gateway = commands.add_parser(
+        "gateway", help="coordinator: the public port, passing only the sites' Fleet API calls "
+                        "to a SuperLink bound to 127.0.0.1")
+    gateway.add_argument("--listen", default="0.0.0.0:8000", metavar="HOST:PORT",
+                         help="where sites connect (default 0.0.0.0:8000)")
+    gateway.add_argument("--superlink", default="127.0.0.1:9000", metavar="HOST:PORT",
+                         help="the SuperLink's --host:--port (default 127.0.0.1:9000)")
+    gateway.add_argument("--certs", required=True, metavar="DIR",
+                         help="the folder of fedlora certs --san: ca.crt, server.crt, server.key")
     return parser
 
 
@@ -140,9 +151,7 @@ def connect_command(args: argparse.Namespace) -> int:
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.name) or args.name == "default":
         raise FedLoraError(f"connect: connection name {args.name!r} must be letters, digits, "
                            f"'_' or '-' (and not 'default')")
-    host, sep, port = args.address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise FedLoraError(f"connect: --address must be HOST:PORT, got {args.address!r}")
+    host_port("connect: --address", args.address)
     ca = Path(args.ca).expanduser().resolve()
     if not ca.is_file():
         raise FedLoraError(f"connect: CA certificate {args.ca!r} does not exist")
@@ -154,6 +163,31 @@ def connect_command(args: argparse.Namespace) -> int:
     except (ValueError, click.ClickException) as err:
         raise FedLoraError(f"connect: {err}") from None
     print(f"saved SuperLink connection {args.name!r} ({args.address}, CA {ca})")
+    return 0
+
+
+def host_port(what: str, address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise FedLoraError(f"{what} must be HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def gateway_command(args: argparse.Namespace) -> int:
+    from server.fleet_gateway import serve
+
+    listen = host_port("gateway: --listen", args.listen)
+    superlink = host_port("gateway: --superlink", args.superlink)
+    if listen == superlink:
+        raise FedLoraError("gateway: --listen and --superlink are the same address; bind the "
+                           "SuperLink to another port (flower-superlink --host 127.0.0.1 "
+                           "--port 9000)")
+    certs = Path(args.certs).expanduser()
+    for name in ("ca.crt", "server.crt", "server.key"):
+        if not (certs / name).is_file():
+            raise FedLoraError(f"gateway: {certs / name} does not exist (fedlora certs --out "
+                               f"{certs} --san HOST makes it)")
+    serve(listen, superlink, certs)
     return 0
 
 
@@ -394,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "simulate":
             return simulate_command(config_from_args(args), args.verbose, args.ray_address)
         commands = {"certs": certs_command, "connect": connect_command,
+                    "gateway": gateway_command,
                     "report": report_command, "export": export_command,
                     "evaluate": evaluate_command, "tune": tune_command,
                     "inspect": inspect_command}

@@ -91,3 +91,19 @@ def test_connect_saves_a_tls_connection_for_flwr(tmp_path, monkeypatch, capsys):
     assert "HOST:PORT" in err and "does not exist" in err and "not 'default'" in err
     assert tomllib.loads((tmp_path / "home" / "config.toml").read_text())["superlink"][
         "default"] == "consortium"
+
+
+def test_gateway_refuses_bad_input_with_one_line_each(tmp_path, capsys):
+    """Before it serves anything: no certificates, an address without a port, the SuperLink's
+    own address as the public one."""
+    assert main(["certs", "--out", str(tmp_path / "certs"), "--san", "localhost"]) == 0
+    capsys.readouterr()
+    certs = str(tmp_path / "certs")
+    cases = [(["--certs", str(tmp_path / "none")], "ca.crt does not exist"),
+             (["--certs", certs, "--listen", "0.0.0.0"], "--listen must be HOST:PORT"),
+             (["--certs", certs, "--superlink", "127.0.0.1:99999"], "--superlink must be"),
+             (["--certs", certs, "--listen", "127.0.0.1:9000"], "the same address")]
+    for args, message in cases:
+        assert main(["gateway", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

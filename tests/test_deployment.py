@@ -1,7 +1,9 @@
-"""A real deployment on loopback: a SuperLink with TLS, SuperNode authentication and a database,
-two authenticated SuperNodes each with its own BANKING77 slice, `flwr run . <connection>`; then
-the refusals: an unregistered key, a plaintext connection, a certificate from another CA.
-Every process started here is stopped, and its ports are free afterwards."""
+"""A real deployment on loopback, as docs/deployment.md sets it up: a SuperLink with TLS,
+SuperNode authentication and a database bound to 127.0.0.1, `fedlora gateway` on the port the
+sites use, two authenticated SuperNodes each with its own BANKING77 slice, `flwr run .
+<connection>`; then the refusals: an unregistered key, a plaintext connection, a certificate from
+another CA, and a site's machine (ca.crt in hand) trying the coordinator's commands through the
+sites' port. Every process started here is stopped, and its ports are free afterwards."""
 
 from __future__ import annotations
 
@@ -101,32 +103,37 @@ def federation(banking77_dir, tmp_path_factory):
     test[test.category.isin(intents)].groupby("category").head(10).to_csv(
         root / "coordinator-test.csv", index=False)
 
-    port = free_port()
+    # `superlink_port` is the coordinator's own (127.0.0.1 only in a real deployment); the
+    # sites, and anyone else, reach only the gateway's `port`.
+    superlink_port, port = free_port(), free_port()
     procs = Processes(env, root)
     try:
         certs = root / "certs"
         procs.start("superlink", "flower-superlink", "--ssl-ca-certfile", str(certs / "ca.crt"),
                     "--ssl-certfile", str(certs / "server.crt"), "--ssl-keyfile",
                     str(certs / "server.key"), "--enable-supernode-auth", "--database",
-                    str(root / "superlink.db"), "--host", "127.0.0.1", "--port", str(port),
-                    "--disable-runtime-dependency-installation")
+                    str(root / "superlink.db"), "--host", "127.0.0.1", "--port",
+                    str(superlink_port), "--disable-runtime-dependency-installation")
+        procs.start("gateway", "fedlora", "gateway", "--listen", f"127.0.0.1:{port}",
+                    "--superlink", f"127.0.0.1:{superlink_port}", "--certs", str(certs))
         deadline = time.time() + 60
-        while _port_free(port):
-            assert time.time() < deadline, procs.log("superlink")
+        while _port_free(superlink_port) or _port_free(port):
+            assert time.time() < deadline, procs.log("superlink") + procs.log("gateway")
             time.sleep(0.5)
-        _run(env, "fedlora", "connect", "consortium", "--address", f"127.0.0.1:{port}",
-             "--ca", str(certs / "ca.crt"))
+        _run(env, "fedlora", "connect", "consortium", "--address",
+             f"127.0.0.1:{superlink_port}", "--ca", str(certs / "ca.crt"))
         for site in ("site-a", "site-b"):
             _run(env, "flwr", "supernode", "register", str(root / "keys" / f"{site}.pub"),
                  "consortium")
         listed = _run(env, "flwr", "supernode", "list", "consortium", "--format", "json")
         assert len(json.loads(listed.stdout)["nodes"]) == 2, listed.stdout
-        yield {"root": root, "port": port, "env": env, "procs": procs}
+        yield {"root": root, "port": port, "superlink-port": superlink_port, "env": env,
+               "procs": procs}
     finally:
         procs.stop_all()
     deadline = time.time() + 20
-    while not _port_free(port):
-        assert time.time() < deadline, f"SuperLink port {port} still in use"
+    while not (_port_free(port) and _port_free(superlink_port)):
+        assert time.time() < deadline, f"port {port} or {superlink_port} still in use"
         time.sleep(0.5)
 
 
@@ -228,3 +235,53 @@ def test_a_plaintext_connection_is_refused(federation):
 def test_a_certificate_from_another_ca_is_refused(federation):
     log = _refused(federation, "other-ca", "site-a", federation["root"] / "other-ca" / "ca.crt")
     assert "CERTIFICATE_VERIFY_FAILED" in log
+
+
+def _flwr(env, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "flwr"), *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_a_site_holding_ca_crt_cannot_act_as_the_coordinator(federation):
+    """Through the sites' port, the Control API (register, unregister, list, submit) and the
+    runtime API are refused; the coordinator's own view is unchanged afterwards."""
+    import httpx
+
+    fed, env = federation, federation["env"]
+    ca = fed["root"] / "certs" / "ca.crt"
+    _run(env, "fedlora", "connect", "outsider", "--address", f"127.0.0.1:{fed['port']}",
+         "--ca", str(ca))
+    nodes_before = json.loads(_flwr(env, "supernode", "list", "consortium", "--format",
+                                    "json").stdout)["nodes"]
+    runs_before = _flwr(env, "list", "consortium", "--format", "json").stdout
+    assert len(nodes_before) == 2
+
+    attempts = {
+        "register": ("supernode", "register", str(fed["root"] / "keys" / "unregistered.pub"),
+                     "outsider"),
+        "unregister": ("supernode", "unregister", str(nodes_before[0]["node-id"]), "outsider"),
+        "list nodes": ("supernode", "list", "outsider"),
+        "list runs": ("list", "outsider"),
+        "submit": ("run", ".", "outsider", "--run-config", "num-rounds=1"),
+    }
+    for what, args in attempts.items():
+        result = _flwr(env, *args)
+        output = result.stdout + result.stderr
+        assert result.returncode != 0 and "403 Forbidden" in output, (what, output[-1500:])
+
+    # Nothing changed on the coordinator: the same two sites, no new run, and the key the
+    # outsider tried to register still cannot connect.
+    nodes_after = json.loads(_flwr(env, "supernode", "list", "consortium", "--format",
+                                   "json").stdout)["nodes"]
+    assert sorted(n["node-id"] for n in nodes_after) == sorted(
+        n["node-id"] for n in nodes_before)
+    assert _flwr(env, "list", "consortium", "--format", "json").stdout == runs_before
+    # The raw APIs too: Control and runtime calls, other methods, escaped paths.
+    with httpx.Client(base_url=f"https://127.0.0.1:{fed['port']}", verify=str(ca)) as client:
+        for method, path in [("POST", "/v1/control/list-runs"),
+                             ("POST", "/v1/runtime/acquire-task"), ("GET", "/docs"),
+                             ("GET", "/v1/fleet/get-run"),
+                             ("POST", "/v1/fleet/%2e%2e/control/list-runs"),
+                             ("POST", "/v1/fleet/../control/list-runs")]:
+            assert client.request(method, path).status_code == 403, (method, path)
+    assert "refused POST /v1/control/" in fed["procs"].log("gateway")
