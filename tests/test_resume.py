@@ -108,3 +108,40 @@ def test_resume_refuses_a_changed_config(change):
         check_resumable(saved, FedLoraConfig.from_run_config(
             {**saved, **dict([change.split("=")])}))
     check_resumable(saved, FedLoraConfig.from_run_config({**saved, "num-rounds": 9}))
+
+
+def test_a_run_killed_at_each_write_point_of_its_last_round_resumes_to_the_same_adapter(
+        banking_subset, tmp_path):
+    """Every file a run writes is published by an os.replace (common/atomic.py); the run is
+    killed (os._exit, injected) just before each publication of round 2, the last: its metrics
+    line, the checkpoint's two renames, the final and best adapters, the summary. Each time the
+    resume records every round once and ends with the uninterrupted run's adapter."""
+    killer = [sys.executable, str(REPO / "tests" / "kill_at_write.py")]
+    args = ["simulate", "--num-clients", "2", "--rounds", "2", "--data", str(banking_subset),
+            "--run-config", "label-column=category max-train-examples=60 max-eval-examples=30 "
+            "local-steps=1 batch-size=8", "--out"]
+    log = tmp_path / "published.txt"
+    reference = tmp_path / "uninterrupted"
+    subprocess.run([*killer, "-1", *args, str(reference)], cwd=REPO, check=True, timeout=300,
+                   capture_output=True, env={**os.environ, "KILL_AT_WRITE_LOG": str(log)})
+    published = [Path(p).name for p in log.read_text().split()]
+    # Round 2 begins after round 1's checkpoint is published (round 0's is the first).
+    first = [i for i, name in enumerate(published) if name == "checkpoint"][1] + 1
+    last_round = published[first:]
+    assert {"metrics.jsonl", ".checkpoint.old", "checkpoint", "final_adapter",
+            "best_adapter", "summary.json"} <= set(last_round), published
+    expected = _adapter(reference)
+    for index in range(first, len(published)):
+        run = tmp_path / f"killed-before-{index}"
+        killed = subprocess.run([*killer, str(index), *args, str(run)], cwd=REPO, timeout=300,
+                                capture_output=True)
+        assert killed.returncode == 137, (index, killed.stderr[-2000:])
+        resumed = subprocess.run([*killer, "-1", "simulate", "--resume", str(run)], cwd=REPO,
+                                 timeout=300, capture_output=True, text=True)
+        assert resumed.returncode == 0, (published[index], resumed.stderr[-2000:])
+        assert _rounds(run) == [0, 1, 2], published[index]
+        assert RunDirectory(run).read_summary()["status"] == "completed", published[index]
+        adapter = _adapter(run)
+        assert adapter.keys() == expected.keys()
+        for name in expected:
+            assert torch.equal(expected[name], adapter[name]), (published[index], name)

@@ -1,0 +1,51 @@
+"""Run `fedlora simulate ARGS` in this process (sites in-process, no Ray) and die like a SIGKILL
+(os._exit: no finally, no flush) just before its N-th file publication: every write of a run
+goes through os.replace (common/atomic.py), so "before the N-th os.replace" walks through every
+write point. With N = -1 it runs to the end and prints each publication's target, one a line,
+to the file named by KILL_AT_WRITE_LOG.
+
+    python tests/kill_at_write.py N simulate ARGS...
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+KILLED = 137
+
+
+def main() -> int:
+    kill_at, argv = int(sys.argv[1]), sys.argv[2:]
+    published: list[str] = []
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if len(published) == kill_at:
+            os._exit(KILLED)
+        published.append(str(dst))
+        return real_replace(src, dst, *args, **kwargs)
+
+    os.replace = replace
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.app import run_federation
+    from simulations import cli, runner
+    from simulations.inprocess import InProcessGrid
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    runner.simulate = lambda cfg, verbose=False, ray_address=None: run_federation(
+        InProcessGrid(cfg, cfg.num_clients), cfg)
+    runner.start_ray_during = lambda checks, cfg, ray_address=None: checks()
+    code = cli.main(argv)
+    if kill_at < 0 and os.environ.get("KILL_AT_WRITE_LOG"):
+        Path(os.environ["KILL_AT_WRITE_LOG"]).write_text("\n".join(published) + "\n")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
