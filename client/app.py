@@ -46,6 +46,7 @@ from common.records import (
     adapter_to_record,
 )
 from common.shared_pool import SHARED_POOL_ENV, Rows, SharedPool, read_shared_pool
+from common.strategy_registry import strategy_spec
 
 app = ClientApp()
 # The driver writes the pool when its input checks pass: seconds after a process starts.
@@ -213,7 +214,7 @@ def train(msg: Message, context: Context) -> Message:
     with frozen(runtime.lora.model, fixed):
         # FedProx pulls towards the global adapter this round started from.
         anchor = ([p.detach().clone() for p in runtime.lora.model.parameters()
-                   if p.requires_grad] if cfg.strategy == "fedprox" else None)
+                   if p.requires_grad] if strategy_spec(cfg.strategy).proximal_term else None)
         if cfg.differential_privacy:
             stats = train_adapter_private(
                 runtime.lora.model, runtime.train_examples, cfg,

@@ -6,6 +6,7 @@ from common.config import FedLoraConfig
 from common.lora_math import lora_modules, rank_of, refactor_to_rank, truncate
 from common.model import LoraModel
 from common.records import RESIDUAL_KEY, check_adapter_matches, record_to_adapter
+from common.strategy_registry import strategy_spec
 
 
 def load_global(lora: LoraModel, content, cfg: FedLoraConfig) -> None:
@@ -14,9 +15,10 @@ def load_global(lora: LoraModel, content, cfg: FedLoraConfig) -> None:
     frozen base weights, so the local model equals the global one exactly."""
     state = record_to_adapter(content["arrays"])
     local = lora.trainable_state()
-    if cfg.strategy in ("exact", "hetlora") and lora_modules(local):
+    mixed_ranks = strategy_spec(cfg.strategy).mixed_ranks
+    if mixed_ranks is not None and lora_modules(local):
         local_rank = rank_of(local)
-        if cfg.strategy == "hetlora":
+        if mixed_ranks == "truncate":
             state = truncate(state, local_rank)
         else:
             state, leftovers = refactor_to_rank(state, local_rank, cfg.lora_scaling,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
 
 from common.errors import FedLoraError
+from common.strategy_registry import strategy_names, strategy_spec
 
 TASKS = ("classification", "causal-lm")
 PARTITIONS = ("iid", "dirichlet", "quantity")
@@ -26,9 +27,7 @@ SELECTION_METRICS = ("auto", "accuracy", "macro-f1", "loss", "perplexity")
 DATA_CHECK_POLICIES = ("warn", "drop", "refuse")
 POOLINGS = ("auto", "mean", "cls")
 HEAD_MODES = ("auto", "fit", "train", "fit-then-train")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm", "ffa", "exact", "hetlora",
-              "median", "trimmed-mean")
-MIXED_RANK_STRATEGIES = ("exact", "hetlora")
+STRATEGIES = strategy_names()
 DATA_ENV_VAR = "FEDLORA_DATA"
 
 
@@ -186,23 +185,25 @@ class FedLoraConfig:
                       "be in (0, 1]")
         self._require(("trim-fraction",), lambda v: 0 <= v < 0.5, "be in [0, 0.5)")
         ranks = self.site_ranks  # parses client-ranks
-        if len(set(ranks)) > 1 and self.strategy not in MIXED_RANK_STRATEGIES:
+        spec = strategy_spec(self.strategy)
+        mixed = strategy_names(lambda s: s.mixed_ranks is not None)
+        if len(set(ranks)) > 1 and spec.mixed_ranks is None:
             raise FedLoraError(f"strategy {self.strategy} needs one LoRA rank for all clients; "
                                f"client-ranks {self.client_ranks!r} needs strategy "
-                               f"{' or '.join(MIXED_RANK_STRATEGIES)}")
-        if (self.strategy not in MIXED_RANK_STRATEGIES and self.global_rank
-                and self.global_rank != self.lora_r):
+                               f"{' or '.join(mixed)}")
+        if spec.mixed_ranks is None and self.global_rank and self.global_rank != self.lora_r:
             raise FedLoraError(f"strategy {self.strategy} keeps one rank: global-rank must be 0 "
                                f"or equal lora-r ({self.lora_r})")
-        if self.strategy == "hetlora" and self.global_lora_rank < max(ranks):
-            raise FedLoraError(f"hetlora pads client adapters up to global-rank, which must be at "
-                               f"least the largest client rank {max(ranks)}")
+        if spec.mixed_ranks == "truncate" and self.global_lora_rank < max(ranks):
+            raise FedLoraError(f"{self.strategy} pads client adapters up to global-rank, which "
+                               f"must be at least the largest client rank {max(ranks)}")
         if self.dp_clip_norm <= 0 or not 0 < self.dp_delta < 1:
             raise FedLoraError(f"config dp-clip-norm must be positive and dp-delta in (0, 1), "
                                f"got {self.dp_clip_norm} and {self.dp_delta}")
-        if self.differential_privacy and self.strategy == "fedprox":
-            raise FedLoraError("DP-SGD clips per-example gradients of the loss; fedprox's "
-                               "proximal term is not per example: use another strategy")
+        if self.differential_privacy and spec.proximal_term:
+            raise FedLoraError(f"DP-SGD clips per-example gradients of the loss; "
+                               f"{self.strategy}'s proximal term is not per example: use another "
+                               f"strategy")
         if self.differential_privacy and not self.is_classification:
             raise FedLoraError("DP-SGD needs a loss per example; causal-lm averages over the "
                                "batch's tokens, which does not bound one example's gradient")
@@ -214,10 +215,10 @@ class FedLoraConfig:
         self._check_client_dp_and_secagg()
         self._check_selection()
         self._check_head()
-        if self.load_in_4bit and self.strategy == "exact":
-            raise FedLoraError("strategy exact folds a residual into the base weights, which "
-                               "4-bit weights cannot hold: use another strategy or "
-                               "load-in-4bit=false")
+        if self.load_in_4bit and spec.residual_in_base:
+            raise FedLoraError(f"strategy {self.strategy} folds a residual into the base "
+                               f"weights, which 4-bit weights cannot hold: use another strategy "
+                               f"or load-in-4bit=false")
         if "{prompt}" not in self.prompt_template:
             raise FedLoraError("config prompt-template must contain '{prompt}'")
 
@@ -345,8 +346,7 @@ class FedLoraConfig:
         return self.lora_alpha / self.global_lora_rank
 
     def effective_server_lr(self) -> float:
-        defaults = {"fedadam": 0.01, "fedyogi": 0.01, "fedavgm": 1.0}
-        return self.server_learning_rate or defaults.get(self.strategy, 1.0)
+        return self.server_learning_rate or strategy_spec(self.strategy).default_server_lr
 
     @property
     def differential_privacy(self) -> bool:

@@ -20,6 +20,7 @@ import torch
 
 from common.config import FedLoraConfig
 from common.errors import FedLoraError, first_line
+from common.strategy_registry import strategy_spec
 
 # LoRA on the attention projections, per architecture family (config.model_type).
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -315,8 +316,8 @@ def build_lora_model(cfg: FedLoraConfig, labels: list[str] | None = None,
     # Half precision and 4-bit only on a GPU; on CPU the weights stay float32.
     # exact folds a residual into the base weights and ffa never sends its frozen A: both need
     # a float32 base so that every site and the server hold the same numbers.
-    exact_base = cfg.strategy in ("exact", "ffa")
-    load = {"dtype": torch.float32 if exact_base else compute_dtype(device)}
+    spec = strategy_spec(cfg.strategy)
+    load = {"dtype": torch.float32 if spec.float32_base else compute_dtype(device)}
     if quantization is not None:
         load.update(quantization_config=quantization, device_map={"": device})
     torch.manual_seed(cfg.seed)
@@ -348,7 +349,7 @@ def build_lora_model(cfg: FedLoraConfig, labels: list[str] | None = None,
             model = get_peft_model(base, lora)
     except ValueError as err:
         raise FedLoraError(f"cannot apply LoRA to {cfg.model!r}: {err}") from None
-    if cfg.strategy == "ffa":
+    if spec.frozen_lora_a:
         for name, param in model.named_parameters():
             if ".lora_A." in name:
                 param.requires_grad_(False)

@@ -4,7 +4,8 @@ Each sampled site masks its weighted, fixed-point adapter with pairwise and priv
 server sums the masked vectors and unmasks only the sum (with secret shares from the sites, so a
 site that drops out mid-round can still be unmasked away). The server never holds one site's
 adapter: the strategy gets the weighted mean (`apply_mean`), which is why only strategies whose
-aggregate depends on the replies through that mean alone qualify (`needs_individual_updates`).
+aggregate depends on the replies through that mean alone qualify (`sum_only` in
+common/strategy_registry.py).
 What stays in the clear: each site's example count and training metrics.
 
 Flower ships SecAgg+ for its legacy strategy API; a one-round legacy strategy hands the workflow

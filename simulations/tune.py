@@ -22,10 +22,11 @@ from common.atomic import atomic_write_text
 from common.config import FedLoraConfig
 from common.config_reference import toml_value
 from common.errors import FedLoraError
+from common.strategy_registry import strategy_names, strategy_spec
 from server.outputs import RunDirectory
 from server.selection import HIGHER_IS_BETTER
 
-TUNABLE_STRATEGIES = ("fedavg", "fedprox", "ffa", "exact", "fedavgm")
+TUNABLE_STRATEGIES = strategy_names(lambda spec: spec.tunable)
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class SearchSpace:
     alpha_over_rank: tuple[float, ...] = (1.0, 2.0)  # lora-alpha = this x rank
     local_steps: tuple[int, int] = (2, 20)
     strategies: tuple[str, ...] = ("fedavg", "fedprox", "ffa")
-    proximal_mu: tuple[float, float] = (1e-3, 1.0)  # log-uniform, fedprox only
+    proximal_mu: tuple[float, float] = (1e-3, 1.0)  # log-uniform, a proximal term's only
 
 
 def sample_overrides(trial, space: SearchSpace) -> dict[str, object]:
@@ -49,7 +50,7 @@ def sample_overrides(trial, space: SearchSpace) -> dict[str, object]:
         "local-steps": trial.suggest_int("local-steps", *space.local_steps),
         "strategy": trial.suggest_categorical("strategy", list(space.strategies)),
     }
-    if overrides["strategy"] == "fedprox":
+    if strategy_spec(str(overrides["strategy"])).proximal_term:
         overrides["proximal-mu"] = trial.suggest_float("proximal-mu", *space.proximal_mu,
                                                        log=True)
     return overrides

@@ -5,6 +5,7 @@ from __future__ import annotations
 from common.config import FedLoraConfig
 from common.errors import FedLoraError
 from common.model import LoraModel
+from common.strategy_registry import strategy_names, strategy_spec
 from server.strategies.exact import LoraExact
 from server.strategies.fedadam import LoraFedAdam
 from server.strategies.fedavg import LoraFedAvg
@@ -16,31 +17,24 @@ from server.strategies.hetlora import LoraHetLoRA
 from server.strategies.median import LoraMedian
 from server.strategies.trimmed_mean import LoraTrimmedMean
 
-STRATEGIES: dict[str, type[LoraFedAvg]] = {
-    "fedavg": LoraFedAvg,
-    "fedprox": LoraFedProx,
-    "fedadam": LoraFedAdam,
-    "fedyogi": LoraFedYogi,
-    "fedavgm": LoraFedAvgM,
-    "ffa": LoraFFA,
-    "exact": LoraExact,
-    "hetlora": LoraHetLoRA,
-    "median": LoraMedian,
-    "trimmed-mean": LoraTrimmedMean,
-}
+# The aggregation rule of each registered strategy (common/strategy_registry.py), by its name.
+STRATEGIES: dict[str, type[LoraFedAvg]] = {cls.name: cls for cls in (
+    LoraFedAvg, LoraFedProx, LoraFedAdam, LoraFedYogi, LoraFedAvgM, LoraFFA, LoraExact,
+    LoraHetLoRA, LoraMedian, LoraTrimmedMean)}
+assert set(STRATEGIES) == set(strategy_names()), "every registered strategy has one rule"
 
 
 def check_privacy_fits_strategy(cfg: FedLoraConfig) -> None:
     """Secure aggregation and client-level DP each need a strategy of a certain shape; refuse
     the combination before anything runs."""
-    strategy = STRATEGIES[cfg.strategy]
-    if cfg.secure_aggregation and strategy.needs_individual_updates:
-        fits = ", ".join(n for n, s in STRATEGIES.items() if not s.needs_individual_updates)
+    spec = strategy_spec(cfg.strategy)
+    if cfg.secure_aggregation and not spec.sum_only:
+        fits = ", ".join(strategy_names(lambda s: s.sum_only))
         raise FedLoraError(f"strategy {cfg.strategy} needs each site's own update, and secure "
                            f"aggregation reveals only their sum: use one of {fits}, or "
                            f"secure-aggregation=false")
-    if cfg.client_level_dp and not strategy.aggregate_is_mean:
-        fits = ", ".join(n for n, s in STRATEGIES.items() if s.aggregate_is_mean)
+    if cfg.client_level_dp and not spec.mean_release:
+        fits = ", ".join(strategy_names(lambda s: s.mean_release))
         raise FedLoraError(f"client-level DP adds noise calibrated to a plain mean of the "
                            f"updates, which strategy {cfg.strategy} does not release: use one of "
                            f"{fits}")
@@ -58,7 +52,7 @@ def resolve_head_mode(cfg: FedLoraConfig, pooling: str | None) -> str:
     FedLoraError when those cannot for a fit mode asked for by name."""
     if not cfg.is_classification:
         return "train"
-    fits = STRATEGIES[cfg.strategy].sums_head_statistics
+    fits = strategy_spec(cfg.strategy).sums_head_statistics
     reason = (f"strategy {cfg.strategy} bounds what a few bad sites can do, and one site can "
               f"move a summed head statistic as far as it likes" if not fits else
               "client-level DP noise covers a site's adapter update, not its head statistics"

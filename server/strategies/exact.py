@@ -37,9 +37,7 @@ from server.strategies.fedavg import LoraFedAvg
 
 
 class LoraExact(LoraFedAvg):
-    needs_individual_updates = True  # each site's own product B_k A_k, not just the sums
-    aggregate_is_mean = False
-    accepts_mixed_ranks = True
+    name = "exact"  # each site's own product B_k A_k, not just the sums
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

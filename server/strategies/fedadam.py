@@ -5,6 +5,8 @@ from server.strategies.fedopt import LoraServerOptimizer
 
 
 class LoraFedAdam(LoraServerOptimizer):
+    name = "fedadam"
+
     def step(self, server_round, current, average):
         cfg, state = self.cfg, self.optimizer_state
         new, state["m"], state["v"] = fedadam_step(

@@ -25,6 +25,7 @@ from common.data_checks import total_site_reports
 from common.errors import PRIVACY_BUDGET_REACHED, FedLoraError
 from common.lora_math import exact_mean_deltas, lora_deltas, relative_error
 from common.records import NUM_EXAMPLES, adapter_to_record, message_bytes, record_to_adapter
+from common.strategy_registry import strategy_spec
 from server.aggregation import weighted_average, weighted_mean_metrics
 from server.contract import (
     TrainUpdate,
@@ -41,16 +42,9 @@ Refine = Callable[[Grid, int, ArrayRecord, ConfigRecord, float], ArrayRecord]
 
 
 class LoraFedAvg(FedAvg):
-    # The aggregate depends on the replies only through their weighted sum, so SecAgg+ (which
-    # reveals nothing else) can compute it.
-    needs_individual_updates = False
-    # The new global adapter IS the weighted mean, so noise added to it by Flower's client-level
-    # DP wrappers has the sensitivity they assume (clip norm / clients).
-    aggregate_is_mean = True
-    accepts_mixed_ranks = False
-    # The head can be fitted from the sites' summed statistics (server/head_round.py): a sum
-    # lets one site move it as far as it likes, which robust strategies exist to prevent.
-    sums_head_statistics = True
+    # The registry's name; what the strategy can and needs is its spec
+    # (common/strategy_registry.py).
+    name = "fedavg"
 
     def __init__(self, cfg: FedLoraConfig, reference: Mapping[str, torch.Tensor],
                  frozen: Mapping[str, torch.Tensor] | None = None,
@@ -61,6 +55,7 @@ class LoraFedAvg(FedAvg):
                          min_evaluate_nodes=cfg.min_evaluate_clients,
                          min_available_nodes=cfg.min_available_clients)
         self.cfg = cfg
+        self.spec = strategy_spec(self.name)
         self.reference = OrderedDict((k, v.detach().clone()) for k, v in reference.items())
         self.frozen = OrderedDict((k, v.detach().clone()) for k, v in (frozen or {}).items())
         # Tensors the sites keep as the server sent them (a fitted head, head-mode fit): they
@@ -156,7 +151,7 @@ class LoraFedAvg(FedAvg):
             stats["bytes-up"] = stats.get("bytes-up", 0) + message_bytes([msg])
             try:
                 update = parse_train_reply(msg, self.returned_reference(),
-                                           any_rank=self.accepts_mixed_ranks,
+                                           any_rank=self.spec.mixed_ranks is not None,
                                            current=self.current,
                                            max_update_norm=self.cfg.max_update_norm,
                                            num_labels=len(self.labels) if self.labels else None)

@@ -5,6 +5,8 @@ from server.strategies.fedopt import LoraServerOptimizer
 
 
 class LoraFedAvgM(LoraServerOptimizer):
+    name = "fedavgm"
+
     def step(self, server_round, current, average):
         new, self.optimizer_state["m"] = fedavgm_step(
             current, average, self.optimizer_state["m"], lr=self.cfg.effective_server_lr(),

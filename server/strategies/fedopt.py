@@ -12,7 +12,6 @@ from server.strategies.fedavg import LoraFedAvg
 
 
 class LoraServerOptimizer(LoraFedAvg):
-    aggregate_is_mean = False  # an optimiser step on the mean: DP noise belongs before it
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

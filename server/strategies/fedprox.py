@@ -6,3 +6,5 @@ from server.strategies.fedavg import LoraFedAvg
 
 class LoraFedProx(LoraFedAvg):
     """Aggregates like LoraFedAvg; `proximal-mu` reaches the clients through the run config."""
+
+    name = "fedprox"

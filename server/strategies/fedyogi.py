@@ -5,6 +5,8 @@ from server.strategies.fedopt import LoraServerOptimizer
 
 
 class LoraFedYogi(LoraServerOptimizer):
+    name = "fedyogi"
+
     def step(self, server_round, current, average):
         cfg, state = self.cfg, self.optimizer_state
         new, state["m"], state["v"] = fedyogi_step(

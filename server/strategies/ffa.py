@@ -7,3 +7,5 @@ from server.strategies.fedavg import LoraFedAvg
 
 class LoraFFA(LoraFedAvg):
     """Aggregates B and the head like FedAvg; `frozen` holds A for the error metric only."""
+
+    name = "ffa"

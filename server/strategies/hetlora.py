@@ -12,9 +12,7 @@ from server.strategies.fedavg import LoraFedAvg
 
 
 class LoraHetLoRA(LoraFedAvg):
-    accepts_mixed_ranks = True
-    needs_individual_updates = True  # sites of different ranks send different shapes to pad
-    aggregate_is_mean = False
+    name = "hetlora"  # sites of different ranks send different shapes to pad: not a sum
 
     def check_update(self, update: TrainUpdate) -> None:
         try:

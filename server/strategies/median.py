@@ -5,9 +5,7 @@ from server.strategies.fedavg import LoraFedAvg
 
 
 class LoraMedian(LoraFedAvg):
-    aggregate_is_mean = False
-    sums_head_statistics = False  # robust to a few bad sites; a summed statistic is not
-    needs_individual_updates = True  # a median is not a sum: no secure aggregation
+    name = "median"  # a median is not a sum: no secure aggregation
 
     def aggregate_updates(self, server_round, updates):
         return coordinate_median([u.state for u in updates])

@@ -6,9 +6,7 @@ from server.strategies.fedavg import LoraFedAvg
 
 
 class LoraTrimmedMean(LoraFedAvg):
-    aggregate_is_mean = False
-    sums_head_statistics = False  # robust to a few bad sites; a summed statistic is not
-    needs_individual_updates = True  # sorting needs each client's values
+    name = "trimmed-mean"  # sorting needs each client's values
 
     def aggregate_updates(self, server_round, updates):
         return trimmed_mean([u.state for u in updates], self.cfg.trim_fraction)
