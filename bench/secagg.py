@@ -73,17 +73,17 @@ def main() -> None:
 def protocol_cost(sites: int, rounds: int = 3) -> dict:
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
-    from flwr.supercore.task_identity import TaskIdentity
 
     from client.mods import secure_aggregation_mod
     from common.config import FedLoraConfig
+    from common.flower_compat import set_task_identity
     from common.model import build_lora_model
     from common.records import adapter_to_record
     from server.secure_aggregation import ObservedGrid, SecAggPlusRound
     from server.strategies.fedavg import LoraFedAvg
     from simulations.inprocess import InProcessGrid
 
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    set_task_identity(run_id=1, task_id=1, node_id=0)
     adapter = build_lora_model(FedLoraConfig(), [str(i) for i in range(77)]).trainable_state()
     app = ClientApp()
 

@@ -9,14 +9,17 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.mod import fixedclipping_mod
-from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters, fitres_to_recorddict
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.config import FedLoraConfig
 from common.errors import FedLoraError
+from common.flower_compat import (
+    KEY_CLIPPING_NORM,
+    SECAGG_RECORD_KEY_CONFIGS,
+    ClientAppCallable,
+    arrayrecord_to_parameters,
+    fitres_to_recorddict,
+)
 from common.records import (
     ARRAY_NAMES_KEY,
     NUM_EXAMPLES,
@@ -40,7 +43,7 @@ def client_dp_clipping_mod(msg: Message, ctxt: Context, call_next: ClientAppCall
 
 def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable
                            ) -> Message:
-    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+    if SECAGG_RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, ctxt)
 
     def train_in_fedlora_records(legacy: Message, context: Context) -> Message:

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.common import Parameters, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.serde import recorddict_to_proto
 
 from common.errors import FedLoraError
+from common.flower_compat import recorddict_to_proto
 from common.quantization import dequantize, num_scales, quantize
 
 NUM_EXAMPLES = "num-examples"  # the example count every train reply reports

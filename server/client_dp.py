@@ -21,17 +21,18 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
 )
-from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
-from flwr.supercore.privacy_accounting import (
-    GaussianPrivacyEvent,
-    NeighboringRelation,
-    PrivacyConfig,
-    SamplingMethod,
-)
-from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from common.config import FedLoraConfig
 from common.errors import FedLoraError
+from common.flower_compat import (
+    GaussianPrivacyEvent,
+    NeighboringRelation,
+    PrivacyConfig,
+    RdpAccountant,
+    SamplingMethod,
+    add_gaussian_noise_inplace,
+    compute_stdv,
+)
 from server.contract import parse_train_reply
 from server.strategies.fedavg import LoraFedAvg
 

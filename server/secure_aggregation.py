@@ -20,16 +20,20 @@ from typing import TYPE_CHECKING
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.common import FitIns, FitRes, Parameters
-from flwr.server.client_proxy import ClientProxy
-from flwr.server.compat.grid_client_proxy import GridClientProxy
-from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 
 from common.config import FedLoraConfig
 from common.errors import FedLoraError
+from common.flower_compat import (
+    MAIN_CONFIGS_RECORD,
+    MAIN_PARAMS_RECORD,
+    ClientProxy,
+    GridClientProxy,
+    LegacyContext,
+    SecAggKey,
+)
 from common.records import (
     ARRAY_NAMES_KEY,
     NUM_EXAMPLES,
@@ -227,6 +231,6 @@ def _legacy_context(server_round: int, strategy: Strategy) -> LegacyContext:
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
                                     run_config={}), strategy=strategy)
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
-        {Key.CURRENT_ROUND: server_round})
+        {SecAggKey.CURRENT_ROUND: server_round})
     context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()  # the adapter is in FitIns
     return context

@@ -7,8 +7,8 @@ message. So fedlora starts the actors that may load at once (client/startup.py) 
 is up, while the checks and the ServerApp still prepare, with a class of its own that honours
 Flower's actor contract (`run` and `terminate`, errors raised as ClientAppException), and hands
 them to Flower's pool when the run builds it. Flower 1.41's pool has no such option:
-`flower_pool_takes` stands in for `BasicActorPool.add_actors_to_pool` during the run (flwr is
-pinned below 1.42). This module imports only the standard library at the top: the driver
+`flower_pool_takes` stands in for `BasicActorPool.add_actors_to_pool` during the run (through
+common/flower_compat.py). This module imports only the standard library at the top: the driver
 makes the actors without importing flwr, and no client process imports flwr.simulation.
 """
 
@@ -23,7 +23,7 @@ class SiteActor:
     """One client process of the simulation: runs the ClientApp on the messages it is given."""
 
     def run(self, client_app_fn: Any, message: Any, cid: str, context: Any) -> tuple:
-        from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
+        from common.flower_compat import ClientAppException, LoadClientAppError
 
         try:
             reply = client_app_fn()(message=message, context=context)
@@ -69,18 +69,14 @@ def start_site_actors(resources: dict, count: int) -> list:
 def flower_pool_takes(started: list) -> Iterator[None]:
     """While open, Flower's actor pool takes the actors in `started` (emptied as it takes
     them) and makes any more as SiteActors."""
-    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+    from common.flower_compat import actor_pool_adds_with
 
-    def add_actors_to_pool(pool: BasicActorPool, num_actors: int) -> None:
+    def add_actors_to_pool(pool: Any, num_actors: int) -> None:
         taken = started[:num_actors]
         del started[:num_actors]
         more = start_site_actors(pool.client_resources, num_actors - len(taken))
         pool.pool.extend(taken + more)
         pool.num_actors += num_actors
 
-    flowers = BasicActorPool.add_actors_to_pool
-    BasicActorPool.add_actors_to_pool = add_actors_to_pool
-    try:
+    with actor_pool_adds_with(add_actors_to_pool):
         yield
-    finally:
-        BasicActorPool.add_actors_to_pool = flowers

@@ -143,9 +143,9 @@ def connect_command(args: argparse.Namespace) -> int:
     import re
 
     import click
-    from flwr.cli.flower_config import set_default_superlink_connection as set_default
-    from flwr.cli.flower_config import write_superlink_connection
-    from flwr.cli.typing import SuperLinkConnection
+
+    from common.flower_compat import SuperLinkConnection, write_superlink_connection
+    from common.flower_compat import set_default_superlink_connection as set_default
 
     # The name becomes a TOML table under [superlink], beside its `default` key.
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.name) or args.name == "default":
@@ -285,7 +285,7 @@ def tune_command(args: argparse.Namespace) -> int:
         console.print(f"trial {trial.number}: {trial.state.name.lower()}{value} "
                       f"{trial.params}", highlight=False, soft_wrap=True)
 
-    from flwr.common.logger import update_console_handler
+    from common.flower_compat import update_console_handler
 
     update_console_handler(level=logging.WARNING)
     tune(base, out, args.trials, space, simulate=lambda cfg: runner.simulate(cfg),
@@ -383,7 +383,7 @@ def simulate_command(cfg: FedLoraConfig, verbose: bool, ray_address: str | None 
     # Ray starts while the input is checked (seconds each); bad input stops it again.
     start_ray_during(lambda: preflight(cfg), cfg, ray_address)
     if not verbose:
-        from flwr.common.logger import update_console_handler
+        from common.flower_compat import update_console_handler
 
         update_console_handler(level=logging.WARNING)
     run = RunDirectory(cfg.out_dir)
@@ -423,6 +423,9 @@ def simulate_command(cfg: FedLoraConfig, verbose: bool, ray_address: str | None 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from common.flower_compat import check_flower_version
+
+    check_flower_version()  # an unsupported Flower: one line, before anything else
     try:
         args = build_parser().parse_args(argv)
         if args.command == "simulate":

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import ErrorCode
-from flwr.common.serde import message_from_proto, message_to_proto
 
 from common.config import FedLoraConfig
+from common.flower_compat import ErrorCode, message_from_proto, message_to_proto
 
 
 class InProcessGrid:

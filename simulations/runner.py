@@ -66,13 +66,18 @@ def simulate(cfg: FedLoraConfig, verbose: bool = False, ray_address: str | None 
     started here unless start_ray_during already did."""
     import ray
     from flwr.app import Context, RecordDict
-    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
-    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.supercore.telemetry import EventType
+
+    from common.flower_compat import (
+        NOOP_FEDERATION_ID,
+        RUN_ID_NUM_BYTES,
+        SUPERLINK_NODE_ID,
+        TASK_ID_NUM_BYTES,
+        EventType,
+        Run,
+        generate_rand_int_from_bytes,
+        run_simulation_in_process,
+        set_task_identity,
+    )
 
     serverapp, clientapp = app_components()
     run_config = cfg.to_run_config()
@@ -80,15 +85,14 @@ def simulate(cfg: FedLoraConfig, verbose: bool = False, ray_address: str | None 
     run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
     run.federation_id = NOOP_FEDERATION_ID
     run.override_config = run_config
-    TaskIdentity.task_id, TaskIdentity.run_id = 1, run.run_id
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    set_task_identity(run_id=run.run_id, task_id=1, node_id=SUPERLINK_NODE_ID)
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(),
                       run_config=run_config)
     if not ray.is_initialized():
         start_ray(cfg, ray_address)
     try:
         with flower_pool_takes(_STARTED_ACTORS):
-            _run_simulation(
+            run_simulation_in_process(
                 num_supernodes=cfg.num_clients,
                 exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE, server_app_attr=serverapp,
                 client_app_attr=clientapp, backend_name="ray",

@@ -98,9 +98,9 @@ def simulate_without_ray(monkeypatch, grid=None) -> None:
 @pytest.fixture
 def task_identity():
     """What Flower's runtime sets before a ServerApp builds messages."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from common.flower_compat import set_task_identity
 
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    set_task_identity(run_id=1, task_id=1, node_id=0)
 
 
 @pytest.fixture(scope="session")

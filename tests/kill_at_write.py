@@ -31,13 +31,12 @@ def main() -> int:
 
     os.replace = replace
 
-    from flwr.supercore.task_identity import TaskIdentity
-
+    from common.flower_compat import set_task_identity
     from server.app import run_federation
     from simulations import cli, runner
     from simulations.inprocess import InProcessGrid
 
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    set_task_identity(run_id=1, task_id=1, node_id=0)
     runner.simulate = lambda cfg, verbose=False, ray_address=None: run_federation(
         InProcessGrid(cfg, cfg.num_clients), cfg)
     runner.start_ray_during = lambda checks, cfg, ray_address=None: checks()

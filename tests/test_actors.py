@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 
 import pytest
-from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
 
 from common.config import FedLoraConfig
+from common.flower_compat import ClientAppException, LoadClientAppError
 from simulations import runner
 from simulations.actors import SiteActor, flower_pool_takes
 from tests.conftest import assert_python_runs
@@ -45,7 +45,8 @@ def test_the_driver_makes_site_actors_without_importing_flwr_torch_or_ray():
 
 def test_ray_starts_the_actors_that_may_load_and_flowers_pool_takes_them(tmp_path, monkeypatch):
     import ray
-    from flwr.simulation.ray_transport.ray_actor import BasicActorPool, ClientAppActor
+
+    from common.flower_compat import BasicActorPool, ClientAppActor
 
     # Two actors fit on any machine; one may load at a time. The data is missing, so each
     # process's warm-up gives up at once (and leaves the error to a first message).

@@ -5,19 +5,19 @@ import json
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 import client.app as client_app
 from common.config import FedLoraConfig
 from common.data import load_splits, resolve_labels
 from common.errors import FedLoraError
+from common.flower_compat import set_task_identity
 from common.model import build_lora_model
 from common.records import adapter_to_record, record_to_adapter
 
 
 @pytest.fixture
 def site(banking_subset, monkeypatch):
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    set_task_identity(run_id=1, task_id=1, node_id=0)
     cfg = FedLoraConfig(data=str(banking_subset), label_column="category", num_clients=3,
                         local_steps=2)
     labels = resolve_labels(cfg, load_splits(cfg))

@@ -74,9 +74,9 @@ def _round(cfg: FedLoraConfig):
 @pytest.fixture(scope="module")
 def unclipped(banking_subset, tiny_llama_dir):
     """The sites' plain updates of round 1, and a clip norm below every one of them."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from common.flower_compat import set_task_identity
 
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    set_task_identity(run_id=1, task_id=1, node_id=0)
     _, _, sent, initial = _round(_cfg(banking_subset, tiny_llama_dir))
     norms = [_update_norm(s, initial) for s in sent]
     return norms, min(norms) / 2

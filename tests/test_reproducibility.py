@@ -38,9 +38,9 @@ def _cfg(banking_subset, out, seed=7) -> FedLoraConfig:
 @pytest.fixture(scope="module")
 def three_runs(banking_subset, tmp_path_factory):
     """Seeds 7, 7 and 8: the same config otherwise."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from common.flower_compat import set_task_identity
 
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # as task_identity
+    set_task_identity(run_id=1, task_id=1, node_id=0)  # as task_identity
     runs = []
     root = tmp_path_factory.mktemp("repro")
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvgM, FedYogi
-from flwr.supercore.task_identity import TaskIdentity
 
+from common.flower_compat import set_task_identity
 from server.aggregation import fedadam_step, fedavgm_step, fedyogi_step, weighted_average
 from tests.conftest import StaticGrid
 
@@ -19,7 +19,7 @@ def _state(seed):
 
 def _flower_rounds(strategy, rounds):
     """Drive a Flower strategy through rounds of two clients; return its global after each."""
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    set_task_identity(run_id=1, task_id=1, node_id=0)
     current, results = ArrayRecord(_state(0)), []
     for server_round, (s1, s2) in enumerate(rounds, start=1):
         messages = list(strategy.configure_train(server_round, current, ConfigRecord(),

@@ -32,7 +32,8 @@ def _tune(banking_subset, out, trials: int) -> int:
 
 def test_a_study_runs_resumes_and_writes_the_best_config(banking_subset, tmp_path, in_process):
     import optuna
-    from flwr.common.config import parse_config_args
+
+    from common.flower_compat import parse_config_args
 
     out = tmp_path / "tune"
     assert _tune(banking_subset, out, trials=2) == 0

@@ -1,0 +1,133 @@
+"""Every use of Flower's non-public modules, in one place, for the Flower versions fedlora
+supports.
+
+fedlora uses Flower's public API (`flwr.app`, `flwr.clientapp`, `flwr.serverapp`, and the
+legacy `flwr.common`, `flwr.server` and `flwr.client` packages for SecAgg+, which exists only
+there) everywhere else. What Flower does not make public, but fedlora needs, is reached here:
+message serialisation (byte counts, the in-process grid), the SuperLink's run and task identity
+(the simulation runner, which starts a run as `flwr run` would), the simulation engine's actor
+pool (the start-up speed-ups), the RDP accountant and Gaussian noise (client-level DP), the
+legacy SecAgg+ workflow's record layout, and `flwr` CLI's connection file. A Flower release that
+moves any of them needs a change here only (docs/architecture.md: what 1.43 changes).
+
+Names are resolved when first used, not at import: several pull in Ray, SQLAlchemy or the
+simulation engine, which a client process must not pay for (simulations/actors.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+from collections.abc import Callable, Iterator
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+SUPPORTED_FLOWER = ((1, 41), (1, 42))
+
+
+def _installed_flower() -> str:
+    try:
+        return version("flwr")
+    except PackageNotFoundError:
+        return "none"
+
+
+def check_flower_version(installed: str | None = None) -> None:
+    """Exit with one line when the installed Flower is not one fedlora supports."""
+    installed = installed or _installed_flower()
+    parts = installed.split(".")
+    release = tuple(int(p) for p in parts[:2]) if all(p.isdigit() for p in parts[:2]) else ()
+    if release not in SUPPORTED_FLOWER:
+        supported = " and ".join(f"{a}.{b}" for a, b in SUPPORTED_FLOWER)
+        raise SystemExit(f"fedlora: error: flwr {installed} is installed; fedlora supports flwr "
+                         f"{supported} (pip install 'flwr[simulation,dp]>=1.41,<1.43')")
+
+
+check_flower_version()
+
+# name -> (module, attribute): resolved on first use (PEP 562).
+_NAMES: dict[str, tuple[str, str]] = {
+    # message serialisation: byte counts and the in-process grid's wire copy
+    "recorddict_to_proto": ("flwr.common.serde", "recorddict_to_proto"),
+    "message_to_proto": ("flwr.common.serde", "message_to_proto"),
+    "message_from_proto": ("flwr.common.serde", "message_from_proto"),
+    "ErrorCode": ("flwr.common.constant", "ErrorCode"),
+    # logging
+    "update_console_handler": ("flwr.common.logger", "update_console_handler"),
+    # the simulation engine: a run started as `flwr run` would, its actors
+    "run_simulation_in_process": ("flwr.simulation.run_simulation", "_run_simulation"),
+    "Run": ("flwr.supercore.run", "Run"),
+    "EventType": ("flwr.supercore.telemetry", "EventType"),
+    "NOOP_FEDERATION_ID": ("flwr.supercore.constant", "NOOP_FEDERATION_ID"),
+    "RUN_ID_NUM_BYTES": ("flwr.common.constant", "RUN_ID_NUM_BYTES"),
+    "TASK_ID_NUM_BYTES": ("flwr.common.constant", "TASK_ID_NUM_BYTES"),
+    "SUPERLINK_NODE_ID": ("flwr.common.constant", "SUPERLINK_NODE_ID"),
+    "generate_rand_int_from_bytes": ("flwr.server.superlink.linkstate.utils",
+                                     "generate_rand_int_from_bytes"),
+    "ClientAppException": ("flwr.clientapp.client_app", "ClientAppException"),
+    "LoadClientAppError": ("flwr.clientapp.client_app", "LoadClientAppError"),
+    "ClientAppCallable": ("flwr.clientapp.typing", "ClientAppCallable"),
+    "BasicActorPool": ("flwr.simulation.ray_transport.ray_actor", "BasicActorPool"),
+    "ClientAppActor": ("flwr.simulation.ray_transport.ray_actor", "ClientAppActor"),
+    "parse_config_args": ("flwr.common.config", "parse_config_args"),
+    "flower_trim_mean": ("flwr.serverapp.strategy.fedtrimmedavg", "trim_mean"),
+    # client-level DP: Flower's noise and RDP accounting
+    "add_gaussian_noise_inplace": ("flwr.supercore.differential_privacy",
+                                   "add_gaussian_noise_inplace"),
+    "compute_stdv": ("flwr.supercore.differential_privacy", "compute_stdv"),
+    "KEY_CLIPPING_NORM": ("flwr.supercore.differential_privacy", "KEY_CLIPPING_NORM"),
+    "RdpAccountant": ("flwr.supercore.privacy_accounting.rdp_accountant", "RdpAccountant"),
+    "GaussianPrivacyEvent": ("flwr.supercore.privacy_accounting", "GaussianPrivacyEvent"),
+    "NeighboringRelation": ("flwr.supercore.privacy_accounting", "NeighboringRelation"),
+    "PrivacyConfig": ("flwr.supercore.privacy_accounting", "PrivacyConfig"),
+    "SamplingMethod": ("flwr.supercore.privacy_accounting", "SamplingMethod"),
+    # SecAgg+ through the legacy workflow: its record keys and client proxies
+    "GridClientProxy": ("flwr.server.compat.grid_client_proxy", "GridClientProxy"),
+    "LegacyContext": ("flwr.server.compat.legacy_context", "LegacyContext"),
+    "ClientProxy": ("flwr.server.client_proxy", "ClientProxy"),
+    "MAIN_CONFIGS_RECORD": ("flwr.server.workflow.constant", "MAIN_CONFIGS_RECORD"),
+    "MAIN_PARAMS_RECORD": ("flwr.server.workflow.constant", "MAIN_PARAMS_RECORD"),
+    "SecAggKey": ("flwr.server.workflow.constant", "Key"),
+    "SECAGG_RECORD_KEY_CONFIGS": ("flwr.common.secure_aggregation.secaggplus_constants",
+                                  "RECORD_KEY_CONFIGS"),
+    "arrayrecord_to_parameters": ("flwr.compat.common.recorddict_compat",
+                                  "arrayrecord_to_parameters"),
+    "fitres_to_recorddict": ("flwr.compat.common.recorddict_compat", "fitres_to_recorddict"),
+    # the flwr CLI's connection file ($FLWR_HOME/config.toml)
+    "write_superlink_connection": ("flwr.cli.flower_config", "write_superlink_connection"),
+    "set_default_superlink_connection": ("flwr.cli.flower_config",
+                                         "set_default_superlink_connection"),
+    "SuperLinkConnection": ("flwr.cli.typing", "SuperLinkConnection"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attribute = _NAMES[name]
+    value = getattr(importlib.import_module(module), attribute)
+    setattr(sys.modules[__name__], name, value)
+    return value
+
+
+def set_task_identity(run_id: int, task_id: int, node_id: int) -> None:
+    """What Flower's runtime sets before a ServerApp builds messages (their run, task and
+    source node); the simulation runner and an in-process ServerApp set it the same way."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, task_id, node_id
+
+
+@contextlib.contextmanager
+def actor_pool_adds_with(add_actors: Callable[[Any, int], None]) -> Iterator[None]:
+    """While open, the simulation engine's actor pool grows by `add_actors(pool, count)`
+    instead of its own method (Flower 1.41/1.42 have no option to hand it actors)."""
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+
+    flowers = BasicActorPool.add_actors_to_pool
+    BasicActorPool.add_actors_to_pool = add_actors
+    try:
+        yield
+    finally:
+        BasicActorPool.add_actors_to_pool = flowers

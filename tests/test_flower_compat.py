@@ -1,0 +1,65 @@
+"""Flower's non-public modules are reached through common/flower_compat.py alone, and an
+unsupported Flower stops fedlora with one line naming it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from common.flower_compat import _NAMES, check_flower_version
+from tests.conftest import REPO
+
+# Flower's public API: the Message API packages, and the legacy packages SecAgg+ lives in.
+PUBLIC = ("flwr.app", "flwr.clientapp", "flwr.serverapp", "flwr.serverapp.strategy",
+          "flwr.common", "flwr.server", "flwr.server.strategy", "flwr.server.workflow",
+          "flwr.client.mod", "flwr.clientapp.mod")
+IMPORT = re.compile(r"^\s*(?:from\s+(flwr[\w.]*)\s+import|import\s+(flwr[\w.]*))", re.M)
+
+
+def test_non_public_flower_imports_live_in_the_compat_module_only():
+    offenders = []
+    for folder in ("common", "server", "client", "simulations", "tests", "bench"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            if path.name == "flower_compat.py":
+                continue
+            for match in IMPORT.finditer(path.read_text()):
+                module = match.group(1) or match.group(2)
+                if module not in PUBLIC:
+                    offenders.append(f"{path.relative_to(REPO)}: {module}")
+    assert offenders == []
+
+
+def test_every_compat_name_resolves_on_the_installed_flower():
+    import common.flower_compat as compat
+
+    for name, (module, _) in _NAMES.items():
+        assert getattr(compat, name) is not None, (name, module)
+
+
+@pytest.mark.parametrize("installed", ["1.41.0", "1.42.0", "1.42.3"])
+def test_supported_flower_versions_pass(installed):
+    check_flower_version(installed)
+
+
+@pytest.mark.parametrize("installed", ["1.40.2", "1.43.0", "2.0.0", "none"])
+def test_an_unsupported_flower_is_one_line(installed):
+    with pytest.raises(SystemExit) as stopped:
+        check_flower_version(installed)
+    message = str(stopped.value)
+    assert f"flwr {installed} is installed; fedlora supports flwr 1.41 and 1.42" in message
+    assert "\n" not in message
+
+
+def test_the_cli_stops_with_that_line_under_an_unsupported_flower():
+    code = ("import importlib.metadata as m; real = m.version\n"
+            "m.version = lambda name: '1.43.0' if name == 'flwr' else real(name)\n"
+            "from simulations.cli import main; main(['simulate', '--help'])\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "fedlora: error: flwr 1.43.0 is installed; fedlora supports flwr 1.41 and 1.42 "
+        "(pip install 'flwr[simulation,dp]>=1.41,<1.43')"]
