@@ -108,9 +108,11 @@ def jobs(args: argparse.Namespace, out: Path):
         for name in ("fit (default)", "today"):
             yield banking(partition, name)
     yield banking("alpha 0.1", "fit-then-train")
-    # What backs the defaults at the worst skew comes before the rest.
+    # What backs the defaults at the worst skew comes before the rest: one variant of each
+    # knob first (head refits, strategy, server optimiser, learning rate, local steps), then
+    # the second data set, then the second learning rate and the rest.
     yield banking("alpha 0.1", "fit, refit every 2")
-    for name in STRATEGY_RECIPES:
+    for name in ("fit, fedprox", "fit, fedadam", "fit, lr 0.01", "fit, one epoch a round"):
         yield banking("alpha 0.1", name)
     if "trec" in args.parts:
         trec = str(trec_folder(out / "trec-data"))
@@ -122,6 +124,7 @@ def jobs(args: argparse.Namespace, out: Path):
         for name, extra in (("today, plain LoRA loop", TODAY), ("fit (default)", "")):
             yield "trec", f"trec centralized {name}", (
                 lambda extra=extra: centralized(trec, f"label-column=label {extra}", 4))
+    yield banking("alpha 0.1", "fit, lr 0.002")
     for name, extra in (("today, plain LoRA loop", TODAY), ("fit (default)", "")):
         yield "centralized", f"centralized {name}", (
             lambda extra=extra: centralized(args.data, f"{args.run_config} {extra}", 4))
