@@ -101,7 +101,7 @@ def _load_partitions(cache: ProcessCache, cfg: FedLoraConfig, sites: int,
     """The shared data and its split into `sites` partitions, once per process (again only if
     the federation's size is not the one they were made for)."""
     if cache.partitions is None or len(cache.partitions) != sites:
-        from simulations.partitioning import partition_indices
+        from common.partitioning import partition_indices
 
         if splits is not None:
             cache.pool = splits.train

@@ -22,8 +22,8 @@ from common.data_checks import check_site_rows
 from common.head import head_state, solve_head
 from common.metrics import evaluate_examples
 from common.model import LoraModel, build_lora_model
+from common.partitioning import partition_indices
 from server.strategies import resolve_head_mode
-from simulations.partitioning import partition_indices
 
 
 def _setup(cfg: FedLoraConfig):

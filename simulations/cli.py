@@ -350,9 +350,9 @@ def preflight(cfg: FedLoraConfig) -> SharedPool:
         resolve_pooling,
         target_modules_for,
     )
+    from common.partitioning import partition_indices
     from server.outputs import RunDirectory, check_new_run_dir, check_not_in_use
     from server.strategies import check_privacy_fits_strategy, resolve_head_mode
-    from simulations.partitioning import partition_indices
 
     if cfg.resume:
         check_resumable(RunDirectory(cfg.out_dir).config_to_resume(), cfg)

@@ -35,8 +35,8 @@ def test_metrics_are_example_weighted_over_common_keys():
 
 def test_robust_rules_match_flower_and_resist_an_outlier():
     import numpy as np
-    from common.flower_compat import flower_trim_mean as trim_mean
 
+    from common.flower_compat import flower_trim_mean as trim_mean
     from server.aggregation import coordinate_median, trimmed_mean
 
     g = torch.Generator().manual_seed(0)

@@ -7,7 +7,7 @@ from common.config import FedLoraConfig
 from common.data import columns, load_splits, resolve_labels, tokenize
 from common.errors import FedLoraError
 from common.model import build_lora_model
-from simulations.partitioning import partition_indices
+from common.partitioning import partition_indices
 
 
 def _frame():

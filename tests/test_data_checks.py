@@ -28,12 +28,12 @@ from common.data_checks import (
 )
 from common.errors import FedLoraError
 from common.model import build_lora_model, load_tokenizer
+from common.partitioning import partition_indices
 from common.records import adapter_to_record
 from server.app import run_federation
 from server.contract import TrainUpdate, parse_data_report, parse_metrics
 from simulations.inprocess import InProcessGrid
 from simulations.inspect import add_inspect_parser, inspect_command
-from simulations.partitioning import partition_indices
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 

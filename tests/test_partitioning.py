@@ -5,7 +5,7 @@ import pytest
 from common.config import FedLoraConfig
 from common.data import train_val_split
 from common.errors import FedLoraError
-from simulations.partitioning import partition_indices
+from common.partitioning import partition_indices
 
 
 def _labelled(n=600, num_labels=6, seed=0):

@@ -180,7 +180,7 @@ def test_a_refused_site_is_checked_once_and_refused_on_every_message(small_csv, 
 
 def test_partitioners_load_without_the_plotting_stack_and_the_package_stays_whole():
     code = ("import sys\n"
-            "from simulations.partitioning import flwr_partitioners\n"
+            "from common.partitioning import flwr_partitioners\n"
             "assert flwr_partitioners().IidPartitioner\n"
             "assert 'seaborn' not in sys.modules and 'matplotlib' not in sys.modules\n"
             "import flwr_datasets\n"
