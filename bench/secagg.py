@@ -79,6 +79,7 @@ def protocol_cost(sites: int, rounds: int = 3) -> dict:
     from common.flower_compat import set_task_identity
     from common.model import build_lora_model
     from common.records import adapter_to_record
+    from server.federation_loop import plain_exchange
     from server.secure_aggregation import ObservedGrid, SecAggPlusRound
     from server.strategies.fedavg import LoraFedAvg
     from simulations.inprocess import InProcessGrid
@@ -98,7 +99,7 @@ def protocol_cost(sites: int, rounds: int = 3) -> dict:
         cfg = FedLoraConfig(num_clients=sites, min_available_clients=sites,
                             min_train_clients=sites, secure_aggregation=secure)
         strategy = LoraFedAvg(cfg, adapter)
-        exchange = SecAggPlusRound(strategy, cfg) if secure else strategy.train_round
+        exchange = SecAggPlusRound(strategy, cfg) if secure else plain_exchange(strategy)
         grid = ObservedGrid(InProcessGrid(cfg, sites, app=app))
         seconds = []
         for server_round in range(1, rounds + 1):

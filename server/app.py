@@ -22,6 +22,7 @@ from common.records import TRAIN_HEAD, adapter_to_record, record_to_adapter
 from server.checkpoint import checkpoint_exists, load_checkpoint
 from server.client_dp import ClientLevelDP
 from server.evaluation import GlobalEvaluator
+from server.federation_loop import Exchange, FederationLoop, plain_exchange
 from server.head_round import HeadRound
 from server.outputs import RunDirectory
 from server.rounds import RoundRecorder
@@ -61,10 +62,11 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
     try:
         evaluator = GlobalEvaluator(lora, tokenize(splits.test, lora.tokenizer, cfg, labels), cfg)
         strategy = build_strategy(cfg, lora)
-        client_dp = protect(strategy, cfg)
+        exchange, client_dp = training_exchange(strategy, cfg)
         head_mode = resolve_head_mode(cfg, lora.pooling)
         head_round = head_round_for(strategy, cfg, lora, labels, head_mode)
-        parts = [part for part in (client_dp, head_round) if part is not None]
+        loop = FederationLoop(strategy, cfg, exchange, refine=head_round)
+        parts = [part for part in (client_dp, head_round, loop) if part is not None]
         client_config = ConfigRecord({"labels": json.dumps(labels),
                                       TRAIN_HEAD: head_mode != "fit"} if labels else {})
         initial, first_round = lora.trainable_state(), 0
@@ -78,9 +80,6 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
             for part in parts:
                 part.load_state_tensors(ckpt.strategy_state)
             strategy.rng.setstate(ckpt.rng_state)
-            # Sites count retried rounds as DP-SGD releases: the count must survive a resume.
-            strategy.retried_attempts = int(ckpt.strategy_state.get("run", {}).get(
-                "retried-attempts", torch.tensor([0]))[0])
             initial = OrderedDict((name, ckpt.adapter[name]) for name in initial)
             first_round = ckpt.round + 1
             log(INFO, "fedlora: resuming %s after round %s", run.path, ckpt.round)
@@ -91,15 +90,16 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
         recorder = RoundRecorder(run, evaluator, strategy, cfg, parts, scalars)
         if first_round > 0:
             recorder.restore_best(ckpt.strategy_state)
-        result = strategy.start(
-            grid=grid, initial_arrays=adapter_to_record(initial, "float32"),
-            num_rounds=cfg.num_rounds, timeout=cfg.round_timeout, train_config=client_config,
-            evaluate_config=client_config, evaluate_fn=recorder, first_round=first_round,
-            refine=head_round)
+        stop_sources = [lambda: recorder.stop_request]
+        if client_dp is not None:
+            stop_sources.append(lambda: client_dp.budget_stop)
+        final = loop.run(grid, adapter_to_record(initial, "float32"), train_config=client_config,
+                         evaluate_config=client_config, evaluate_fn=recorder,
+                         first_round=first_round, stop_sources=stop_sources)
         recorder.wait()
         if scalars is not None:
             scalars.close()
-        lora.load_trainable_state(record_to_adapter(result.arrays))
+        lora.load_trainable_state(record_to_adapter(final))
         run.save_adapter(exportable(cfg, lora, labels, strategy.base_offsets()), labels)
         best = {}
         if recorder.best is not None:
@@ -111,7 +111,8 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
         if best:
             best["best"] = next((r["server"] for r in rounds
                                  if r["round"] == best["best-round"]), {})
-        early = {"stopped-early": strategy.stopped_early} if strategy.stopped_early else {}
+        early = ({"stopped-early": loop.stop.message, "stop-reason": loop.stop.reason.value}
+                 if loop.stop else {})
         data_checks = ({"data-checks": strategy.data_check_totals()} if strategy.data_reports
                        else {})
         # What auto resolved to: the pooling the head reads, how the head was made.
@@ -155,14 +156,14 @@ def head_round_for(strategy: LoraFedAvg, cfg: FedLoraConfig, lora: LoraModel,
                      num_labels=len(labels), unit_features=lora.pooling == "mean")
 
 
-def protect(strategy: LoraFedAvg, cfg: FedLoraConfig) -> ClientLevelDP | None:
-    """Route the rounds' training through client-level DP and/or SecAgg+ when configured."""
+def training_exchange(strategy: LoraFedAvg, cfg: FedLoraConfig
+                      ) -> tuple[Exchange, ClientLevelDP | None]:
+    """How the rounds' training travels: plain, through client-level DP, and/or through
+    SecAgg+; and the client-level DP part, whose accountant is checkpointed."""
     client_dp = ClientLevelDP(strategy, cfg) if cfg.client_level_dp else None
     if cfg.secure_aggregation:
-        strategy.train_exchange = SecAggPlusRound(strategy, cfg, client_dp)
-    elif client_dp:
-        strategy.train_exchange = client_dp
-    return client_dp
+        return SecAggPlusRound(strategy, cfg, client_dp), client_dp
+    return (client_dp or plain_exchange(strategy)), client_dp
 
 
 def exportable(cfg: FedLoraConfig, lora: LoraModel, labels: list[str] | None,

@@ -34,6 +34,7 @@ from common.flower_compat import (
     compute_stdv,
 )
 from server.contract import parse_train_reply
+from server.federation_loop import Stop, StopReason
 from server.strategies.fedavg import LoraFedAvg
 
 # Without amplification by sampling the population only has to bound the sample size.
@@ -41,7 +42,8 @@ POPULATION = 1_000_000
 
 
 class ClientLevelDP:
-    """The training exchange of a round (see LoraFedAvg.train_round) under client-level DP."""
+    """The training exchange of a round (see federation_loop.plain_exchange) under
+    client-level DP."""
 
     def __init__(self, strategy: LoraFedAvg, cfg: FedLoraConfig) -> None:
         wrapper = (DifferentialPrivacyClientSideFixedClipping if cfg.client_dp_clipping == "client"
@@ -58,6 +60,8 @@ class ClientLevelDP:
             sampling_method=SamplingMethod.NO_AMPLIFICATION,
             max_epsilon=cfg.client_dp_target_epsilon or None))
         self._event: GaussianPrivacyEvent | None = None
+        # Set when one more release would exceed client-dp-target-epsilon: the run ends.
+        self.budget_stop: Stop | None = None
 
     def __call__(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                  timeout: float) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -82,9 +86,9 @@ class ClientLevelDP:
                                            sample_size=sampled, population_size=POPULATION)
         target = self.cfg.client_dp_target_epsilon
         if target and self.accountant.would_exceed(self._event):
-            self.strategy.stopped_early = (
+            self.budget_stop = Stop(StopReason.CLIENT_DP_BUDGET, (
                 f"one more release would exceed client-dp-target-epsilon ({target:g}; spent "
-                f"{self.epsilon():.3f})")
+                f"{self.epsilon():.3f})"))
             return False
         return True
 

@@ -14,6 +14,7 @@ from common.config import FedLoraConfig
 from common.records import record_to_adapter
 from server.checkpoint import Checkpoint, save_checkpoint
 from server.evaluation import GlobalEvaluator
+from server.federation_loop import Stop, StopReason
 from server.outputs import RunDirectory
 from server.selection import improves, should_stop
 from server.strategies.fedavg import LoraFedAvg
@@ -27,7 +28,7 @@ class Stateful(Protocol):
 
 
 class RoundRecorder:
-    """The `evaluate_fn` of `strategy.start`.
+    """The `evaluate_fn` of the federation loop (server/federation_loop.py).
 
     Round 0 (the initial adapter) is scored in a background thread while round 1 trains: it
     depends on nothing round 1 does, and run in line it held back the first training step by
@@ -42,7 +43,8 @@ class RoundRecorder:
                  scalars: RoundScalars | None = None) -> None:
         self.run, self.evaluator, self.cfg = run, evaluator, cfg
         # Besides the strategy, what carries state from round to round (client-level DP's
-        # accountant, the head round's release count): checkpointed with every round.
+        # accountant, the head round's release count, the loop's retried attempts):
+        # checkpointed with every round.
         self.strategy, self.parts = strategy, list(parts)
         self.scalars = scalars  # TensorBoard, when asked for
         # The best round so far by cfg.selection_key, its adapter and base offsets (exact's
@@ -50,6 +52,8 @@ class RoundRecorder:
         self.best: tuple[int, float] | None = None
         self.best_adapter: dict[str, torch.Tensor] = {}
         self.best_offsets: dict[str, torch.Tensor] = {}
+        # Early stopping or the STOP file, once decided (the loop asks after each round).
+        self.stop_request: Stop | None = None
         self._round_started = time.time()
         self._background: threading.Thread | None = None
         self._background_error: BaseException | None = None
@@ -101,17 +105,16 @@ class RoundRecorder:
             self.best_offsets = pending["offsets"]
         patience = self.cfg.early_stopping_patience
         if self.run.stop_requested():
-            self.strategy.stopped_early = f"stopped on request ({self.run.stop_file} exists)"
+            self.stop_request = Stop(StopReason.STOP_FILE,
+                                     f"stopped on request ({self.run.stop_file} exists)")
         elif should_stop(server_round, self.best, patience):
-            self.strategy.stopped_early = (
+            self.stop_request = Stop(StopReason.EARLY_STOPPING, (
                 f"early stopping: {key} did not improve by more than {min_delta:g} for "
-                f"{patience} rounds (best: round {self.best[0]}, {key} {self.best[1]:.4f})")
+                f"{patience} rounds (best: round {self.best[0]}, {key} {self.best[1]:.4f})"))
 
     def _snapshot(self, server_round: int, arrays: ArrayRecord) -> dict:
         stats = self.strategy.round_stats.pop(server_round, {})
         state = {**self.strategy.state_tensors(),
-                 # Sites count retried rounds as DP-SGD releases: the count must survive a resume.
-                 "run": {"retried-attempts": torch.tensor([self.strategy.retried_attempts])},
                  **{group: tensors for part in self.parts
                     for group, tensors in part.state_tensors().items()}}
         started = self._round_started

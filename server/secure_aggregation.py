@@ -115,7 +115,7 @@ class FixedSample(Strategy):
 
 
 class SecAggPlusRound:
-    """The training exchange of a round (see LoraFedAvg.train_round) under SecAgg+."""
+    """The training exchange of a round (see federation_loop.plain_exchange) under SecAgg+."""
 
     def __init__(self, strategy: LoraFedAvg, cfg: FedLoraConfig,
                  client_dp: "ClientLevelDP | None" = None) -> None:

@@ -16,7 +16,7 @@ from common.data import load_server_splits, resolve_labels
 from common.errors import FedLoraError
 from common.model import build_lora_model
 from common.records import adapter_to_record, record_to_adapter
-from server.app import protect, run_federation
+from server.app import run_federation, training_exchange
 from server.client_dp import ClientLevelDP
 from server.strategies import build_strategy, check_privacy_fits_strategy
 from server.strategies.fedavg import LoraFedAvg
@@ -62,10 +62,10 @@ def _round(cfg: FedLoraConfig):
     lora = build_lora_model(cfg, labels)
     initial = lora.trainable_state()
     strategy = build_strategy(cfg, lora)
-    protect(strategy, cfg)
+    exchange, _ = training_exchange(strategy, cfg)
     grid = recording_grid(cfg, SITES)
-    arrays, _ = strategy.train_exchange(grid, 1, adapter_to_record(initial),
-                                        ConfigRecord({"labels": json.dumps(labels)}), 60.0)
+    arrays, _ = exchange(grid, 1, adapter_to_record(initial),
+                         ConfigRecord({"labels": json.dumps(labels)}), 60.0)
     sent = [record_to_adapter(r.content["arrays"]) for r in grid.replies
             if not r.has_error() and "arrays" in r.content.array_records]
     return arrays, strategy.round_stats[1], sent, initial
@@ -142,6 +142,7 @@ def test_target_epsilon_ends_the_run_before_it_is_exceeded(banking_subset, tiny_
     summary = json.loads((run.path / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds"] == 2
     assert "client-dp-target-epsilon" in summary["stopped-early"]
+    assert summary["stop-reason"] == "client-dp-budget"
 
 
 @pytest.mark.parametrize("strategy", ["fedadam", "fedyogi", "fedavgm", "exact", "hetlora",

@@ -138,6 +138,7 @@ def test_a_federation_logs_epsilon_and_ends_when_budgets_are_spent(banking_subse
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds"] == 1
     assert "reached dp-target-epsilon" in summary["stopped-early"]
+    assert summary["stop-reason"] == "privacy-budget"
     assert "stopped after round 1" in result.stdout
     assert (out / "final_adapter" / "adapter_config.json").is_file()
 

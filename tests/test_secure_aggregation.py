@@ -14,7 +14,7 @@ from common.data import load_server_splits, resolve_labels
 from common.errors import FedLoraError
 from common.model import build_lora_model
 from common.records import adapter_to_record, record_to_adapter
-from server.app import protect, run_federation
+from server.app import run_federation, training_exchange
 from server.secure_aggregation import quantization_range
 from server.strategies import build_strategy, check_privacy_fits_strategy
 from simulations.inprocess import InProcessGrid
@@ -37,11 +37,11 @@ def _one_round(cfg: FedLoraConfig):
     labels = resolve_labels(cfg, load_server_splits(cfg))
     lora = build_lora_model(cfg, labels)
     strategy = build_strategy(cfg, lora)
-    protect(strategy, cfg)
+    exchange, _ = training_exchange(strategy, cfg)
     grid = recording_grid(cfg, SITES)  # the replies as sent: the server may clip
     initial = lora.trainable_state()
-    arrays, _ = strategy.train_exchange(grid, 1, adapter_to_record(initial),
-                                        ConfigRecord({"labels": json.dumps(labels)}), 60.0)
+    arrays, _ = exchange(grid, 1, adapter_to_record(initial),
+                         ConfigRecord({"labels": json.dumps(labels)}), 60.0)
     return arrays, strategy.round_stats[1], grid, initial
 
 

@@ -105,7 +105,7 @@ def test_early_stopping_ends_the_run_and_keeps_the_initial_adapter_as_best(banki
     assert summary["status"] == "completed" and summary["rounds"] == 1
     assert "early stopping: accuracy did not improve by more than 0.9 for 1 rounds" in \
         summary["stopped-early"]
-    assert summary["best-round"] == 0
+    assert summary["stop-reason"] == "early-stopping" and summary["best-round"] == 0
     assert rounds[1]["server"]["accuracy"] > rounds[0]["server"]["accuracy"]  # it did learn
     assert _best_adapter_accuracy(run, cfg) == pytest.approx(rounds[0]["server"]["accuracy"],
                                                              abs=1e-9)

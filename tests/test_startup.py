@@ -33,10 +33,8 @@ class _Strategy:
 
     def __init__(self) -> None:
         self.round_stats: dict[int, dict] = {}
-        self.retried_attempts = 0
         self.rng = random.Random(7)
         self.moments = {"m": torch.zeros(3)}
-        self.stopped_early = ""
 
     def base_offsets(self):
         return None

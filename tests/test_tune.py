@@ -78,6 +78,7 @@ def test_a_pruned_trial_stops_its_run_after_that_round(banking_subset, tmp_path)
     run = RunDirectory(tmp_path / "trial-000")
     assert [r["round"] for r in run.read_rounds()] == [0, 1, 2]
     assert run.read_summary()["stopped-early"].startswith("stopped on request")
+    assert run.read_summary()["stop-reason"] == "stop-requested"
 
 
 def test_trials_a_killed_process_left_running_are_failed_on_reopening(tmp_path):

@@ -12,17 +12,17 @@ import random
 import time
 from collections import OrderedDict, defaultdict
 from logging import INFO, WARNING
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy import FedAvg
 
 from common.config import FedLoraConfig
 from common.data_checks import total_site_reports
-from common.errors import PRIVACY_BUDGET_REACHED, FedLoraError
+from common.errors import FedLoraError
 from common.lora_math import exact_mean_deltas, lora_deltas, relative_error
 from common.records import NUM_EXAMPLES, adapter_to_record, message_bytes, record_to_adapter
 from common.strategy_registry import strategy_spec
@@ -36,9 +36,6 @@ from server.contract import (
     update_norm,
 )
 from server.round_record import site_spread
-
-# (grid, server round, global adapter, the sites' config, timeout) -> the global adapter to use
-Refine = Callable[[Grid, int, ArrayRecord, ConfigRecord, float], ArrayRecord]
 
 
 class LoraFedAvg(FedAvg):
@@ -64,8 +61,6 @@ class LoraFedAvg(FedAvg):
         self.scaling = cfg.lora_scaling
         self.current: OrderedDict[str, torch.Tensor] | None = None  # the global sent this round
         self.round_stats: dict[int, dict] = defaultdict(dict)
-        self.stopped_early = ""  # why the run ended before num-rounds, if it did
-        self.retried_attempts = 0
         self._nodes_reached: set[int] = set()  # this round's, for bytes per client
         self.rng = random.Random(cfg.seed)  # client sampling; checkpointed with the run
         self._sampled: set[int] = set()
@@ -73,8 +68,6 @@ class LoraFedAvg(FedAvg):
         # Each site's latest data-check counts (by node id): sites send them with every train
         # reply, so a resumed server collects them again.
         self.data_reports: dict[int, dict] = {}
-        self.train_exchange: Callable[..., tuple[ArrayRecord | None, MetricRecord | None]] = \
-            self.train_round
 
     # -- what the clients receive ------------------------------------------------------------
     def outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -217,77 +210,6 @@ class LoraFedAvg(FedAvg):
         """Sites reported, and their summed data-check counts and label histogram."""
         return total_site_reports(self.data_reports.values(), self.labels)
 
-    # -- the round loop, resumable ---------------------------------------------------------------
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
-              timeout: float = 3600, train_config: ConfigRecord | None = None,
-              evaluate_config: ConfigRecord | None = None,
-              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-              first_round: int = 0, refine: Refine | None = None) -> Result:
-        """Flower's Strategy.start, able to begin at a later round (resume): round 0 (the
-        initial adapter, scored) runs only when first_round is 0. `refine` may replace the
-        global adapter before it is scored, in round 0 and after each round's aggregation
-        (the head round, server/head_round.py)."""
-        train_config = train_config if train_config is not None else ConfigRecord()
-        evaluate_config = evaluate_config if evaluate_config is not None else ConfigRecord()
-        result, arrays = Result(), initial_arrays
-        if first_round == 0:
-            if refine is not None:
-                arrays = refine(grid, 0, arrays, train_config, timeout)
-            if evaluate_fn:
-                metrics = evaluate_fn(0, arrays)
-                if metrics is not None:
-                    result.evaluate_metrics_serverapp[0] = metrics
-        for server_round in range(max(first_round, 1), num_rounds + 1):
-            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
-            for attempt in range(self.cfg.round_retries + 1):
-                # A retried round is one more release of each site's DP-SGD: counted for epsilon.
-                self.retried_attempts += attempt > 0
-                train_config["train-releases"] = server_round + self.retried_attempts
-                started = time.perf_counter()
-                new_arrays, train_metrics = self.train_exchange(grid, server_round, arrays,
-                                                                train_config, timeout)
-                self.round_stats[server_round]["train-exchange-seconds"] = \
-                    time.perf_counter() - started
-                usable = self.round_stats[server_round].get("train-clients-aggregated", 0)
-                if usable >= self.min_train_nodes or self.stopped_early:
-                    break
-                if self._privacy_budget_spent(server_round):
-                    break  # retrying cannot help: those sites will refuse again
-                log(WARNING, "round %s: %s usable training replies, %s needed (attempt %s of "
-                    "%s)", server_round, usable, self.min_train_nodes, attempt + 1,
-                    self.cfg.round_retries + 1)
-            else:
-                raise FedLoraError(
-                    f"round {server_round}: only {usable} usable training replies, at least "
-                    f"{self.min_train_nodes} needed, after {self.cfg.round_retries + 1} "
-                    f"attempts; the run stopped with round {server_round - 1} checkpointed "
-                    f"(resume it with fedlora simulate --resume, or resume=true)")
-            if self.stopped_early:
-                log(WARNING, "round %s: %s; the run ends with round %s's adapter",
-                    server_round, self.stopped_early, server_round - 1)
-                break
-            if new_arrays is not None:
-                arrays = new_arrays
-                if refine is not None:
-                    arrays = refine(grid, server_round, arrays, train_config, timeout)
-            if train_metrics is not None:
-                result.train_metrics_clientapp[server_round] = train_metrics
-            replies = grid.send_and_receive(
-                messages=self.configure_evaluate(server_round, arrays, evaluate_config, grid),
-                timeout=timeout)
-            evaluate_metrics = self.aggregate_evaluate(server_round, replies)
-            if evaluate_metrics is not None:
-                result.evaluate_metrics_clientapp[server_round] = evaluate_metrics
-            if evaluate_fn:
-                metrics = evaluate_fn(server_round, arrays)
-                if metrics is not None:
-                    result.evaluate_metrics_serverapp[server_round] = metrics
-            if self.stopped_early:  # set by evaluate_fn (early stopping)
-                log(WARNING, "round %s: %s", server_round, self.stopped_early)
-                break
-        result.arrays = arrays
-        return result
-
     def _uniform_and_complete(self, server_round: int, updates: list[TrainUpdate]
                               ) -> list[TrainUpdate]:
         """Client-level DP noise is calibrated to clip norm / clients sampled: every sampled
@@ -299,26 +221,6 @@ class LoraFedAvg(FedAvg):
         for update in updates:
             update.weight = 1.0
         return updates
-
-    def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord,
-                    config: ConfigRecord, timeout: float
-                    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """A round's training exchange: configure, send, aggregate. Client-level DP
-        (server/client_dp.py) and secure aggregation (server/secure_aggregation.py) replace it
-        through `train_exchange`."""
-        replies = grid.send_and_receive(
-            messages=self.configure_train(server_round, arrays, config, grid), timeout=timeout)
-        return self.aggregate_train(server_round, replies)
-
-    def _privacy_budget_spent(self, server_round: int) -> bool:
-        """Too few sites left because the others reached dp-target-epsilon: the run is over."""
-        dropped = self.round_stats[server_round].get("dropped", [])
-        spent = [d for d in dropped if PRIVACY_BUDGET_REACHED in d["reason"]]
-        if not spent:
-            return False
-        self.stopped_early = (f"{len(spent)} site(s) reached dp-target-epsilon "
-                              f"({self.cfg.dp_target_epsilon:g}) and train no more")
-        return True
 
     def base_offsets(self) -> dict[str, torch.Tensor]:
         """What the global model adds to the frozen base weights (exact's residual)."""
