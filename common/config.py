@@ -13,7 +13,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from common.errors import FedLoraError
 from common.strategy_registry import strategy_names, strategy_spec
@@ -433,6 +433,20 @@ class SiteConfig:
 
 def config_keys() -> list[str]:
     return [_key(f.name) for f in fields(FedLoraConfig)]
+
+
+def build_config(*layers: Mapping[str, Any], overrides: Sequence[str] = (),
+                 flags: Mapping[str, Any] | None = None) -> FedLoraConfig:
+    """How every command builds its config: the defaults, then each layer in order (a saved
+    run's config, what the command fixes), then the `--run-config` texts in order, then the
+    command's own flags that were given (None: not given). Later values win."""
+    values = dict(FedLoraConfig().to_run_config())
+    for layer in layers:
+        values.update(layer)
+    for text in overrides:
+        values.update(parse_overrides(text))
+    values.update({key: value for key, value in (flags or {}).items() if value is not None})
+    return FedLoraConfig.from_run_config(values)
 
 
 def parse_overrides(text: str) -> dict[str, Any]:

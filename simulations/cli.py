@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from common.config import STRATEGIES, FedLoraConfig, parse_overrides
+from common.config import STRATEGIES, FedLoraConfig, build_config
 from common.errors import FedLoraError
 from common.shared_pool import Rows, SharedPool
 from simulations.inspect import add_inspect_parser, inspect_command
@@ -228,13 +228,11 @@ def evaluate_command(args: argparse.Namespace) -> int:
     data = Path(args.data).expanduser()
     if not data.exists():
         raise FedLoraError(f"evaluate: data {args.data!r} does not exist")
-    values = dict(FedLoraConfig().to_run_config())
-    values.update({k: v for k, v in saved.run_config.items() if k in values})
-    for overrides in args.run_config:
-        values.update(parse_overrides(overrides))
-    values.update({"task": saved.task, "eval-data": str(data.resolve()), "resume": False,
-                   "max-eval-examples": args.max_examples})
-    cfg = FedLoraConfig.from_run_config(values)
+    known = FedLoraConfig().to_run_config()
+    cfg = build_config({k: v for k, v in saved.run_config.items() if k in known},
+                       overrides=args.run_config,
+                       flags={"task": saved.task, "eval-data": str(data.resolve()),
+                              "resume": False, "max-eval-examples": args.max_examples})
     console = Console()
     with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), console=console,
                   transient=True) as progress:
@@ -265,15 +263,12 @@ def tune_command(args: argparse.Namespace) -> int:
     from simulations.tune import check_space, tune
 
     space = check_space(args)
-    values = dict(FedLoraConfig().to_run_config())
-    for overrides in args.run_config:
-        values.update(parse_overrides(overrides))
-    flags = {"data": args.data, "num-clients": args.num_clients, "num-rounds": args.rounds,
-             "partition": args.partition, "alpha": args.alpha}
-    values.update({k: v for k, v in flags.items() if v is not None})
     out = Path(args.out).expanduser().resolve()
-    base = prepare_simulation_config(FedLoraConfig.from_run_config(
-        {**values, "out-dir": str(out / "trial-000"), "resume": False}))
+    base = prepare_simulation_config(build_config(
+        overrides=args.run_config,
+        flags={"data": args.data, "num-clients": args.num_clients, "num-rounds": args.rounds,
+               "partition": args.partition, "alpha": args.alpha,
+               "out-dir": str(out / "trial-000"), "resume": False}))
     preflight(base)
     console = Console()
     console.print(f"[bold]fedlora[/] tune: {args.trials} trials of {base.num_clients} sites x "
@@ -299,23 +294,20 @@ def tune_command(args: argparse.Namespace) -> int:
 
 
 def config_from_args(args: argparse.Namespace) -> FedLoraConfig:
-    values = dict(FedLoraConfig().to_run_config())
+    resumed: dict = {}
     if args.resume:
         from server.outputs import RunDirectory
 
         if not (Path(args.resume) / "config.json").is_file():
             raise FedLoraError(f"nothing to resume: {args.resume} is not a run directory")
-        values.update(RunDirectory(args.resume).config_to_resume())
-        values.update({"resume": True, "out-dir": str(Path(args.resume).resolve())})
-    for overrides in args.run_config:
-        values.update(parse_overrides(overrides))
-    flags = {"num-clients": args.num_clients, "num-rounds": args.rounds,
-             "partition": args.partition, "alpha": args.alpha, "data": args.data,
-             "model": args.model, "task": args.task, "strategy": args.strategy,
-             "out-dir": args.out, "seed": args.seed,
-             "client-num-cpus": args.client_cpus, "client-num-gpus": args.client_gpus}
-    values.update({k: v for k, v in flags.items() if v is not None})
-    cfg = FedLoraConfig.from_run_config(values)
+        resumed = {**RunDirectory(args.resume).config_to_resume(),
+                   "resume": True, "out-dir": str(Path(args.resume).resolve())}
+    cfg = build_config(resumed, overrides=args.run_config, flags={
+        "num-clients": args.num_clients, "num-rounds": args.rounds,
+        "partition": args.partition, "alpha": args.alpha, "data": args.data,
+        "model": args.model, "task": args.task, "strategy": args.strategy,
+        "out-dir": args.out, "seed": args.seed,
+        "client-num-cpus": args.client_cpus, "client-num-gpus": args.client_gpus})
     return prepare_simulation_config(cfg)
 
 

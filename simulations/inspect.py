@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from common.config import FedLoraConfig, parse_overrides
+from common.config import FedLoraConfig, build_config
 
 if TYPE_CHECKING:  # common.data_checks imports torch: not at `fedlora`'s start-up
     from common.data_checks import DataReport
@@ -65,13 +65,8 @@ def inspect_command(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> FedLoraConfig:
-    values: dict = {}
-    for overrides in args.run_config:
-        values.update(parse_overrides(overrides))
-    values["data"] = args.data
-    values.update({key: value for key, value in (("model", args.model), ("labels", args.labels))
-                   if value is not None})
-    return FedLoraConfig.from_run_config(values)
+    return build_config(overrides=args.run_config,
+                        flags={"data": args.data, "model": args.model, "labels": args.labels})
 
 
 def _share(count: int, total: int) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from common.atomic import atomic_write_text
-from common.config import FedLoraConfig
+from common.config import FedLoraConfig, build_config
 from common.config_reference import toml_value
 from common.errors import FedLoraError
 from common.strategy_registry import strategy_names, strategy_spec
@@ -99,9 +99,8 @@ def run_trial(trial, base: FedLoraConfig, space: SearchSpace, out: Path,
               simulate: Callable[[FedLoraConfig], None]) -> float:
     import optuna
 
-    values = {**base.to_run_config(), **sample_overrides(trial, space),
-              "out-dir": str(out / f"trial-{trial.number:03d}"), "resume": False}
-    cfg = FedLoraConfig.from_run_config(values)
+    cfg = build_config(base.to_run_config(), sample_overrides(trial, space),
+                       {"out-dir": str(out / f"trial-{trial.number:03d}"), "resume": False})
     trial.set_user_attr("run-dir", cfg.out_dir)
     run = RunDirectory(cfg.out_dir)
     with RoundReporter(trial, run, cfg.selection_key) as reporter:

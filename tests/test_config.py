@@ -65,3 +65,15 @@ def test_data_falls_back_to_the_environment(monkeypatch):
     monkeypatch.delenv("FEDLORA_DATA")
     with pytest.raises(FedLoraError, match="no data set given"):
         FedLoraConfig().data_source
+
+
+def test_every_command_builds_its_config_in_one_order():
+    """Defaults, then layers in order, then --run-config texts in order, then given flags."""
+    from common.config import build_config
+
+    cfg = build_config({"lora-r": 4, "seed": 1}, {"seed": 2},
+                       overrides=["lora-r=16 learning-rate=0.01", "learning-rate=0.02"],
+                       flags={"seed": None, "num-rounds": 7, "lora-r": None})
+    assert (cfg.lora_r, cfg.seed, cfg.learning_rate, cfg.num_rounds) == (16, 2, 0.02, 7)
+    assert build_config(overrides=["seed=3"], flags={"seed": 5}).seed == 5
+    assert build_config().to_run_config() == FedLoraConfig().to_run_config()
