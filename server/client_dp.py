@@ -98,7 +98,7 @@ class ClientLevelDP:
         if not all(self._usable(msg) for msg in replies):
             # The wrapper would skip a failed site silently, and its server-side clipping
             # crashes on a malformed update: the strategy names each site it leaves out and,
-            # missing a sampled update, releases nothing (_uniform_and_complete).
+            # missing a sampled update, releases nothing (server/contract.py ClientDPAdmission).
             return self.strategy.aggregate_train(server_round, replies)
         _fresh_noise()
         arrays, metrics = self.wrapper.aggregate_train(server_round, replies)

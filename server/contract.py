@@ -264,6 +264,51 @@ def round_outliers(num_examples: Sequence[float], norms: Sequence[float], exampl
     return reasons
 
 
+class OutlierScreen:
+    """Which of a round's well-formed updates are aggregated, by default: none far outside the
+    rest of the round (`round_outliers`), each with its example weight. Client-level DP admits
+    otherwise (ClientDPAdmission below)."""
+
+    def __init__(self, cfg) -> None:
+        self.examples_ratio = cfg.max_examples_ratio
+        self.norm_ratio = cfg.max_update_norm_ratio
+
+    def screen(self, updates: Sequence[TrainUpdate], current: Mapping[str, torch.Tensor]
+               ) -> dict[int, str]:
+        """The updates refused, by index, with the reason."""
+        return round_outliers([u.num_examples for u in updates],
+                              [update_norm(u.state, current) for u in updates],
+                              self.examples_ratio, self.norm_ratio)
+
+    def release(self, updates: list[TrainUpdate], sampled: int
+                ) -> tuple[list[TrainUpdate], str | None]:
+        """The updates to aggregate, or none and why (nothing to say here)."""
+        return updates, None
+
+
+class ClientDPAdmission:
+    """Client-level DP noise is calibrated to clip norm / clients sampled: no update is refused
+    for its size (clipping bounds each site), and every sampled site's update must be in the
+    mean, each with the same weight; else nothing is released this round."""
+
+    def screen(self, updates: Sequence[TrainUpdate], current) -> dict[int, str]:
+        return {}
+
+    def release(self, updates: list[TrainUpdate], sampled: int
+                ) -> tuple[list[TrainUpdate], str | None]:
+        if len(updates) < sampled:
+            return [], (f"client-level DP needs all {sampled} sampled updates, "
+                        f"{len(updates)} usable: no release this round")
+        for update in updates:
+            update.weight = 1.0
+        return updates, None
+
+
+def admission_for(cfg) -> OutlierScreen | ClientDPAdmission:
+    """How a run admits well-formed updates to the aggregate."""
+    return ClientDPAdmission() if cfg.client_level_dp else OutlierScreen(cfg)
+
+
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name, tensor in state.items():

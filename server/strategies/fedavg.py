@@ -29,11 +29,10 @@ from common.strategy_registry import strategy_spec
 from server.aggregation import weighted_average, weighted_mean_metrics
 from server.contract import (
     TrainUpdate,
+    admission_for,
     parse_metrics,
     parse_train_reply,
-    round_outliers,
     state_digest,
-    update_norm,
 )
 from server.round_record import site_spread
 
@@ -58,6 +57,8 @@ class LoraFedAvg(FedAvg):
         # Tensors the sites keep as the server sent them (a fitted head, head-mode fit): they
         # are not sent back; the global values this round sent stand in for them.
         self.fixed = frozenset(fixed)
+        # Which well-formed updates are aggregated, and with what weight.
+        self.admission = admission_for(cfg)
         self.scaling = cfg.lora_scaling
         self.current: OrderedDict[str, torch.Tensor] | None = None  # the global sent this round
         self.round_stats: dict[int, dict] = defaultdict(dict)
@@ -154,13 +155,16 @@ class LoraFedAvg(FedAvg):
                 self.leave_out(server_round, msg.metadata.src_node_id, str(err), "train-rejected")
                 continue
             updates.append(update)
-        if not self.cfg.client_level_dp:  # there, clipping bounds each site and weights are 1
-            updates = self._without_outliers(server_round, updates)
+        refused = self.admission.screen(updates, self.current or {})
+        for index, reason in refused.items():
+            self.leave_out(server_round, updates[index].node_id, reason, "train-rejected")
+        updates = [u for i, u in enumerate(updates) if i not in refused]
         self.keep_data_reports(server_round, updates)
         # Replies arrive in any order; a fixed order makes the float sums reproducible.
         updates.sort(key=lambda u: (u.num_examples, state_digest(u.state)))
-        if self.cfg.client_level_dp:
-            updates = self._uniform_and_complete(server_round, updates)
+        updates, withheld = self.admission.release(updates, len(self._sampled))
+        if withheld:
+            log(WARNING, "round %s: %s", server_round, withheld)
         stats["train-clients-aggregated"] = len(updates)
         if not updates or len(updates) < self.min_train_nodes:
             # Nothing is aggregated, so no strategy state (moments, residual) moves.
@@ -174,15 +178,6 @@ class LoraFedAvg(FedAvg):
         aggregated = self.keep_fixed(self.aggregate_updates(server_round, updates))
         stats["agg-rel-error"] = relative_error(self.applied_deltas(aggregated), target)
         return adapter_to_record(aggregated, "float32"), self.record_train(server_round, updates)
-
-    def _without_outliers(self, server_round: int, updates: list[TrainUpdate]
-                          ) -> list[TrainUpdate]:
-        outliers = round_outliers([u.num_examples for u in updates],
-                                  [update_norm(u.state, self.current or {}) for u in updates],
-                                  self.cfg.max_examples_ratio, self.cfg.max_update_norm_ratio)
-        for index, reason in outliers.items():
-            self.leave_out(server_round, updates[index].node_id, reason, "train-rejected")
-        return [u for i, u in enumerate(updates) if i not in outliers]
 
     def record_train(self, server_round: int, updates: list[TrainUpdate]) -> MetricRecord:
         """The round's training metrics, per site and weighted like the adapters."""
@@ -209,18 +204,6 @@ class LoraFedAvg(FedAvg):
     def data_check_totals(self) -> dict:
         """Sites reported, and their summed data-check counts and label histogram."""
         return total_site_reports(self.data_reports.values(), self.labels)
-
-    def _uniform_and_complete(self, server_round: int, updates: list[TrainUpdate]
-                              ) -> list[TrainUpdate]:
-        """Client-level DP noise is calibrated to clip norm / clients sampled: every sampled
-        site's update must be in the mean, each with the same weight."""
-        if len(updates) < len(self._sampled):
-            log(WARNING, "round %s: client-level DP needs all %s sampled updates, %s usable: "
-                "no release this round", server_round, len(self._sampled), len(updates))
-            return []
-        for update in updates:
-            update.weight = 1.0
-        return updates
 
     def base_offsets(self) -> dict[str, torch.Tensor]:
         """What the global model adds to the frozen base weights (exact's residual)."""
