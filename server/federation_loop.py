@@ -129,7 +129,8 @@ class FederationLoop:
             stopped = self._stopped(stop_sources)
             if usable >= needed or stopped:
                 return new_arrays
-            if self._stopped([lambda: privacy_budget_stop(stats, self.cfg)]):
+            self.stop = privacy_budget_stop(stats, self.cfg)
+            if self.stop is not None:
                 return new_arrays
             log(WARNING, "round %s: %s usable training replies, %s needed (attempt %s of %s)",
                 server_round, usable, needed, attempt + 1, self.cfg.round_retries + 1)

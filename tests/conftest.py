@@ -80,9 +80,30 @@ def recording_grid(cfg, num_nodes: int):
     return RecordingGrid()
 
 
-def simulate_without_ray(monkeypatch, grid=None) -> None:
+def site_message(cfg, labels, state, kind: str = "train", server_round: int = 1,
+                 partition: int = 0, num_partitions: int = 3):
+    """A message for simulated site `partition`, as a SuperNode hands it to the ClientApp,
+    and the site's context: the global adapter `state`, the labels and the round."""
+    import json
+
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from common.records import adapter_to_record
+
+    context = Context(run_id=1, node_id=10 + partition,
+                      node_config={"partition-id": partition, "num-partitions": num_partitions},
+                      state=RecordDict(), run_config=cfg.to_run_config())
+    msg = Message(RecordDict({"arrays": adapter_to_record(state),
+                              "config": ConfigRecord({"labels": json.dumps(labels),
+                                                      "server-round": server_round})}),
+                  dst_node_id=10 + partition, message_type=kind)
+    return msg, context
+
+
+def simulate_without_ray(monkeypatch, grid=None, patch=None) -> None:
     """`fedlora simulate`/`tune` run the ServerApp in this process on a grid (default: sites
-    trained in this process) instead of on Ray, after the same input checks."""
+    trained in this process) instead of on Ray, after the same input checks. `patch` replaces
+    monkeypatch.setattr where there is no monkeypatch (a script: the builtin setattr)."""
     from server.app import run_federation
     from simulations import runner
     from simulations.inprocess import InProcessGrid
@@ -90,9 +111,9 @@ def simulate_without_ray(monkeypatch, grid=None) -> None:
     def simulate(cfg, verbose=False, ray_address=None):
         run_federation(grid or InProcessGrid(cfg, cfg.num_clients), cfg)
 
-    monkeypatch.setattr(runner, "simulate", simulate)
-    monkeypatch.setattr(runner, "start_ray_during",
-                        lambda checks, cfg, ray_address=None: checks())
+    patch = patch or monkeypatch.setattr
+    patch(runner, "simulate", simulate)
+    patch(runner, "start_ray_during", lambda checks, cfg, ray_address=None: checks())
 
 
 @pytest.fixture

@@ -32,14 +32,11 @@ def main() -> int:
     os.replace = replace
 
     from common.flower_compat import set_task_identity
-    from server.app import run_federation
-    from simulations import cli, runner
-    from simulations.inprocess import InProcessGrid
+    from simulations import cli
+    from tests.conftest import simulate_without_ray
 
     set_task_identity(run_id=1, task_id=1, node_id=0)
-    runner.simulate = lambda cfg, verbose=False, ray_address=None: run_federation(
-        InProcessGrid(cfg, cfg.num_clients), cfg)
-    runner.start_ray_during = lambda checks, cfg, ray_address=None: checks()
+    simulate_without_ray(None, patch=setattr)
     code = cli.main(argv)
     if kill_at < 0 and os.environ.get("KILL_AT_WRITE_LOG"):
         Path(os.environ["KILL_AT_WRITE_LOG"]).write_text("\n".join(published) + "\n")

@@ -1,10 +1,8 @@
 """The ClientApp's handlers, called in-process as a SuperNode would call them."""
 
-import json
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 import client.app as client_app
 from common.config import FedLoraConfig
@@ -12,7 +10,8 @@ from common.data import load_splits, resolve_labels
 from common.errors import FedLoraError
 from common.flower_compat import set_task_identity
 from common.model import build_lora_model
-from common.records import adapter_to_record, record_to_adapter
+from common.records import record_to_adapter
+from tests.conftest import site_message
 
 
 @pytest.fixture
@@ -29,14 +28,7 @@ def site(banking_subset, monkeypatch):
     monkeypatch.setattr(client_app, "_CACHE", None)
 
     def message(kind, server_round=1, state=None, partition=0):
-        context = Context(run_id=1, node_id=10 + partition,
-                          node_config={"partition-id": partition, "num-partitions": 3},
-                          state=RecordDict(), run_config=cfg.to_run_config())
-        msg = Message(RecordDict({"arrays": adapter_to_record(state or global_state),
-                                  "config": ConfigRecord({"labels": json.dumps(labels),
-                                                          "server-round": server_round})}),
-                      dst_node_id=10 + partition, message_type=kind)
-        return msg, context
+        return site_message(cfg, labels, state or global_state, kind, server_round, partition)
 
     return message, global_state, builds
 

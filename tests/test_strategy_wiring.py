@@ -5,12 +5,11 @@ ClientApp reads). Each value is a non-default one, so a rule that ignores its ke
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 import client.app as client_app
 from common.config import FedLoraConfig
@@ -33,7 +32,7 @@ from server.aggregation import (
     weighted_average,
 )
 from server.strategies import STRATEGIES
-from tests.conftest import StaticGrid
+from tests.conftest import StaticGrid, site_message
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -124,21 +123,14 @@ def test_the_global_rank_reaches_hetlora_padding():
 
 
 @pytest.fixture
-def site_message(banking_subset, monkeypatch):
+def site_train(banking_subset, monkeypatch):
     """A train message for simulated site `partition` under a run config."""
     monkeypatch.setattr(client_app, "_CACHE", None)
 
     def message(cfg: FedLoraConfig, partition: int = 0):
         labels = resolve_labels(cfg, load_splits(cfg))
         global_state = build_lora_model(cfg, labels).trainable_state()
-        context = Context(run_id=1, node_id=10 + partition,
-                          node_config={"partition-id": partition, "num-partitions": 3},
-                          state=RecordDict(), run_config=cfg.to_run_config())
-        msg = Message(RecordDict({"arrays": adapter_to_record(global_state),
-                                  "config": ConfigRecord({"labels": json.dumps(labels),
-                                                          "server-round": 1})}),
-                      dst_node_id=10 + partition, message_type="train")
-        return msg, context, global_state
+        return (*site_message(cfg, labels, global_state, partition=partition), global_state)
 
     return message
 
@@ -147,7 +139,7 @@ def _distance(update, start) -> float:
     return sum(float((update[n] - start[n]).pow(2).sum()) for n in start) ** 0.5
 
 
-def test_proximal_mu_reaches_the_sites_loss(banking_subset, site_message, monkeypatch):
+def test_proximal_mu_reaches_the_sites_loss(banking_subset, site_train, monkeypatch):
     """The same site, seed and steps: a large proximal-mu keeps its update much nearer the
     global adapter than mu = 0 (the proximal term's gradient is mu (w - w_global))."""
     distances = {}
@@ -156,19 +148,19 @@ def test_proximal_mu_reaches_the_sites_loss(banking_subset, site_message, monkey
         cfg = FedLoraConfig(data=str(banking_subset), label_column="category", num_clients=3,
                             local_steps=8, learning_rate=0.05, strategy="fedprox",
                             proximal_mu=mu)
-        msg, context, start = site_message(cfg)
+        msg, context, start = site_train(cfg)
         reply = client_app.train(msg, context)
         distances[mu] = _distance(record_to_adapter(reply.content["arrays"]), start)
     assert distances[0.0] > 0
     assert distances[50.0] < 0.7 * distances[0.0], distances
 
 
-def test_client_ranks_reach_each_site(banking_subset, site_message):
+def test_client_ranks_reach_each_site(banking_subset, site_train):
     """client-ranks gives simulated site i the rank at position i: site 1 of "2,4,8" trains
     and sends rank-4 factors, which the server pads (hetlora) to the global rank."""
     cfg = FedLoraConfig(data=str(banking_subset), label_column="category", num_clients=3,
                         local_steps=1, strategy="hetlora", client_ranks="2,4,8")
-    msg, context, _ = site_message(cfg, partition=1)
+    msg, context, _ = site_train(cfg, partition=1)
     reply = client_app.train(msg, context)
     update = record_to_adapter(reply.content["arrays"])
     assert rank_of({k: v for k, v in update.items() if "lora_" in k}) == 4
