@@ -9,6 +9,7 @@ its simulation runtime the way `flwr-simulation` does; flwr is pinned below 1.42
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -174,6 +175,20 @@ def remove_abandoned_pools(folder: Path | None = None) -> None:
             continue
 
 
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 on /dev/null for the block: Ray's C++ logs bypass sys.stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _at_low_priority(checks: Callable[[], SharedPool | None]) -> SharedPool | None:
     """Run `checks` in this thread at niceness CHECKS_NICENESS (Linux, where a thread has its
     own). Ray's start is on the way to the first training step and the checks are not: its
@@ -210,7 +225,10 @@ def start_ray_during(checks: Callable[[], SharedPool | None], cfg: FedLoraConfig
         try:
             pool = checked.result()
         except BaseException:
-            stop_ray()
+            # Ray may still be registering the site actors it was asked for: its core worker
+            # then logs their cancellation on stderr, above the one-line error of the input.
+            with _stderr_silenced():
+                stop_ray()
             raise
     try:
         if pool_file is not None:

@@ -291,12 +291,17 @@ def test_the_worker_hook_loads_the_run_inside_a_slot(small_csv, tmp_path, monkey
     assert seen == [(cfg.to_run_config(), None)]  # the hook's slot was taken
 
 
-def test_the_input_checks_that_fail_while_ray_starts_stop_it(monkeypatch,
-                                                              pool_folders_in):
+def test_the_input_checks_that_fail_while_ray_starts_stop_it_quietly(monkeypatch, capfd,
+                                                                      pool_folders_in):
     calls: list[str] = []
+
+    def stop_ray_as_ray_does_while_actors_register() -> None:
+        os.write(2, b"core_worker.cc:2217: Failed to register actor.\n")
+        calls.append("stop")
+
     monkeypatch.setattr(runner, "start_ray",
                         lambda cfg, address=None, pool=None: calls.append("start"))
-    monkeypatch.setattr(runner, "stop_ray", lambda: calls.append("stop"))
+    monkeypatch.setattr(runner, "stop_ray", stop_ray_as_ray_does_while_actors_register)
 
     def bad_rows() -> None:
         time.sleep(0.2)
@@ -305,6 +310,9 @@ def test_the_input_checks_that_fail_while_ray_starts_stop_it(monkeypatch,
     with pytest.raises(FedLoraError, match="3 rows are empty"):
         runner.start_ray_during(bad_rows, FedLoraConfig())
     assert calls == ["start", "stop"]
+    assert "Failed to register actor" not in capfd.readouterr().err
+    os.write(2, b"stderr works again\n")
+    assert capfd.readouterr().err == "stderr works again\n"
     calls.clear()
     runner.start_ray_during(lambda: None, FedLoraConfig())
     assert calls == ["start"]  # good input: Ray stays up for the run
