@@ -123,7 +123,7 @@ class ClientLevelDP:
 
     def record_release(self, server_round: int) -> None:
         self.accountant.compose(self._event)
-        self.strategy.round_stats[server_round]["client-dp"] = {
+        self.strategy.round_stats[server_round].client_dp = {
             "epsilon": self.epsilon(), "delta": self.cfg.client_dp_delta,
             "releases": self.accountant.num_releases,
             "noise-std": compute_stdv(self.cfg.client_dp_noise_multiplier,

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 
 from common.config import FedLoraConfig
 from common.errors import PRIVACY_BUDGET_REACHED, FedLoraError
+from server.round_record import RoundStats
 from server.strategies.fedavg import LoraFedAvg
 
 
@@ -59,10 +60,10 @@ def plain_exchange(strategy: LoraFedAvg) -> Exchange:
     return exchange
 
 
-def privacy_budget_stop(round_stats: dict, cfg: FedLoraConfig) -> Stop | None:
+def privacy_budget_stop(round_stats: RoundStats, cfg: FedLoraConfig) -> Stop | None:
     """Sites left out because they reached dp-target-epsilon: retrying cannot help, they will
     refuse again; the run is over."""
-    spent = [d for d in round_stats.get("dropped", []) if PRIVACY_BUDGET_REACHED in d["reason"]]
+    spent = [d for d in round_stats.dropped if PRIVACY_BUDGET_REACHED in d["reason"]]
     if not spent:
         return None
     return Stop(StopReason.PRIVACY_BUDGET, f"{len(spent)} site(s) reached dp-target-epsilon "
@@ -122,8 +123,8 @@ class FederationLoop:
             new_arrays, _ = self.exchange(grid, server_round, arrays, train_config,
                                           self.cfg.round_timeout)
             stats = self.strategy.round_stats[server_round]
-            stats["train-exchange-seconds"] = time.perf_counter() - started
-            usable = stats.get("train-clients-aggregated", 0)
+            stats.train_exchange_seconds = time.perf_counter() - started
+            usable = stats.aggregated
             # A stop asked for meanwhile (round 0's evaluation runs beside round 1) ends the
             # run before this round's adapter is taken.
             stopped = self._stopped(stop_sources)

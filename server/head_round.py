@@ -34,6 +34,7 @@ from common.records import (
     record_to_adapter,
 )
 from server.contract import HEAD_SPLITS, HeadReply, parse_head_reply, state_digest
+from server.round_record import MISSING, REJECTED
 from server.strategies.fedavg import LoraFedAvg
 
 
@@ -94,10 +95,10 @@ class HeadRound:
         state = record_to_adapter(arrays)
         state.update(head_state(fit, self.head_names))
         stats = self.strategy.round_stats[server_round]
-        stats["bytes-down"] = stats.get("bytes-down", 0) + down
-        stats["bytes-up"] = stats.get("bytes-up", 0) + up
+        stats.bytes_down += down
+        stats.bytes_up += up
         traffic.update({"bytes-down": down, "bytes-up": up})
-        stats["head"] = {
+        stats.head = {
             "sites": sites, "rows": train.num_rows, "val-rows": val.num_rows,
             "labels-present": fit.labels_present, "shrinkage": fit.shrinkage,
             "temperature": fit.temperature,
@@ -115,7 +116,7 @@ class HeadRound:
         for node in sorted(set(nodes) - {m.metadata.src_node_id for m in replies}):
             self.strategy.leave_out(server_round, node, f"no head statistics within "
                                     f"round-timeout ({self.cfg.round_timeout:g}s)",
-                                    "head-missing")
+                                    "head", MISSING)
         parsed: list[HeadReply] = []
         for msg in replies:
             try:
@@ -123,7 +124,7 @@ class HeadRound:
                                                noisy=self.noisy, unit_features=self.unit_features))
             except FedLoraError as err:
                 self.strategy.leave_out(server_round, msg.metadata.src_node_id, str(err),
-                                        "head-rejected")
+                                        "head", REJECTED)
         # Replies arrive in any order; a fixed order makes the float sums reproducible.
         parsed.sort(key=lambda r: (r.num_examples, state_digest(
             OrderedDict(r.train.to_arrays("train")))))
@@ -148,7 +149,7 @@ class HeadRound:
                                             request, timeout,
                                             reply_names=array_names(HEAD_SPLITS), per_row=True)
         for node, reason in unsummed(nodes, results, observed, self.cfg).items():
-            self.strategy.leave_out(server_round, node, reason, "head-rejected")
+            self.strategy.leave_out(server_round, node, reason, "head", REJECTED)
         traffic = _traffic(observed.bytes_down, observed.bytes_up, len(nodes),
                            len(observed.replied))
         if not results:
@@ -165,7 +166,7 @@ class HeadRound:
             for proxy, _ in results:
                 self.strategy.leave_out(server_round, proxy.node_id,
                                         f"unusable secure sum of head statistics: {err}",
-                                        "head-rejected")
+                                        "head", REJECTED)
             empty = HeadStatistics.zeros(self.dim, self.num_labels)
             return (empty, empty), 0, traffic
         epsilons = [float(res.metrics["dp-epsilon"]) for _, res in results

@@ -16,6 +16,7 @@ from server.checkpoint import Checkpoint, save_checkpoint
 from server.evaluation import GlobalEvaluator
 from server.federation_loop import Stop, StopReason
 from server.outputs import RunDirectory
+from server.round_record import RoundStats
 from server.selection import improves, should_stop
 from server.strategies.fedavg import LoraFedAvg
 from server.tensorboard import RoundScalars
@@ -113,7 +114,7 @@ class RoundRecorder:
                 f"{patience} rounds (best: round {self.best[0]}, {key} {self.best[1]:.4f})"))
 
     def _snapshot(self, server_round: int, arrays: ArrayRecord) -> dict:
-        stats = self.strategy.round_stats.pop(server_round, {})
+        stats = self.strategy.round_stats.pop(server_round, RoundStats())
         state = {**self.strategy.state_tensors(),
                  **{group: tensors for part in self.parts
                     for group, tensors in part.state_tensors().items()}}
@@ -137,26 +138,11 @@ class RoundRecorder:
 
     def _record(self, pending: dict) -> dict[str, float]:
         server_metrics = self.evaluator(pending["arrays"])
-        stats = pending["stats"]
-        record = {
-            "round": pending["round"], "server": server_metrics,
-            "train": stats.get("train", {}),
-            "train-per-client": stats.get("train-per-client", []),
-            "evaluate": stats.get("evaluate", {}),
-            "evaluate-per-client": stats.get("evaluate-per-client", []),
-            "bytes-down": stats.get("bytes-down", 0),
-            "bytes-up": stats.get("bytes-up", 0),
-            "bytes-down-per-client": stats.get("bytes-down-per-client", 0),
-            "bytes-up-per-client": stats.get("bytes-up-per-client", 0),
-            "agg-rel-error": stats.get("agg-rel-error"),
-            "clients": {k: v for k, v in stats.items()
-                        if k.endswith(("-sampled", "-aggregated", "-rejected", "-missing"))},
-            "dropped": stats.get("dropped", []),
-            **{key: stats[key] for key in ("client-dp", "train-exchange-seconds", "data-checks",
-                                           "head", "evaluate-sites") if key in stats},
+        record = pending["stats"].line(
+            pending["round"], server_metrics,
             # Round 0: set-up and the initial evaluation. Round r: from round r-1's end (round
             # 1: from round 0's start, as the two overlap) to this round's evaluation's end.
-            "seconds": time.time() - pending["started"]}
+            seconds=time.time() - pending["started"])
         self.run.append_round(record)
         if self.scalars is not None:
             self.scalars.write(record)

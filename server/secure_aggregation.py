@@ -46,6 +46,7 @@ from common.records import (
     record_to_parameters,
 )
 from server.contract import TrainUpdate
+from server.round_record import REJECTED
 from server.strategies.fedavg import LoraFedAvg
 
 if TYPE_CHECKING:
@@ -136,9 +137,8 @@ class SecAggPlusRound:
             content[self.strategy.configrecord_key], timeout, reply_names=names)
         stats = self.strategy.round_stats[server_round]
         # Every SecAgg+ message of the round, in place of the adapter bytes counted so far.
-        stats["bytes-down"] = stats.get("bytes-down", 0) - stats.get("train-bytes-down", 0) \
-            + observed.bytes_down
-        stats["bytes-up"] = stats.get("bytes-up", 0) + observed.bytes_up
+        stats.bytes_down += observed.bytes_down - stats.train_bytes_down
+        stats.bytes_up += observed.bytes_up
         return self._aggregate(server_round, nodes, results, observed, names)
 
     def _aggregate(self, server_round: int, nodes: list[int],
@@ -146,21 +146,21 @@ class SecAggPlusRound:
                    names: list[str]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         strategy, stats = self.strategy, self.strategy.round_stats[server_round]
         for node, reason in unsummed(nodes, results, observed, self.cfg).items():
-            strategy.leave_out(server_round, node, reason, "train-rejected")
-        stats["train-clients-aggregated"] = len(results)
+            strategy.leave_out(server_round, node, reason, "train", REJECTED)
+        stats.aggregated = len(results)
         if len(results) < strategy.min_train_nodes:  # at least 2 (config)
             return None, None
         if self.client_dp and len(results) < len(nodes):
             # Client-level DP noise is calibrated to every sampled site's clipped update.
-            stats["train-clients-aggregated"] = 0
+            stats.aggregated = 0
             return None, None
         try:
             mean = self._decode_mean(results[0][1].parameters, names)
         except FedLoraError as err:
             for proxy, _ in results:
                 strategy.leave_out(server_round, proxy.node_id, f"unusable secure sum: {err}",
-                               "train-rejected")
-            stats["train-clients-aggregated"] = 0
+                               "train", REJECTED)
+            stats.aggregated = 0
             return None, None
         if self.client_dp:
             mean = self.client_dp.add_noise(mean, len(nodes))

@@ -43,8 +43,8 @@ def test_epsilon_per_release_matches_the_gaussian_mechanism_and_survives_a_check
         assert dp.allow_release(sampled=5)
         dp.record_release(server_round)
         assert dp.epsilon() == pytest.approx(_by_hand(server_round, 1.3, 1e-4), rel=1e-9)
-        assert strategy.round_stats[server_round]["client-dp"]["releases"] == server_round
-    assert strategy.round_stats[3]["client-dp"]["noise-std"] == pytest.approx(1.3 * 0.1 / 5)
+        assert strategy.round_stats[server_round].client_dp["releases"] == server_round
+    assert strategy.round_stats[3].client_dp["noise-std"] == pytest.approx(1.3 * 0.1 / 5)
     resumed = ClientLevelDP(LoraFedAvg(cfg, {"w": torch.zeros(2)}), cfg)
     resumed.load_state_tensors(dp.state_tensors())
     assert resumed.epsilon() == dp.epsilon()
@@ -111,8 +111,8 @@ def test_released_mean_is_the_clipped_mean_plus_calibrated_noise(
     expected = sigma * clip / SITES  # equal weights: the noise of Flower's wrapper
     assert noise.std().item() == pytest.approx(expected, rel=0.05)
     assert abs(noise.mean().item()) < 0.1 * expected
-    assert stats["client-dp"]["epsilon"] == pytest.approx(_by_hand(1, sigma, 1e-5), rel=1e-9)
-    assert stats["client-dp"]["noise-std"] == pytest.approx(expected)
+    assert stats.client_dp["epsilon"] == pytest.approx(_by_hand(1, sigma, 1e-5), rel=1e-9)
+    assert stats.client_dp["noise-std"] == pytest.approx(expected)
 
 
 def test_a_missing_site_means_no_release(banking_subset, tiny_llama_dir, task_identity,
@@ -122,9 +122,9 @@ def test_a_missing_site_means_no_release(banking_subset, tiny_llama_dir, task_id
     monkeypatch.setenv("FEDLORA_INJECT_FAULTS", "1:raise@1")
     released, stats, _, _ = _round(_cfg(banking_subset, tiny_llama_dir,
                                         client_dp_noise_multiplier=1.0))
-    assert released is None and stats["train-clients-aggregated"] == 0
-    assert "client-dp" not in stats
-    assert [d["node"] for d in stats["dropped"]] == [1001]
+    assert released is None and stats.clients["train-clients-aggregated"] == 0
+    assert stats.client_dp is None
+    assert [d["node"] for d in stats.dropped] == [1001]
 
 
 def test_target_epsilon_ends_the_run_before_it_is_exceeded(banking_subset, tiny_llama_dir,
@@ -185,6 +185,6 @@ def test_a_malformed_update_is_left_out_by_name_under_server_clipping(task_ident
                _reply(messages[2], _state(3, shape_b=(4, 3)), 10)]
     arrays, _ = dp.aggregate_train(1, replies)
     stats = strategy.round_stats[1]
-    assert arrays is None and "client-dp" not in stats and dp.epsilon() == 0.0
-    assert [d["node"] for d in stats["dropped"]] == [3]
-    assert "has shape (4, 3)" in stats["dropped"][0]["reason"]
+    assert arrays is None and stats.client_dp is None and dp.epsilon() == 0.0
+    assert [d["node"] for d in stats.dropped] == [3]
+    assert "has shape (4, 3)" in stats.dropped[0]["reason"]

@@ -191,7 +191,7 @@ def test_a_hostile_reply_never_reaches_the_aggregate(round_):
 
     attacked, stats = aggregate(with_hostile=True)
     clean, _ = aggregate(with_hostile=False)
-    assert [d["node"] for d in stats["dropped"]] == [len(states) + 1]
+    assert [d["node"] for d in stats.dropped] == [len(states) + 1]
     assert all(torch.equal(attacked[k], clean[k]) for k in REFERENCE)
 
 

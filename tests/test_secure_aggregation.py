@@ -56,12 +56,12 @@ def test_secagg_sum_equals_the_plain_aggregate_within_quantisation(
     plain_arrays, plain_stats, _, initial = _one_round(cfg)
     secure_arrays, stats, grid, _ = _one_round(cfg.replace(secure_aggregation=True))
 
-    counts = [c["num-examples"] for c in stats["train-per-client"]]
+    counts = [c["num-examples"] for c in stats.train_per_client]
     assert len(counts) == (2 if fault else 3)
-    assert counts == [c["num-examples"] for c in plain_stats["train-per-client"]]
+    assert counts == [c["num-examples"] for c in plain_stats.train_per_client]
     if fault:  # the masks of the site that dropped out were reconstructed from its shares
-        assert [d["node"] for d in stats["dropped"]] == [1001]
-        assert "injected fault" in stats["dropped"][0]["reason"]
+        assert [d["node"] for d in stats.dropped] == [1001]
+        assert "injected fault" in stats.dropped[0]["reason"]
     # Each site's weighted value is rounded once to the fixed-point grid 2c/R; the sum's error
     # is at most one step per site, divided by the sum of the weights n_k / max-weight.
     step = 2 * cfg.secagg_clipping_range / quantization_range(SITES)
@@ -76,7 +76,7 @@ def test_secagg_sum_equals_the_plain_aggregate_within_quantisation(
     held = [record for reply in grid.replies if not reply.has_error()
             for record in reply.content.array_records.values()]
     assert grid.replies and all(len(record) == 0 for record in held)
-    assert stats["bytes-up"] > 0
+    assert stats.bytes_up > 0
 
 
 def test_secagg_federation_is_within_one_point_of_the_plain_one(banking_subset, tiny_llama_dir,
@@ -100,9 +100,9 @@ def test_a_site_above_secagg_max_weight_refuses_by_name(banking_subset, tiny_lla
                                                        task_identity):
     cfg = _cfg(banking_subset, tiny_llama_dir, secure_aggregation=True, secagg_max_weight=50)
     arrays, stats, _, _ = _one_round(cfg)
-    assert arrays is None and stats["train-clients-aggregated"] == 0
-    assert len(stats["dropped"]) == SITES
-    assert all("more than secagg-max-weight (50)" in d["reason"] for d in stats["dropped"])
+    assert arrays is None and stats.clients["train-clients-aggregated"] == 0
+    assert len(stats.dropped) == SITES
+    assert all("more than secagg-max-weight (50)" in d["reason"] for d in stats.dropped)
 
 
 @pytest.mark.parametrize("strategy", ["exact", "median", "trimmed-mean", "hetlora"])

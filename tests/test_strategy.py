@@ -31,8 +31,8 @@ def test_bad_replies_are_dropped_and_the_rest_averaged():
     strategy = LoraFedAvg(FedLoraConfig(min_available_clients=6, min_train_clients=2), _state(0))
     messages = list(strategy.configure_train(1, adapter_to_record(_state(0)), ConfigRecord(),
                                              StaticGrid([1, 2, 3, 4, 5, 6])))
-    assert strategy.round_stats[1]["train-clients-sampled"] == 6
-    assert strategy.round_stats[1]["bytes-down"] == message_bytes(messages)
+    assert strategy.round_stats[1].clients["train-clients-sampled"] == 6
+    assert strategy.round_stats[1].bytes_down == message_bytes(messages)
     assert message_bytes(messages) > 6 * 4 * sum(t.numel() for t in _state(0).values())
     by_node = {m.metadata.dst_node_id: m for m in messages}
     nan_state = _state(1)
@@ -52,8 +52,8 @@ def test_bad_replies_are_dropped_and_the_rest_averaged():
     assert torch.allclose(result["a"], torch.full((2, 3), 3.25))
     assert metrics["num-examples"] == 40 and metrics["train-loss"] == pytest.approx(25.0)
     stats = strategy.round_stats[1]
-    assert stats["train-clients-aggregated"] == 2 and stats["train-rejected"] == 4
-    assert stats["bytes-up"] == message_bytes(replies[:5]) > 0  # the error reply carries none
+    assert stats.clients["train-clients-aggregated"] == 2 and stats.clients["train-rejected"] == 4
+    assert stats.bytes_up == message_bytes(replies[:5]) > 0  # the error reply carries none
 
 
 def test_no_usable_reply_leaves_the_global_adapter_alone():
@@ -91,5 +91,5 @@ def test_too_few_usable_replies_change_nothing():
     replies = [_reply(messages[0], _state(1), 10), _reply(messages[1], _state(2), 10)]
     assert strategy.aggregate_train(1, replies) == (None, None)
     assert strategy.optimizer_state == {"m": None, "v": None}
-    assert strategy.round_stats[1]["train-missing"] == 1
-    assert strategy.round_stats[1]["dropped"][0]["reason"].startswith("no reply within")
+    assert strategy.round_stats[1].clients["train-missing"] == 1
+    assert strategy.round_stats[1].dropped[0]["reason"].startswith("no reply within")

@@ -34,7 +34,7 @@ from server.contract import (
     parse_train_reply,
     state_digest,
 )
-from server.round_record import site_spread
+from server.round_record import MISSING, REJECTED, SAMPLED, RoundStats, site_spread
 
 
 class LoraFedAvg(FedAvg):
@@ -61,7 +61,8 @@ class LoraFedAvg(FedAvg):
         self.admission = admission_for(cfg)
         self.scaling = cfg.lora_scaling
         self.current: OrderedDict[str, torch.Tensor] | None = None  # the global sent this round
-        self.round_stats: dict[int, dict] = defaultdict(dict)
+        # Each round's record so far, until RoundRecorder writes the round's line.
+        self.round_stats: dict[int, RoundStats] = defaultdict(RoundStats)
         self._nodes_reached: set[int] = set()  # this round's, for bytes per client
         self.rng = random.Random(cfg.seed)  # client sampling; checkpointed with the run
         self._sampled: set[int] = set()
@@ -80,11 +81,12 @@ class LoraFedAvg(FedAvg):
     def _count_down(self, server_round: int, messages: list[Message], phase: str) -> None:
         sent = message_bytes(messages)
         stats = self.round_stats[server_round]
-        stats["bytes-down"] = stats.get("bytes-down", 0) + sent
-        stats[f"{phase}-bytes-down"] = sent
-        stats[f"{phase}-clients-sampled"] = len(messages)
+        stats.bytes_down += sent
+        if phase == "train":
+            stats.train_bytes_down = sent
+        stats.count(phase, SAMPLED, len(messages))
         self._nodes_reached.update(m.metadata.dst_node_id for m in messages)
-        stats["bytes-down-per-client"] = stats["bytes-down"] / max(len(self._nodes_reached), 1)
+        stats.bytes_down_per_client = stats.bytes_down / max(len(self._nodes_reached), 1)
 
     def sample_nodes(self, grid: Grid, fraction: float, min_nodes: int) -> list[int]:
         """Flower's rule (fraction of the connected nodes, at least min_nodes, waiting for
@@ -140,9 +142,9 @@ class LoraFedAvg(FedAvg):
         replies = list(replies)
         for node in sorted(self._sampled - {m.metadata.src_node_id for m in replies}):
             self.leave_out(server_round, node, f"no reply within round-timeout "
-                                           f"({self.cfg.round_timeout:g}s)", "train-missing")
+                                           f"({self.cfg.round_timeout:g}s)", "train", MISSING)
         for msg in replies:
-            stats["bytes-up"] = stats.get("bytes-up", 0) + message_bytes([msg])
+            stats.bytes_up += message_bytes([msg])
             try:
                 update = parse_train_reply(msg, self.returned_reference(),
                                            any_rank=self.spec.mixed_ranks is not None,
@@ -152,12 +154,13 @@ class LoraFedAvg(FedAvg):
                 update.state = self.with_fixed(update.state)
                 self.check_update(update)
             except FedLoraError as err:
-                self.leave_out(server_round, msg.metadata.src_node_id, str(err), "train-rejected")
+                self.leave_out(server_round, msg.metadata.src_node_id, str(err), "train",
+                               REJECTED)
                 continue
             updates.append(update)
         refused = self.admission.screen(updates, self.current or {})
         for index, reason in refused.items():
-            self.leave_out(server_round, updates[index].node_id, reason, "train-rejected")
+            self.leave_out(server_round, updates[index].node_id, reason, "train", REJECTED)
         updates = [u for i, u in enumerate(updates) if i not in refused]
         self.keep_data_reports(server_round, updates)
         # Replies arrive in any order; a fixed order makes the float sums reproducible.
@@ -165,7 +168,7 @@ class LoraFedAvg(FedAvg):
         updates, withheld = self.admission.release(updates, len(self._sampled))
         if withheld:
             log(WARNING, "round %s: %s", server_round, withheld)
-        stats["train-clients-aggregated"] = len(updates)
+        stats.aggregated = len(updates)
         if not updates or len(updates) < self.min_train_nodes:
             # Nothing is aggregated, so no strategy state (moments, residual) moves.
             log(WARNING, "round %s: %s usable training replies, %s needed; the global adapter "
@@ -176,7 +179,7 @@ class LoraFedAvg(FedAvg):
                                    [self.scaling] * len(updates), weights)
         target = self.adjust_target(target, updates, weights)
         aggregated = self.keep_fixed(self.aggregate_updates(server_round, updates))
-        stats["agg-rel-error"] = relative_error(self.applied_deltas(aggregated), target)
+        stats.agg_rel_error = relative_error(self.applied_deltas(aggregated), target)
         return adapter_to_record(aggregated, "float32"), self.record_train(server_round, updates)
 
     def record_train(self, server_round: int, updates: list[TrainUpdate]) -> MetricRecord:
@@ -185,9 +188,9 @@ class LoraFedAvg(FedAvg):
         self.keep_data_reports(server_round, updates)  # SecAgg+ comes here, not aggregate_train
         metrics = weighted_mean_metrics([u.metrics for u in updates], [u.weight for u in updates])
         metrics[NUM_EXAMPLES] = float(sum(u.num_examples for u in updates))
-        stats["train"] = metrics
-        stats["train-per-client"] = [{"node": u.node_id, **u.metrics} for u in updates]
-        stats["bytes-up-per-client"] = stats.get("bytes-up", 0) / len(updates)
+        stats.train = metrics
+        stats.train_per_client = [{"node": u.node_id, **u.metrics} for u in updates]
+        stats.bytes_up_per_client = stats.bytes_up / len(updates)
         log(INFO, "round %s: aggregated %s updates (%s examples)", server_round, len(updates),
             int(metrics[NUM_EXAMPLES]))
         return MetricRecord(metrics)
@@ -199,7 +202,7 @@ class LoraFedAvg(FedAvg):
             if update.data_report is not None:
                 self.data_reports[update.node_id] = update.data_report
         if self.data_reports:
-            self.round_stats[server_round]["data-checks"] = self.data_check_totals()
+            self.round_stats[server_round].data_checks = self.data_check_totals()
 
     def data_check_totals(self) -> dict:
         """Sites reported, and their summed data-check counts and label histogram."""
@@ -217,12 +220,12 @@ class LoraFedAvg(FedAvg):
         """Restore what state_tensors() returned."""
 
     # -- what subclasses change ----------------------------------------------------------------
-    def leave_out(self, server_round: int, node: int, reason: str, counter: str) -> None:
-        """A client left out of this round's aggregate: logged with its node and reason."""
+    def leave_out(self, server_round: int, node: int, reason: str, phase: str, what: str
+                  ) -> None:
+        """A client left out of this round's `phase` ("train", "head") as `what` (MISSING,
+        REJECTED): logged with its node and reason."""
         log(WARNING, "round %s: left out node %s: %s", server_round, node, reason)
-        stats = self.round_stats[server_round]
-        stats[counter] = stats.get(counter, 0) + 1
-        stats.setdefault("dropped", []).append({"node": node, "reason": reason})
+        self.round_stats[server_round].leave_out(node, reason, phase, what)
 
     def attach(self, messages: list[Message]) -> None:
         """Add records beyond the global adapter to the round's messages (see LoraExact)."""
@@ -291,15 +294,16 @@ class LoraFedAvg(FedAvg):
         if not parsed:
             return None
         per_client = [{"node": node, **m} for node, m in parsed.items()]
-        self.round_stats[server_round]["evaluate-per-client"] = per_client
+        stats = self.round_stats[server_round]
+        stats.evaluate_per_client = per_client
         metric = "eval-accuracy" if self.cfg.is_classification else "eval-loss"
         spread = site_spread({"evaluate-per-client": per_client}, metric,
                              higher_is_better=self.cfg.is_classification)
         if spread is not None:
-            self.round_stats[server_round]["evaluate-sites"] = {
+            stats.evaluate_sites = {
                 "metric": metric, "worst": spread[0], "median": spread[1]}
         weights = [m[NUM_EXAMPLES] for m in parsed.values()]
         metrics = weighted_mean_metrics(list(parsed.values()), weights)
         metrics[NUM_EXAMPLES] = float(sum(weights))
-        self.round_stats[server_round]["evaluate"] = metrics
+        stats.evaluate = metrics
         return MetricRecord(metrics)
