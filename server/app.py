@@ -19,7 +19,7 @@ from common.lora_math import factorize, lora_modules
 from common.model import LoraModel, build_lora_model
 from common.provenance import run_environment
 from common.records import TRAIN_HEAD, adapter_to_record, record_to_adapter
-from server.checkpoint import checkpoint_exists, load_checkpoint
+from server.checkpoint import checkpoint_exists, load_run_state
 from server.client_dp import ClientLevelDP
 from server.evaluation import GlobalEvaluator
 from server.federation_loop import Exchange, FederationLoop, plain_exchange
@@ -66,30 +66,26 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
         head_mode = resolve_head_mode(cfg, lora.pooling)
         head_round = head_round_for(strategy, cfg, lora, labels, head_mode)
         loop = FederationLoop(strategy, cfg, exchange, refine=head_round)
+        # Besides the strategy, what carries state from round to round.
         parts = [part for part in (client_dp, head_round, loop) if part is not None]
         client_config = ConfigRecord({"labels": json.dumps(labels),
                                       TRAIN_HEAD: head_mode != "fit"} if labels else {})
-        initial, first_round = lora.trainable_state(), 0
+        initial, first_round, best_round = lora.trainable_state(), 0, None
         if cfg.resume and not run.read_rounds() and not checkpoint_exists(run.checkpoint_dir):
             # Stopped before its first round was recorded: nothing is lost by starting over.
             log(INFO, "fedlora: %s recorded no round yet; starting it from round 0", run.path)
         elif cfg.resume:
-            ckpt = load_checkpoint(run.checkpoint_dir)
-            run.keep_rounds_through(ckpt.round)
-            strategy.load_state_tensors(ckpt.strategy_state)
-            for part in parts:
-                part.load_state_tensors(ckpt.strategy_state)
-            strategy.rng.setstate(ckpt.rng_state)
-            initial = OrderedDict((name, ckpt.adapter[name]) for name in initial)
-            first_round = ckpt.round + 1
-            log(INFO, "fedlora: resuming %s after round %s", run.path, ckpt.round)
+            state = load_run_state(run.checkpoint_dir)
+            run.keep_rounds_through(state.round)
+            state.restore(strategy.rng, [strategy, *parts])
+            initial = OrderedDict((name, state.adapter[name]) for name in initial)
+            first_round, best_round = state.round + 1, state.best
+            log(INFO, "fedlora: resuming %s after round %s", run.path, state.round)
             if head_round is not None:
                 head_round.stamp_releases(client_config)
 
         scalars = RoundScalars(run.path / "tensorboard") if cfg.tensorboard else None
-        recorder = RoundRecorder(run, evaluator, strategy, cfg, parts, scalars)
-        if first_round > 0:
-            recorder.restore_best(ckpt.strategy_state)
+        recorder = RoundRecorder(run, evaluator, strategy, cfg, parts, scalars, best_round)
         stop_sources = [lambda: recorder.stop_request]
         if client_dp is not None:
             stop_sources.append(lambda: client_dp.budget_stop)
@@ -103,10 +99,10 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
         run.save_adapter(exportable(cfg, lora, labels, strategy.base_offsets()), labels)
         best = {}
         if recorder.best is not None:
-            lora.load_trainable_state(recorder.best_adapter)
-            run.save_adapter(exportable(cfg, lora, labels, recorder.best_offsets), labels,
+            lora.load_trainable_state(recorder.best.adapter)
+            run.save_adapter(exportable(cfg, lora, labels, recorder.best.offsets), labels,
                              folder="best_adapter")
-            best = {"selection-metric": cfg.selection_key, "best-round": recorder.best[0]}
+            best = {"selection-metric": cfg.selection_key, "best-round": recorder.best.round}
         rounds = run.read_rounds()
         if best:
             best["best"] = next((r["server"] for r in rounds

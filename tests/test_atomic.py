@@ -12,12 +12,55 @@ from common.adapters import find_adapter
 from common.atomic import atomic_directory
 from common.checksums import CHECKSUMS_FILE, write_checksums
 from common.errors import FedLoraError
-from server.checkpoint import Checkpoint, checkpoint_exists, load_checkpoint, save_checkpoint
+from server.checkpoint import (
+    BestRound,
+    RunState,
+    checkpoint_exists,
+    load_run_state,
+    save_run_state,
+)
 
 
-def _checkpoint(round_: int) -> Checkpoint:
-    return Checkpoint(round=round_, adapter={"w": torch.full((2, 2), float(round_))},
-                      strategy_state={}, rng_state=[3, [1, 2], None])
+def _checkpoint(round_: int) -> RunState:
+    return RunState(round=round_, adapter={"w": torch.full((2, 2), float(round_))},
+                    sampling_rng=(3, (1, 2), None), parts={})
+
+
+class _Moments:
+    """A Stateful part: its tensors under its own group."""
+
+    def __init__(self, value: float) -> None:
+        self.m = torch.full((3,), value)
+
+    def state_tensors(self):
+        return {"moments": {"m": self.m}}
+
+    def load_state_tensors(self, state):
+        self.m = state["moments"]["m"].clone()
+
+
+def test_the_run_state_saves_and_loads_as_it_was_captured(tmp_path):
+    import random
+
+    rng, part = random.Random(7), _Moments(2.5)
+    best = BestRound(round=1, value=0.75, adapter={"w": torch.ones(2)},
+                     offsets={"x": torch.zeros(2, 2, dtype=torch.float64)})
+    state = RunState.capture(2, {"w": torch.full((2,), 3.0)}, rng, [part], best)
+    save_run_state(tmp_path / "checkpoint", state)
+    expected = rng.random()
+    rng.random()
+    loaded = load_run_state(tmp_path / "checkpoint")
+    assert loaded.round == 2 and torch.equal(loaded.adapter["w"], torch.full((2,), 3.0))
+    assert loaded.best.round == 1 and loaded.best.value == 0.75
+    assert torch.equal(loaded.best.adapter["w"], torch.ones(2))
+    assert loaded.best.offsets["x"].dtype == torch.float64
+    assert set(loaded.parts) == {"moments"}  # the best round's groups are not a part's
+    restored = _Moments(0.0)
+    loaded.restore(rng, [restored])
+    assert torch.equal(restored.m, torch.full((3,), 2.5)) and rng.random() == expected
+    with pytest.raises(ValueError, match="best"):
+        RunState.capture(2, {}, rng, [type("Clash", (), {
+            "state_tensors": lambda self: {"best": {}}})()])
 
 
 def _dying_on_second_rename():
@@ -35,17 +78,17 @@ def _dying_on_second_rename():
 def test_a_checkpoint_replaced_when_killed_between_renames_resumes_from_the_old(tmp_path,
                                                                                  monkeypatch):
     folder = tmp_path / "checkpoint"
-    save_checkpoint(folder, _checkpoint(1))
+    save_run_state(folder, _checkpoint(1))
     with monkeypatch.context() as patch:
         patch.setattr(common.atomic.os, "replace", _dying_on_second_rename())
         with pytest.raises(KeyboardInterrupt):
-            save_checkpoint(folder, _checkpoint(2))
+            save_run_state(folder, _checkpoint(2))
     assert not folder.exists()
     assert checkpoint_exists(folder)
-    restored = load_checkpoint(folder)
+    restored = load_run_state(folder)
     assert restored.round == 1 and torch.equal(restored.adapter["w"], torch.ones(2, 2))
-    save_checkpoint(folder, _checkpoint(2))
-    assert load_checkpoint(folder).round == 2
+    save_run_state(folder, _checkpoint(2))
+    assert load_run_state(folder).round == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
 
 
@@ -72,13 +115,13 @@ def _flip_last_byte(path):
 
 def test_a_checkpoint_with_flipped_bytes_is_refused_not_resumed(tmp_path):
     folder = tmp_path / "checkpoint"
-    save_checkpoint(folder, _checkpoint(3))
-    assert load_checkpoint(folder).round == 3
+    save_run_state(folder, _checkpoint(3))
+    assert load_run_state(folder).round == 3
     _flip_last_byte(folder / "adapter.safetensors")
     with pytest.raises(FedLoraError, match="is corrupt: adapter.safetensors is not what was"):
-        load_checkpoint(folder)
+        load_run_state(folder)
     (folder / CHECKSUMS_FILE).unlink()  # a checkpoint of an older version: read as it is
-    assert load_checkpoint(folder).adapter["w"][1, 1] != 3.0
+    assert load_run_state(folder).adapter["w"][1, 1] != 3.0
 
 
 def test_a_corrupt_adapter_is_one_line_for_evaluate_and_export(tmp_path, capsys):

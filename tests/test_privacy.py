@@ -150,7 +150,7 @@ def test_retried_rounds_stay_counted_as_releases_after_a_resume(banking_subset, 
     is checkpointed, so a resumed run does not hand a site a smaller release number."""
     import client.app
     from server.app import run_federation
-    from server.checkpoint import load_checkpoint
+    from server.checkpoint import load_run_state
     from simulations.inprocess import InProcessGrid
 
     releases_seen, failed = [], []
@@ -175,7 +175,7 @@ def test_retried_rounds_stay_counted_as_releases_after_a_resume(banking_subset, 
                         max_eval_examples=30, round_retries=1, num_rounds=1,
                         dp_noise_multiplier=1.0, out_dir=str(tmp_path / "run"))
     run = run_federation(InProcessGrid(cfg, 3), cfg)
-    saved = load_checkpoint(run.checkpoint_dir).strategy_state["run"]["retried-attempts"]
+    saved = load_run_state(run.checkpoint_dir).parts["run"]["retried-attempts"]
     assert int(saved[0]) == 1
     releases_seen.clear()
     resumed = cfg.replace(num_rounds=2, resume=True)

@@ -21,7 +21,7 @@ from client import startup
 from common.config import FedLoraConfig
 from common.errors import FedLoraError
 from common.records import adapter_to_record
-from server.checkpoint import load_checkpoint
+from server.checkpoint import load_run_state
 from server.outputs import RunDirectory
 from server.rounds import RoundRecorder
 from simulations import runner
@@ -84,15 +84,15 @@ def test_round_zero_is_scored_while_round_one_runs_and_checkpointed_as_before_it
 
     rounds = run_dir.read_rounds()
     assert [r["round"] for r in rounds] == [0] and rounds[0]["server"]["accuracy"] == 2.0
-    ckpt = load_checkpoint(run_dir.checkpoint_dir)
-    assert ckpt.round == 0 and ckpt.rng_state == rng_before_round_one
-    assert torch.equal(ckpt.strategy_state["opt"]["m"], torch.zeros(3))
+    ckpt = load_run_state(run_dir.checkpoint_dir)
+    assert ckpt.round == 0 and ckpt.sampling_rng == rng_before_round_one
+    assert torch.equal(ckpt.parts["opt"]["m"], torch.zeros(3))
     assert torch.equal(ckpt.adapter["w"], torch.ones(2))
 
     metrics = recorder(1, _arrays(3.0))  # later rounds are scored in line
     assert metrics["accuracy"] == 6.0
     assert [r["round"] for r in run_dir.read_rounds()] == [0, 1]
-    assert load_checkpoint(run_dir.checkpoint_dir).round == 1
+    assert load_run_state(run_dir.checkpoint_dir).round == 1
 
 
 def test_round_one_waits_for_round_zero_so_the_lines_stay_in_order(run_dir):
@@ -193,10 +193,12 @@ def test_the_best_round_survives_a_checkpoint(run_dir):
     recorder(0, _arrays(1.0))
     recorder(1, _arrays(4.0))  # accuracy 8: the best
     recorder(2, _arrays(2.0))
-    resumed = RoundRecorder(run_dir, evaluator, _Strategy(), FedLoraConfig())
-    resumed.restore_best(load_checkpoint(run_dir.checkpoint_dir).strategy_state)
-    assert resumed.best == (1, 8.0)
-    assert torch.equal(resumed.best_adapter["w"], torch.full((2,), 4.0))
+    best = load_run_state(run_dir.checkpoint_dir).best
+    assert (best.round, best.value) == (1, 8.0)
+    assert torch.equal(best.adapter["w"], torch.full((2,), 4.0))
+    resumed = RoundRecorder(run_dir, evaluator, _Strategy(), FedLoraConfig(), best=best)
+    resumed(3, _arrays(3.0))  # accuracy 6: round 1 stays the best
+    assert load_run_state(run_dir.checkpoint_dir).best.round == 1
 
 
 def test_a_rounds_seconds_start_after_the_previous_rounds_evaluation(run_dir):
