@@ -98,7 +98,7 @@ class RoundRecorder:
         if self.run.stop_requested():
             self.stop_request = Stop(StopReason.STOP_FILE,
                                      f"stopped on request ({self.run.stop_file} exists)")
-        elif should_stop(server_round, self.best, patience):
+        elif should_stop(server_round, self.best.round if self.best else None, patience):
             self.stop_request = Stop(StopReason.EARLY_STOPPING, (
                 f"early stopping: {key} did not improve by more than {min_delta:g} for "
                 f"{patience} rounds (best: round {self.best.round}, {key} {self.best.value:.4f})"))

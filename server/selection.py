@@ -28,6 +28,7 @@ def best_round(values: list[tuple[int, float]], metric: str,
     return best
 
 
-def should_stop(current_round: int, best: tuple[int, float] | None, patience: int) -> bool:
-    """Early stopping: `patience` rounds in a row without an improvement (0: never)."""
-    return patience > 0 and best is not None and current_round - best[0] >= patience
+def should_stop(current_round: int, best_round: int | None, patience: int) -> bool:
+    """Early stopping: `patience` rounds in a row without an improvement on `best_round`
+    (0: never)."""
+    return patience > 0 and best_round is not None and current_round - best_round >= patience

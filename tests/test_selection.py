@@ -31,9 +31,9 @@ def test_improvement_follows_the_metrics_direction_and_min_delta():
 
 
 def test_patience_counts_rounds_since_the_best():
-    assert not should_stop(3, (1, 0.3), patience=0)
-    assert not should_stop(2, (1, 0.3), patience=2)
-    assert should_stop(3, (1, 0.3), patience=2)
+    assert not should_stop(3, 1, patience=0)
+    assert not should_stop(2, 1, patience=2)
+    assert should_stop(3, 1, patience=2)
 
 
 def test_selection_metric_must_be_measured_for_the_task():
