@@ -8,11 +8,9 @@ starts one app process per message, so there each message loads them again (docs
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from logging import WARNING
-from pathlib import Path
 
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -45,12 +43,9 @@ from common.records import (
     TRAIN_HEAD,
     adapter_to_record,
 )
-from common.shared_pool import SHARED_POOL_ENV, Rows, SharedPool, read_shared_pool
 from common.strategy_registry import strategy_spec
 
 app = ClientApp()
-# The driver writes the pool when its input checks pass: seconds after a process starts.
-SHARED_POOL_WAIT_SECONDS = 300.0
 
 
 @dataclass
@@ -71,7 +66,9 @@ class ProcessCache:
 
     key: tuple
     models: dict[int, LoraModel] = field(default_factory=dict)  # one per LoRA rank in use
-    pool: object | None = None  # the training pool: a datasets.Dataset, or the driver's Rows
+    # The training pool: a datasets.Dataset, or rows handed to warm_up (len, select, columns).
+    pool: object | None = None
+    pool_is_dataset: bool = False  # the partitioners take only a Dataset
     partitions: list[list[int]] | None = None
     sites: dict[int, SiteRuntime] = field(default_factory=dict)
     refused: dict[int, FedLoraError] = field(default_factory=dict)  # sites a data check refused
@@ -105,26 +102,27 @@ def _load_partitions(cache: ProcessCache, cfg: FedLoraConfig, sites: int,
 
         if splits is not None:
             cache.pool = splits.train
-        elif cache.pool is None or isinstance(cache.pool, Rows):  # partitioners take a Dataset
+        elif cache.pool is None or not cache.pool_is_dataset:
             cache.pool = load_splits(cfg).train
+        cache.pool_is_dataset = True
         cache.partitions = partition_indices(cache.pool, cfg.replace(num_clients=sites))
 
 
-def warm_up(run_config: dict) -> None:
-    """A client process's base model and partitioned data, loaded while the server prepares
-    (called by Ray's worker set-up hook, client/startup.py), so the first message finds them here
-    (they took ~10 s on the way to the first training step). The data and labels are those the
-    simulation's driver hands over, if it does; else read and resolved as the server resolves
-    them (if the server's labels differ, the first message simply starts over)."""
+def warm_up(cfg: FedLoraConfig, labels: list[str] | None = None, rows=None,
+            partitions: list[list[int]] | None = None) -> None:
+    """Load this process's base model and the simulation's partitioned data before its first
+    message, which then finds them here (they took ~10 s on the way to the first training
+    step). `rows` (the training pool: len, select, "text"/"target" columns), its `labels` and
+    `partitions` (row indices of each of cfg.num_clients sites) if the caller has them; else
+    read and resolved as the server resolves them (if the server's labels differ, the first
+    message simply starts over). An error is logged, not raised: the first message reports
+    it in its own words."""
     try:
-        cfg = FedLoraConfig.from_run_config(run_config)
         if cfg.eval_data:  # the server's labels also come from eval-data: not known here
             return
-        shared = _shared_pool()
-        if shared is not None and len(shared.partitions) == cfg.num_clients:
-            labels = shared.labels
+        if rows is not None:
             cache = _process_cache(cfg, labels)
-            cache.pool, cache.partitions = shared.rows, shared.partitions
+            cache.pool, cache.partitions, cache.pool_is_dataset = rows, partitions, False
         else:
             splits = load_splits(cfg)
             labels = resolve_labels(cfg, splits) if cfg.is_classification else None
@@ -132,17 +130,8 @@ def warm_up(run_config: dict) -> None:
             _load_partitions(cache, cfg, cfg.num_clients, splits)
         for rank in sorted(set(cfg.site_ranks)):
             _model(cache, cfg, labels, rank)
-    except Exception as err:  # the first message reports the real error, in its own words
+    except Exception as err:
         log(WARNING, "fedlora: client warm-up skipped: %s", err)
-
-
-def _shared_pool() -> SharedPool | None:
-    """The pool the simulation's driver read and partitioned (common/shared_pool.py), if it
-    hands one to this process."""
-    path = os.environ.get(SHARED_POOL_ENV)
-    if not path:
-        return None
-    return read_shared_pool(Path(path), SHARED_POOL_WAIT_SECONDS)
 
 
 def _site_runtime(cfg: FedLoraConfig, site: SiteConfig | None, context: Context,

@@ -3,7 +3,7 @@
 Flower's simulation engine makes its actor pool only once the run starts, after the input
 checks, and its actor class lives in `flwr.simulation`, whose package import (1.1 s of CPU:
 its app, LinkState, SQLAlchemy, Alembic) each client process would pay before its first
-message. So fedlora starts the actors that may load at once (client/startup.py) as soon as Ray
+message. So fedlora starts the actors that may load at once (simulations/startup.py) as soon as Ray
 is up, while the checks and the ServerApp still prepare, with a class of its own that honours
 Flower's actor contract (`run` and `terminate`, errors raised as ClientAppException), and hands
 them to Flower's pool when the run builds it. Flower 1.41's pool has no such option:

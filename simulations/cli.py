@@ -14,8 +14,8 @@ from pathlib import Path
 
 from common.config import STRATEGIES, FedLoraConfig, build_config
 from common.errors import FedLoraError
-from common.shared_pool import Rows, SharedPool
 from simulations.inspect import add_inspect_parser, inspect_command
+from simulations.shared_pool import Rows, SharedPool
 from simulations.tune import add_tune_parser
 
 
@@ -332,7 +332,7 @@ def prepare_simulation_config(cfg: FedLoraConfig) -> FedLoraConfig:
 
 def preflight(cfg: FedLoraConfig) -> SharedPool:
     """Find bad input (data, columns, model, partition sizes) before the run starts. What was
-    read and partitioned is returned, for the client processes (common/shared_pool.py)."""
+    read and partitioned is returned, for the client processes (simulations/shared_pool.py)."""
     from common.config import check_resumable
     from common.data import columns, load_splits, resolve_labels
     from common.data_checks import check_pool

@@ -21,11 +21,11 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
-from client.startup import RUN_CONFIG_ENV, load_slots
 from common.config import FedLoraConfig
 from common.errors import FedLoraError, first_line
-from common.shared_pool import SHARED_POOL_ENV, SharedPool, write_shared_pool
 from simulations.actors import flower_pool_takes, pool_capacity, start_site_actors
+from simulations.shared_pool import SHARED_POOL_ENV, SharedPool, write_shared_pool
+from simulations.startup import RUN_CONFIG_ENV, load_slots
 
 APP_DIR = Path(__file__).resolve().parent.parent
 # Site actors start_ray started, until Flower's pool takes them (or Ray stops).
@@ -108,9 +108,9 @@ def start_ray(cfg: FedLoraConfig, ray_address: str | None = None,
               shared_pool: Path | None = None) -> None:
     """Ray as Flower's backend would start it (which then leaves it as it is), plus a worker
     set-up hook: every client process loads its imports, base model and data while the server
-    prepares, instead of on its first message (client/startup.py). The client processes that
+    prepares, instead of on its first message (simulations/startup.py). The client processes that
     may load at once start with it (simulations/actors.py). With `shared_pool`, they wait
-    for the data there (common/shared_pool.py): a file that must then be written."""
+    for the data there (simulations/shared_pool.py): a file that must then be written."""
     import ray
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -125,7 +125,7 @@ def start_ray(cfg: FedLoraConfig, ray_address: str | None = None,
     # Named, not passed: the driver need not import torch and transformers to start Ray.
     backend = backend_config(cfg, ray_address)
     ray.init(runtime_env={"env_vars": env,
-                          "worker_process_setup_hook": "client.startup.warm_up_worker"},
+                          "worker_process_setup_hook": "simulations.startup.warm_up_worker"},
              **backend["init_args"])
     resources = backend["client_resources"]
     # Only those that may load at once: the others would boot now only to wait for a slot.
@@ -207,7 +207,7 @@ def start_ray_during(checks: Callable[[], SharedPool | None], cfg: FedLoraConfig
     """Start Ray while `checks` run in a low-priority thread: Ray's start-up (seconds of its
     own processes) overlaps the slower input checks. If the checks raise, Ray is stopped and
     their error raised. The pool they return is handed to the client processes on this
-    machine (common/shared_pool.py)."""
+    machine (simulations/shared_pool.py)."""
     import ray  # noqa: F401  (here, before the checks' imports contend for the GIL)
 
     pool_file = _new_pool_file()

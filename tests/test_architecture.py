@@ -30,3 +30,13 @@ def test_a_package_imports_only_what_it_may(package):
     wrong = {str(path.relative_to(REPO)): sorted(_imported_packages(path) - ALLOWED[package])
              for path in sorted((REPO / package).rglob("*.py"))}
     assert {path: names for path, names in wrong.items() if names} == {}
+
+
+def test_the_client_knows_nothing_of_the_simulations_start_up_speed_ups():
+    from simulations.shared_pool import SHARED_POOL_ENV
+    from simulations.startup import RUN_CONFIG_ENV
+
+    names = (SHARED_POOL_ENV, RUN_CONFIG_ENV, "shared_pool", "load_slot")
+    found = {str(path.relative_to(REPO)): name for path in sorted((REPO / "client").rglob("*.py"))
+             for name in names if name in path.read_text()}
+    assert found == {}

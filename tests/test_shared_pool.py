@@ -17,7 +17,9 @@ from common.data import columns, load_splits, resolve_labels, tokenize
 from common.data_checks import check_site_rows, report_metrics
 from common.errors import FedLoraError
 from common.model import load_tokenizer
-from common.shared_pool import (
+from simulations import runner, startup
+from simulations.cli import preflight
+from simulations.shared_pool import (
     SHARED_POOL_ENV,
     PoolWithdrawn,
     Rows,
@@ -25,8 +27,6 @@ from common.shared_pool import (
     read_shared_pool,
     write_shared_pool,
 )
-from simulations import runner
-from simulations.cli import preflight
 from tests.conftest import assert_python_runs
 
 
@@ -144,7 +144,7 @@ def test_a_process_handed_the_pool_warms_up_from_it_and_trains_on_the_same_examp
     monkeypatch.setattr(client_app, "load_splits", reading_the_data)
     monkeypatch.setenv(SHARED_POOL_ENV, str(path))
     monkeypatch.setattr(client_app, "_CACHE", None)
-    client_app.warm_up(cfg.to_run_config())
+    startup.warm_up_site_process(cfg.to_run_config())
     warmed = client_app._CACHE
     assert warmed is not None and warmed.partitions == pool.partitions and warmed.models
     handed = client_app._site_runtime(cfg, None, _site_context(1, 4), pool.labels)
@@ -152,7 +152,7 @@ def test_a_process_handed_the_pool_warms_up_from_it_and_trains_on_the_same_examp
     monkeypatch.setattr(client_app, "load_splits", real_load_splits)
     monkeypatch.delenv(SHARED_POOL_ENV)
     monkeypatch.setattr(client_app, "_CACHE", None)
-    client_app.warm_up(cfg.to_run_config())
+    startup.warm_up_site_process(cfg.to_run_config())
     read = client_app._site_runtime(cfg, None, _site_context(1, 4), pool.labels)
     assert handed.train_examples and handed.train_examples == read.train_examples
     assert handed.val_examples == read.val_examples
@@ -168,7 +168,8 @@ def test_a_process_handed_the_pool_imports_neither_datasets_nor_pandas(small_csv
         "import json, os, sys\n"
         f"os.environ[{SHARED_POOL_ENV!r}] = {str(path)!r}\n"
         "from client import app\n"
-        f"app.warm_up(json.loads({json.dumps(json.dumps(cfg.to_run_config()))}))\n"
+        "from simulations.startup import warm_up_site_process\n"
+        f"warm_up_site_process(json.loads({json.dumps(json.dumps(cfg.to_run_config()))}))\n"
         "assert app._CACHE is not None and app._CACHE.models, 'the warm-up was skipped'\n"
         "heavy = [name for name in ('datasets', 'pandas') if name in sys.modules]\n"
         "assert not heavy, heavy\n")

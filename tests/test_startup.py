@@ -17,14 +17,13 @@ import pytest
 import torch
 
 from client import app as client_app
-from client import startup
 from common.config import FedLoraConfig
 from common.errors import FedLoraError
 from common.records import adapter_to_record
 from server.checkpoint import load_run_state
 from server.outputs import RunDirectory
 from server.rounds import RoundRecorder
-from simulations import runner
+from simulations import runner, startup
 from tests.conftest import REPO, assert_python_runs
 
 
@@ -127,7 +126,7 @@ def small_csv(tmp_path):
 def test_a_warmed_process_serves_its_first_message_from_the_cache(small_csv, monkeypatch):
     cfg = FedLoraConfig(data=str(small_csv), num_clients=4)
     monkeypatch.setattr(client_app, "_CACHE", None)
-    client_app.warm_up(cfg.to_run_config())
+    client_app.warm_up(cfg)
     warmed = client_app._CACHE
     assert warmed is not None and warmed.partitions is not None
     assert sorted(i for part in warmed.partitions for i in part) == \
@@ -144,7 +143,7 @@ def test_a_warmed_process_serves_its_first_message_from_the_cache(small_csv, mon
 def test_a_warm_up_that_fails_leaves_the_error_to_the_first_message(tmp_path, monkeypatch):
     monkeypatch.setattr(client_app, "_CACHE", None)
     cfg = FedLoraConfig(data=str(tmp_path / "missing.csv"))
-    client_app.warm_up(cfg.to_run_config())  # no exception: the worker must still start
+    client_app.warm_up(cfg)  # no exception: the worker must still start
     assert client_app._CACHE is None
     context = type("Context", (), {"node_config": {"partition-id": 0}, "node_id": 1})()
     with pytest.raises(FedLoraError, match="missing.csv"):  # the first message says why
@@ -253,7 +252,7 @@ def test_two_slots_let_two_load_at_once(tmp_path):
 def test_a_process_that_dies_while_loading_frees_its_slot(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from client.startup import load_slot\n"
+         "from simulations.startup import load_slot\n"
          "with load_slot(Path(sys.argv[1]), 1):\n"
          "    print('held', flush=True); time.sleep(120)", str(tmp_path)],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -281,16 +280,16 @@ def test_the_worker_hook_loads_the_run_inside_a_slot(small_csv, tmp_path, monkey
     cfg = FedLoraConfig(data=str(small_csv), num_clients=4)
     seen: list = []
 
-    def warm_up(run_config):  # is the slot held while it loads?
+    def warm_up(cfg):  # is the slot held while it loads?
         with startup.load_slot(tmp_path / "slots", 1, wait=0) as slot:
-            seen.append((run_config, slot))
+            seen.append((cfg, slot))
 
     monkeypatch.setattr(client_app, "warm_up", warm_up)
     monkeypatch.setattr(startup, "slots_folder", lambda: tmp_path / "slots")
     monkeypatch.setenv(startup.RUN_CONFIG_ENV, json.dumps(cfg.to_run_config()))
     monkeypatch.setattr(startup, "load_slots", lambda: 1)
     startup.warm_up_worker()
-    assert seen == [(cfg.to_run_config(), None)]  # the hook's slot was taken
+    assert seen == [(cfg, None)]  # the hook's slot was taken
 
 
 def test_the_input_checks_that_fail_while_ray_starts_stop_it_quietly(monkeypatch, capfd,
