@@ -115,6 +115,17 @@ def _legacy_data_report(node_id: int, metrics: Mapping[str, float]) -> dict[str,
         return None
 
 
+def check_adapter_values(state: Mapping[str, torch.Tensor],
+                         reference: Mapping[str, torch.Tensor], sender: str,
+                         any_rank: bool = False) -> None:
+    """What every adapter the server aggregates or takes must be, a site's reply or a secure
+    sum: the names and shapes of `reference` (ranks free with any_rank) and finite values."""
+    check_adapter_matches(state, reference, sender=sender, any_rank=any_rank)
+    for name, tensor in state.items():
+        if not torch.isfinite(tensor).all():
+            raise FedLoraError(f"tensor {name!r} has non-finite values")
+
+
 def parse_train_reply(msg: Message, reference: Mapping[str, torch.Tensor],
                       any_rank: bool = False, current: Mapping[str, torch.Tensor] | None = None,
                       max_update_norm: float = 0.0, num_labels: int | None = None
@@ -139,11 +150,7 @@ def parse_train_reply(msg: Message, reference: Mapping[str, torch.Tensor],
             raise FedLoraError(f"tensor {name!r} has dtype {array.dtype}; adapters travel as "
                                f"{', '.join(TRANSFER_DTYPES)}")
     state = record_to_adapter(records[0])
-    check_adapter_matches(state, reference, sender=f"node {msg.metadata.src_node_id}",
-                          any_rank=any_rank)
-    for name, tensor in state.items():
-        if not torch.isfinite(tensor).all():
-            raise FedLoraError(f"tensor {name!r} has non-finite values")
+    check_adapter_values(state, reference, f"node {msg.metadata.src_node_id}", any_rank)
     if max_update_norm > 0 and current is not None:
         norm = update_norm(state, current)
         if norm > max_update_norm:
@@ -168,6 +175,21 @@ class HeadReply:
     val: HeadStatistics
     num_examples: int  # the site's training rows, as its metrics say
     metrics: dict[str, float]
+
+
+def head_statistics_from(arrays: Mapping[str, torch.Tensor], dim: int, num_labels: int
+                         ) -> tuple[HeadStatistics, HeadStatistics]:
+    """The train and val statistics in `arrays`, a site's or a secure sum's: finite, and in
+    the shapes of `dim` features and `num_labels` labels."""
+    for name, tensor in arrays.items():
+        if not torch.isfinite(tensor).all():
+            raise FedLoraError(f"head statistic {name!r} has non-finite values")
+    try:
+        train, val = (HeadStatistics.from_arrays(arrays, split, dim, num_labels)
+                      for split in HEAD_SPLITS)
+    except ValueError as err:
+        raise FedLoraError(f"head statistics: {err}") from None
+    return train, val
 
 
 def parse_head_reply(msg: Message, dim: int, num_labels: int, noisy: bool,
@@ -195,15 +217,7 @@ def parse_head_reply(msg: Message, dim: int, num_labels: int, noisy: bool,
     for name, array in records[0].items():
         if array.dtype != "float64":
             raise FedLoraError(f"head statistic {name!r} has dtype {array.dtype}, not float64")
-    arrays = record_to_tensors(records[0])
-    for name, tensor in arrays.items():
-        if not torch.isfinite(tensor).all():
-            raise FedLoraError(f"head statistic {name!r} has non-finite values")
-    try:
-        train, val = (HeadStatistics.from_arrays(arrays, split, dim, num_labels)
-                      for split in HEAD_SPLITS)
-    except ValueError as err:
-        raise FedLoraError(f"head statistics: {err}") from None
+    train, val = head_statistics_from(record_to_tensors(records[0]), dim, num_labels)
     if not noisy:
         for split, stats in zip(HEAD_SPLITS, (train, val)):
             _check_exact_statistics(split, stats, unit_features)

@@ -33,7 +33,13 @@ from common.records import (
     message_bytes,
     record_to_adapter,
 )
-from server.contract import HEAD_SPLITS, HeadReply, parse_head_reply, state_digest
+from server.contract import (
+    HEAD_SPLITS,
+    HeadReply,
+    head_statistics_from,
+    parse_head_reply,
+    state_digest,
+)
 from server.round_record import MISSING, REJECTED
 from server.strategies.fedavg import LoraFedAvg
 
@@ -158,15 +164,11 @@ class HeadRound:
         rows = sum(res.num_examples for _, res in results)
         mean = _decode_secure_mean(results[0][1].parameters, rows)
         try:
-            if not all(bool(torch.isfinite(t).all()) for t in mean.values()):
-                raise ValueError("it has non-finite values")
-            sums = tuple(HeadStatistics.from_arrays(mean, split, self.dim, self.num_labels)
-                         for split in HEAD_SPLITS)
-        except ValueError as err:
+            sums = head_statistics_from(mean, self.dim, self.num_labels)
+        except FedLoraError as err:
             for proxy, _ in results:
                 self.strategy.leave_out(server_round, proxy.node_id,
-                                        f"unusable secure sum of head statistics: {err}",
-                                        "head", REJECTED)
+                                        f"unusable secure sum: {err}", "head", REJECTED)
             empty = HeadStatistics.zeros(self.dim, self.num_labels)
             return (empty, empty), 0, traffic
         epsilons = [float(res.metrics["dp-epsilon"]) for _, res in results

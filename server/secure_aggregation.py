@@ -15,6 +15,7 @@ the sites this strategy sampled and takes back the unmasked mean.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,7 +46,7 @@ from common.records import (
     record_to_adapter,
     record_to_parameters,
 )
-from server.contract import TrainUpdate
+from server.contract import TrainUpdate, check_adapter_values
 from server.round_record import REJECTED
 from server.strategies.fedavg import LoraFedAvg
 
@@ -155,7 +156,8 @@ class SecAggPlusRound:
             stats.aggregated = 0
             return None, None
         try:
-            mean = self._decode_mean(results[0][1].parameters, names)
+            mean = decode_secure_mean(results[0][1].parameters, names,
+                                      self.strategy.returned_reference())
         except FedLoraError as err:
             for proxy, _ in results:
                 strategy.leave_out(server_round, proxy.node_id, f"unusable secure sum: {err}",
@@ -176,16 +178,13 @@ class SecAggPlusRound:
         return adapter_to_record(aggregated, "float32"), strategy.record_train(server_round,
                                                                                updates)
 
-    def _decode_mean(self, parameters: Parameters, names: list[str]
-                     ) -> "OrderedDict[str, torch.Tensor]":
-        mean = record_to_adapter(parameters_to_record(parameters, names))
-        reference = self.strategy.reference
-        for name, tensor in mean.items():
-            if name not in reference or tensor.shape != reference[name].shape:
-                raise FedLoraError(f"tensor {name!r} does not match the global adapter")
-            if not torch.isfinite(tensor).all():
-                raise FedLoraError(f"tensor {name!r} has non-finite values")
-        return OrderedDict((name, mean[name]) for name in names)
+def decode_secure_mean(parameters: Parameters, names: list[str],
+                       reference: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    """The unmasked mean of a SecAgg+ round as the adapter tensors `names`, held to the same
+    contract as a site's reply (server/contract.py)."""
+    mean = record_to_adapter(parameters_to_record(parameters, names))
+    check_adapter_values(mean, reference, "the secure sum")
+    return OrderedDict((name, mean[name]) for name in names)
 
 
 def secure_exchange(cfg: FedLoraConfig, grid: Grid, server_round: int, nodes: list[int],

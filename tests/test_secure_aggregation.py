@@ -123,3 +123,23 @@ def test_quantisation_range_never_wraps_the_modulus():
         step = quantization_range(sites)
         assert sites * step <= 2**32 and step <= 2**30
         assert (sites + 1) * step * 2 > 2**32 or step == 2**30  # and is not needlessly coarse
+
+
+def test_an_unusable_secure_sum_is_refused_by_the_replies_contract():
+    import numpy as np
+    import torch
+    from flwr.common import ndarrays_to_parameters
+
+    from server.secure_aggregation import decode_secure_mean
+
+    reference = {"m.lora_A.weight": torch.zeros(2, 3), "m.lora_B.weight": torch.zeros(3, 2)}
+    names = list(reference)
+    good = [np.ones((2, 3)), np.full((3, 2), 2.0)]
+    mean = decode_secure_mean(ndarrays_to_parameters(good), names, reference)
+    assert list(mean) == names and float(mean["m.lora_B.weight"].sum()) == 12.0
+    with pytest.raises(FedLoraError, match="non-finite"):
+        decode_secure_mean(ndarrays_to_parameters([good[0], np.full((3, 2), np.nan)]),
+                           names, reference)
+    with pytest.raises(FedLoraError, match="the secure sum: tensor 'm.lora_B.weight' has shape"):
+        decode_secure_mean(ndarrays_to_parameters([good[0], np.ones((2, 2))]), names,
+                           reference)
