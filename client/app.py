@@ -34,10 +34,10 @@ from common.data import (
 )
 from common.data_checks import DataReport, check_site_rows, report_metrics
 from common.errors import FedLoraError
+from common.message_types import HEAD_ACTION
 from common.metrics import evaluate_examples
 from common.model import LoraModel, build_lora_model
 from common.records import (
-    HEAD_ACTION,
     HEAD_RELEASES,
     TASK_KEY,
     TRAIN_HEAD,
@@ -49,7 +49,7 @@ app = ClientApp()
 
 
 @dataclass
-class SiteRuntime:
+class SiteState:
     """What one site keeps between messages: the model, its tokenised train/val examples and
     the data checks' report on its rows."""
 
@@ -70,11 +70,21 @@ class ProcessCache:
     pool: object | None = None
     pool_is_dataset: bool = False  # the partitioners take only a Dataset
     partitions: list[list[int]] | None = None
-    sites: dict[int, SiteRuntime] = field(default_factory=dict)
+    sites: dict[int, SiteState] = field(default_factory=dict)
     refused: dict[int, FedLoraError] = field(default_factory=dict)  # sites a data check refused
 
 
 _CACHE: ProcessCache | None = None
+
+
+def resident_sites() -> list[dict]:
+    """What this process holds (a site runtime's status): per site, its model and rows."""
+    cache = _CACHE  # read once: a message of another run may be replacing it
+    if cache is None:
+        return []
+    return [{"site": site_id, "model": cache.key[0].model,
+             "train-rows": len(site.train_examples), "val-rows": len(site.val_examples)}
+            for site_id, site in list(cache.sites.items())]
 
 
 def _process_cache(cfg: FedLoraConfig, labels: list[str] | None) -> ProcessCache:
@@ -134,8 +144,8 @@ def warm_up(cfg: FedLoraConfig, labels: list[str] | None = None, rows=None,
         log(WARNING, "fedlora: client warm-up skipped: %s", err)
 
 
-def _site_runtime(cfg: FedLoraConfig, site: SiteConfig | None, context: Context,
-                  labels: list[str] | None) -> SiteRuntime:
+def _site_state(cfg: FedLoraConfig, site: SiteConfig | None, context: Context,
+                  labels: list[str] | None) -> SiteState:
     cache = _process_cache(cfg, labels)
     node = context.node_config
     if site is not None:  # deployment: this site's own data, nothing partitioned
@@ -165,7 +175,7 @@ def _site_runtime(cfg: FedLoraConfig, site: SiteConfig | None, context: Context,
             raise
         train_rows, val_rows = train_val_split(list(range(len(rows))), cfg.val_fraction,
                                                cfg.seed + site_id)
-        cache.sites[site_id] = SiteRuntime(
+        cache.sites[site_id] = SiteState(
             lora=lora,
             train_examples=tokenize(rows.select(train_rows), lora.tokenizer, cfg, labels),
             val_examples=tokenize(rows.select(val_rows), lora.tokenizer, cfg, labels),
@@ -173,87 +183,87 @@ def _site_runtime(cfg: FedLoraConfig, site: SiteConfig | None, context: Context,
     return cache.sites[site_id]
 
 
-def _prepare(msg: Message, context: Context) -> tuple[FedLoraConfig, SiteRuntime]:
+def _prepare(msg: Message, context: Context) -> tuple[FedLoraConfig, SiteState]:
     cfg = FedLoraConfig.from_run_config(context.run_config)
-    site = SiteConfig.from_node_config(context.node_config)
-    if site is not None:  # a deployed site's own batch size, device, 4-bit choice
-        cfg = site.apply(cfg)
+    site_config = SiteConfig.from_node_config(context.node_config)
+    if site_config is not None:  # a deployed site's own batch size, device, 4-bit choice
+        cfg = site_config.apply(cfg)
     config = msg.content["config"]
     labels = json.loads(str(config["labels"])) if "labels" in config else None
-    runtime = _site_runtime(cfg, site, context, labels)
-    load_global(runtime.lora, msg.content, cfg)
-    return cfg, runtime
+    site = _site_state(cfg, site_config, context, labels)
+    load_global(site.lora, msg.content, cfg)
+    return cfg, site
 
 
 @app.train(mods=[secure_aggregation_mod, client_dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
-    cfg, runtime = _prepare(msg, context)
+    cfg, site = _prepare(msg, context)
     config = msg.content["config"]
     if config.get(TASK_KEY) == HEAD_ACTION:  # head statistics inside SecAgg+ (train messages)
-        return _head_statistics(msg, cfg, runtime)
+        return _head_statistics(msg, cfg, site)
     server_round = int(config["server-round"])
-    fault = fault_for(runtime.site_id, server_round)
+    fault = fault_for(site.site_id, server_round)
     if fault and apply_fault(fault):
         return Message(content=RecordDict({}), reply_to=msg)
     started, started_at = time.perf_counter(), time.time()
-    seed = cfg.seed + 1000 * server_round + runtime.site_id
-    pad_id, device = runtime.lora.tokenizer.pad_token_id, runtime.lora.device
+    seed = cfg.seed + 1000 * server_round + site.site_id
+    pad_id, device = site.lora.tokenizer.pad_token_id, site.lora.device
     # A fitted head (head-mode fit) stays as the server solved it.
-    fixed = [] if config.get(TRAIN_HEAD, True) else runtime.lora.head_names()
-    with frozen(runtime.lora.model, fixed):
+    fixed = [] if config.get(TRAIN_HEAD, True) else site.lora.head_names()
+    with frozen(site.lora.model, fixed):
         # FedProx pulls towards the global adapter this round started from.
-        anchor = ([p.detach().clone() for p in runtime.lora.model.parameters()
+        anchor = ([p.detach().clone() for p in site.lora.model.parameters()
                    if p.requires_grad] if strategy_spec(cfg.strategy).proximal_term else None)
         if cfg.differential_privacy:
             stats = train_adapter_private(
-                runtime.lora.model, runtime.train_examples, cfg,
+                site.lora.model, site.train_examples, cfg,
                 releases=int(config.get("train-releases", server_round)),
                 head_releases=int(config.get(HEAD_RELEASES, 0)), seed=seed, pad_id=pad_id,
                 device=device)
         else:
-            stats = train_adapter(runtime.lora.model, runtime.train_examples, cfg, seed=seed,
+            stats = train_adapter(site.lora.model, site.train_examples, cfg, seed=seed,
                                   pad_id=pad_id, device=device, anchor=anchor)
     metrics = MetricRecord({
-        "num-examples": len(runtime.train_examples),
+        "num-examples": len(site.train_examples),
         "train-loss": stats["loss"],
         "train-steps": stats["steps"],
         "train-seconds": time.perf_counter() - started,
         "train-started-at": started_at,  # wall clock, for the time to the first step
         **({"dp-epsilon": stats["epsilon"]} if cfg.differential_privacy else {}),
         # Counts only, with every reply: a resumed server learns them again.
-        **report_metrics(runtime.data_report),
+        **report_metrics(site.data_report),
     })
     # The fitted head went unchanged: the server has it already.
-    adapter = {n: t for n, t in runtime.lora.trainable_state().items() if n not in fixed}
+    adapter = {n: t for n, t in site.lora.trainable_state().items() if n not in fixed}
     arrays = adapter_to_record(adapter, cfg.transfer_dtype)
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
 @app.query(HEAD_ACTION)
 def head_statistics(msg: Message, context: Context) -> Message:
-    cfg, runtime = _prepare(msg, context)
-    return _head_statistics(msg, cfg, runtime)
+    cfg, site = _prepare(msg, context)
+    return _head_statistics(msg, cfg, site)
 
 
-def _head_statistics(msg: Message, cfg: FedLoraConfig, runtime: SiteRuntime) -> Message:
+def _head_statistics(msg: Message, cfg: FedLoraConfig, site: SiteState) -> Message:
     """The sums of the features the global model's head reads, over this site's training and
     validation rows (common/head.py): counts and sums only, noisy under DP."""
     started = time.perf_counter()
     config = msg.content["config"]
-    fault = fault_for(runtime.site_id, int(config["server-round"]))
+    fault = fault_for(site.site_id, int(config["server-round"]))
     if fault and apply_fault(fault):
         return Message(content=RecordDict({}), reply_to=msg)
-    lora, num_labels = runtime.lora, len(json.loads(str(config["labels"])))
+    lora, num_labels = site.lora, len(json.loads(str(config["labels"])))
     # Under DP one row's share is bounded by its features' norm: at most 1 (mean pooling's
     # features are unit length already).
     bound = 1.0 if cfg.private_head else None
     batch_size = max(cfg.batch_size, 64)
     splits = [feature_statistics(lora, examples, num_labels, batch_size, bound)
-              for examples in (runtime.train_examples, runtime.val_examples)]
-    metrics = {"num-examples": len(runtime.train_examples)}
+              for examples in (site.train_examples, site.val_examples)]
+    metrics = {"num-examples": len(site.train_examples)}
     if cfg.private_head:
         splits, metrics["dp-epsilon"] = release_head_statistics(
-            splits, len(runtime.train_examples), cfg, releases=int(config[HEAD_RELEASES]),
+            splits, len(site.train_examples), cfg, releases=int(config[HEAD_RELEASES]),
             train_releases=int(config.get("train-releases", 0)))
     arrays = {**splits[0].to_arrays("train"), **splits[1].to_arrays("val")}
     metrics["head-seconds"] = time.perf_counter() - started
@@ -264,12 +274,12 @@ def _head_statistics(msg: Message, cfg: FedLoraConfig, runtime: SiteRuntime) -> 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, runtime = _prepare(msg, context)
+    cfg, site = _prepare(msg, context)
     started = time.perf_counter()
-    examples = runtime.val_examples
-    result = evaluate_examples(runtime.lora.model, examples, batch_size=cfg.batch_size,
-                               pad_id=runtime.lora.tokenizer.pad_token_id,
-                               device=runtime.lora.device,
+    examples = site.val_examples
+    result = evaluate_examples(site.lora.model, examples, batch_size=cfg.batch_size,
+                               pad_id=site.lora.tokenizer.pad_token_id,
+                               device=site.lora.device,
                                classification=cfg.is_classification) if examples else {}
     metrics = {"num-examples": len(examples), "eval-seconds": time.perf_counter() - started}
     metrics.update({f"eval-{name}": value for name, value in result.items()})

@@ -151,18 +151,23 @@ def load_server_splits(cfg: FedLoraConfig) -> DataSplits:
     return DataSplits(train=rows, test=test)
 
 
-def _load_rows(cfg: FedLoraConfig, data_path: str, what: str, stems: tuple[str, ...]):
-    """Every usable row of a file, or of a folder's first split file among `stems`."""
+def data_file(data_path: str, what: str, stems: tuple[str, ...] = ("train",)) -> Path:
+    """The file itself, or a folder's first split file among `stems`."""
     path = Path(data_path).expanduser()
     if path.is_dir():
         file = next((f for f in (_split_file(path, stem) for stem in stems) if f), None)
         if file is None:
             raise FedLoraError(f"{what} {data_path!r} is a folder without a "
                                f"{' or '.join(stems)} file (.csv, .json, .jsonl or .parquet)")
-    elif path.is_file():
-        file = path
-    else:
-        raise FedLoraError(f"{what} {data_path!r} does not exist")
+        return file
+    if path.is_file():
+        return path
+    raise FedLoraError(f"{what} {data_path!r} does not exist")
+
+
+def _load_rows(cfg: FedLoraConfig, data_path: str, what: str, stems: tuple[str, ...]):
+    """Every usable row of a file, or of a folder's first split file among `stems`."""
+    file = data_file(data_path, what, stems)
     rows = _to_dataset(read_table(file), cfg, str(file))
     if len(rows) == 0:
         raise FedLoraError(f"{what} {data_path!r} has no usable rows")

@@ -4,11 +4,12 @@ supports.
 fedlora uses Flower's public API (`flwr.app`, `flwr.clientapp`, `flwr.serverapp`, and the
 legacy `flwr.common`, `flwr.server` and `flwr.client` packages for SecAgg+, which exists only
 there) everywhere else. What Flower does not make public, but fedlora needs, is reached here:
-message serialisation (byte counts, the in-process grid), the SuperLink's run and task identity
-(the simulation runner, which starts a run as `flwr run` would), the simulation engine's actor
-pool (the start-up speed-ups), the RDP accountant and Gaussian noise (client-level DP), the
-legacy SecAgg+ workflow's record layout, and `flwr` CLI's connection file. A Flower release that
-moves any of them needs a change here only (docs/architecture.md: what 1.43 changes).
+message serialisation (byte counts, the in-process grid, a site runtime's socket), the
+SuperLink's run and task identity (the simulation runner, which starts a run as `flwr run`
+would), the simulation engine's actor pool (the start-up speed-ups), the RDP accountant and
+Gaussian noise (client-level DP), the legacy SecAgg+ workflow's record layout, and `flwr` CLI's
+connection file. A Flower release that moves any of them needs a change here only
+(docs/architecture.md: what 1.43 changes).
 
 Names are resolved when first used, not at import: several pull in Ray, SQLAlchemy or the
 simulation engine, which a client process must not pay for (simulations/actors.py).
@@ -52,6 +53,11 @@ _NAMES: dict[str, tuple[str, str]] = {
     "recorddict_to_proto": ("flwr.common.serde", "recorddict_to_proto"),
     "message_to_proto": ("flwr.common.serde", "message_to_proto"),
     "message_from_proto": ("flwr.common.serde", "message_from_proto"),
+    # a site's resident runtime: a message and its context across a local socket
+    "context_to_proto": ("flwr.common.serde", "context_to_proto"),
+    "context_from_proto": ("flwr.common.serde", "context_from_proto"),
+    "ProtoMessage": ("flwr.proto.message_pb2", "Message"),
+    "ProtoContext": ("flwr.proto.message_pb2", "Context"),
     "ErrorCode": ("flwr.common.constant", "ErrorCode"),
     # logging
     "update_console_handler": ("flwr.common.logger", "update_console_handler"),

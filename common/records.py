@@ -23,8 +23,6 @@ from common.quantization import dequantize, num_scales, quantize
 NUM_EXAMPLES = "num-examples"  # the example count every train reply reports
 RESIDUAL_KEY = "residual"  # strategy exact: the dense residual record beside the adapter
 TRAIN_HEAD = "train-head"  # in the sites' config: whether local training updates the head
-HEAD_STATISTICS = "query.head_statistics"  # the message a site answers with head statistics
-HEAD_ACTION = "head_statistics"  # its action name (Flower: a Python identifier)
 # In the sites' config: how many head-statistics releases the server has asked for so far
 # (the latest included), so that a site's epsilon needs no state on the site.
 HEAD_RELEASES = "head-releases"

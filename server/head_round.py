@@ -24,10 +24,9 @@ from flwr.serverapp import Grid
 from common.config import FedLoraConfig
 from common.errors import FedLoraError
 from common.head import HeadStatistics, array_names, head_state, noise_std, solve_head
+from common.message_types import HEAD_ACTION, HEAD_STATISTICS
 from common.records import (
-    HEAD_ACTION,
     HEAD_RELEASES,
-    HEAD_STATISTICS,
     TASK_KEY,
     adapter_to_record,
     message_bytes,

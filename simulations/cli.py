@@ -112,7 +112,83 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the SuperLink's --host:--port (default 127.0.0.1:9000)")
     gateway.add_argument("--certs", required=True, metavar="DIR",
                          help="the folder of fedlora certs --san: ca.crt, server.crt, server.key")
+    site = commands.add_parser(
+        "site", help="a site: the resident runtime beside its SuperNode, holding the model and "
+                     "data across messages")
+    site.add_argument("--data", required=True, help="this site's data file or folder")
+    site.add_argument("--socket", default=None, metavar="PATH",
+                      help="where the SuperNode's ClientApp reaches it (default: "
+                           "<tmp>/fedlora-site-<uid>/site.sock)")
+    site.add_argument("--model", default=None,
+                      help="the model this site agreed to train; a run asking for another is "
+                           "refused")
+    site.add_argument("--node-config", default="", metavar="'KEY=VALUE ...'",
+                      help="this site's settings besides data-path (lora-r, batch-size, device, "
+                           "load-in-4bit, gradient-checkpointing)")
+    status = commands.add_parser(
+        "site-status", help="one line: are this site's SuperNode, runtime and data ready?")
+    status.add_argument("--socket", default=None, metavar="PATH",
+                        help="the runtime's socket (default: as `fedlora site`'s)")
+    status.add_argument("--supernode", default="127.0.0.1:9094", metavar="HOST:PORT",
+                        help="the SuperNode's runtime API, its --port (default "
+                             "127.0.0.1:9094)")
     return parser
+
+
+def site_status_command(args: argparse.Namespace) -> int:
+    """Exit 0 and one line when the site is ready; 1 and one line saying what is not."""
+    import socket
+
+    from client.site_link import default_socket, request_status
+
+    socket_path = Path(args.socket).expanduser() if args.socket else default_socket()
+    host, port = host_port("site-status: --supernode", args.supernode)
+    problems, parts = [], []
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            parts.append(f"SuperNode up on {host}:{port}")
+    except OSError as err:
+        problems.append(f"no SuperNode on {host}:{port} ({err.strerror or err})")
+    try:
+        status = request_status(socket_path)
+    except FedLoraError as err:
+        problems.append(str(err))
+    else:
+        held = ", ".join(f"{s['model']} with {s['train-rows']}+{s['val-rows']} rows"
+                         for s in status["resident"]) or "nothing loaded yet"
+        parts.append(f"runtime pid {status['pid']} on {socket_path} "
+                     f"({'busy, ' if status['busy'] else ''}{status['answered']} messages "
+                     f"answered; holds {held})")
+        parts.append(f"data {status['data']} ({status['data-rows']} rows)")
+    if problems:
+        print(f"site not ready: {'; '.join(problems)}")
+        return 1
+    print(f"site ready: {'; '.join(parts)}")
+    return 0
+
+
+def site_command(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    from client.site_link import RUNTIME_KEY, default_socket
+    from client.site_runtime import SiteRuntime
+    from common.config import parse_overrides
+
+    socket_path = Path(args.socket).expanduser() if args.socket else default_socket()
+    runtime = SiteRuntime(socket_path, Path(args.data).expanduser(),
+                          parse_overrides(args.node_config) if args.node_config else {},
+                          args.model)
+    runtime.bind()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: runtime.stop())
+    print(f"fedlora site: serving {args.data} on {socket_path}; start the SuperNode with "
+          f"--node-config '{RUNTIME_KEY}=\"{socket_path}\"'", flush=True)
+    try:
+        runtime.serve_forever()
+    except KeyboardInterrupt:
+        runtime.stop()
+    return 0
 
 
 def certs_command(args: argparse.Namespace) -> int:
@@ -423,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "simulate":
             return simulate_command(config_from_args(args), args.verbose, args.ray_address)
         commands = {"certs": certs_command, "connect": connect_command,
-                    "gateway": gateway_command,
+                    "gateway": gateway_command, "site": site_command,
+                    "site-status": site_status_command,
                     "report": report_command, "export": export_command,
                     "evaluate": evaluate_command, "tune": tune_command,
                     "inspect": inspect_command}

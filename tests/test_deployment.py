@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from common.config import FedLoraConfig
 from server.outputs import RunDirectory
 from tests.conftest import REPO, free_port
 
@@ -43,9 +45,9 @@ class Processes:
     def __init__(self, env: dict[str, str], logs: Path):
         self.env, self.logs, self.started = env, logs, []
 
-    def start(self, name: str, *args: str) -> subprocess.Popen:
+    def start(self, name: str, *args: str, env: dict | None = None) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
-        proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], cwd=REPO, env=self.env,
+        proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], cwd=REPO, env=env or self.env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.started.append((proc, log))
         return proc
@@ -138,9 +140,10 @@ def federation(banking77_dir, tmp_path_factory):
 
 
 def _supernode(fed, name: str, key: str | None, ca: Path | None, data: str,
-               insecure: bool = False) -> tuple[subprocess.Popen, int]:
+               insecure: bool = False, node_config: str | None = None
+               ) -> tuple[subprocess.Popen, int]:
     args = ["flower-supernode", "--superlink", f"127.0.0.1:{fed['port']}", "--node-config",
-            f"data-path='{data}'", "--port", str(port := free_port()),
+            node_config or f"data-path='{data}'", "--port", str(port := free_port()),
             "--max-retries", "2", "--max-wait-time", "15"]
     if insecure:
         args.append("--insecure")
@@ -151,11 +154,27 @@ def _supernode(fed, name: str, key: str | None, ca: Path | None, data: str,
     return fed["procs"].start(name, *args), port
 
 
+def _site_runtime(fed, name: str, data: Path) -> Path:
+    """`fedlora site` for one site, serving once its socket is there."""
+    sock = fed["root"] / name / "site.sock"
+    runtime = fed["procs"].start(name, "fedlora", "site", "--data", str(data), "--socket",
+                                 str(sock), "--model", FedLoraConfig().model)
+    deadline = time.time() + 120
+    while not sock.exists():
+        assert runtime.poll() is None and time.time() < deadline, fed["procs"].log(name)
+        time.sleep(0.2)
+    return sock
+
+
 def test_two_authenticated_sites_train_over_tls(federation):
+    """site-a's SuperNode runs the ClientApp in its own process for every message; site-b's
+    forwards each to the site's resident runtime (`fedlora site`), SecAgg+ stages included."""
     fed, root = federation, federation["root"]
     ca = root / "certs" / "ca.crt"
-    sites = [_supernode(fed, site, site, ca, str(root / f"{site}.csv"))
-             for site in ("site-a", "site-b")]
+    runtime_socket = _site_runtime(fed, "site-b-runtime", root / "site-b.csv")
+    sites = [_supernode(fed, "site-a", "site-a", ca, str(root / "site-a.csv")),
+             _supernode(fed, "site-b", "site-b", ca, "",
+                        node_config=f"site-runtime='{runtime_socket}'")]
     out = root / "run"
     overrides = (f"eval-data='{root / 'coordinator-test.csv'}' label-column='category' "
                  f"num-rounds=1 learning-rate=0.01 local-steps=12 fraction-evaluate=0 "
@@ -199,8 +218,25 @@ def test_two_authenticated_sites_train_over_tls(federation):
     assert secure[1]["clients"]["train-clients-aggregated"] == 2
     assert secure[1]["train"]["num-examples"] == 270
     assert abs(secure[1]["server"]["accuracy"] - rounds[1]["server"]["accuracy"]) <= 0.01
+    # site-b's runtime answered every message of both runs from the model it loaded once; the
+    # site's readiness is one line.
+    status = subprocess.run([str(BIN / "fedlora"), "site-status", "--socket",
+                             str(runtime_socket), "--supernode", f"127.0.0.1:{sites[1][1]}"],
+                            cwd=REPO, env=fed["env"], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and status.stdout.startswith("site ready:"), status
+    assert status.stdout.count("\n") == 1 and "(150 rows)" in status.stdout, status.stdout
+    runtime_log = fed["procs"].log("site-b-runtime")
+    assert runtime_log.count("answered in") >= 2 + 8, runtime_log[-3000:]  # 4 SecAgg+ stages
+    assert "failed in" not in runtime_log, runtime_log[-3000:]
+    assert re.search(r"holds \S+ with 135\+15 rows", status.stdout), status.stdout
     # Stopping a SuperNode frees its port (the fixture checks the SuperLink's).
     fed["procs"].stop([proc for proc, _ in sites])
+    not_ready = subprocess.run([str(BIN / "fedlora"), "site-status", "--socket",
+                                str(runtime_socket), "--supernode", f"127.0.0.1:{sites[1][1]}"],
+                               cwd=REPO, env=fed["env"], capture_output=True, text=True,
+                               timeout=60)
+    assert not_ready.returncode == 1 and not_ready.stdout.startswith(
+        f"site not ready: no SuperNode on 127.0.0.1:{sites[1][1]}"), not_ready
     assert all(_port_free(port) for _, port in sites)
 
 

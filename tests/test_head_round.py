@@ -14,7 +14,8 @@ from client.privacy import PrivacyBudgetExhausted, epsilon_after, release_head_s
 from common.config import FedLoraConfig
 from common.errors import FedLoraError
 from common.head import HeadStatistics, noise_std, solve_head
-from common.records import HEAD_RELEASES, HEAD_STATISTICS, record_to_adapter
+from common.message_types import HEAD_STATISTICS
+from common.records import HEAD_RELEASES, record_to_adapter
 from server.app import run_federation
 from server.contract import HEAD_SPLITS, parse_head_reply
 from server.strategies import resolve_head_mode

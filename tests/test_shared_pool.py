@@ -147,13 +147,13 @@ def test_a_process_handed_the_pool_warms_up_from_it_and_trains_on_the_same_examp
     startup.warm_up_site_process(cfg.to_run_config())
     warmed = client_app._CACHE
     assert warmed is not None and warmed.partitions == pool.partitions and warmed.models
-    handed = client_app._site_runtime(cfg, None, _site_context(1, 4), pool.labels)
+    handed = client_app._site_state(cfg, None, _site_context(1, 4), pool.labels)
 
     monkeypatch.setattr(client_app, "load_splits", real_load_splits)
     monkeypatch.delenv(SHARED_POOL_ENV)
     monkeypatch.setattr(client_app, "_CACHE", None)
     startup.warm_up_site_process(cfg.to_run_config())
-    read = client_app._site_runtime(cfg, None, _site_context(1, 4), pool.labels)
+    read = client_app._site_state(cfg, None, _site_context(1, 4), pool.labels)
     assert handed.train_examples and handed.train_examples == read.train_examples
     assert handed.val_examples == read.val_examples
     assert report_metrics(handed.data_report) == report_metrics(read.data_report)

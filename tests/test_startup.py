@@ -136,7 +136,7 @@ def test_a_warmed_process_serves_its_first_message_from_the_cache(small_csv, mon
     context = type("Context", (), {"node_config": {"partition-id": 2, "num-partitions": 4},
                                    "node_id": 2})()
     # The labels the server sends: the same as the warm-up resolved, so nothing is rebuilt.
-    runtime = client_app._site_runtime(cfg, None, context, ["a", "b", "c", "d"])
+    runtime = client_app._site_state(cfg, None, context, ["a", "b", "c", "d"])
     assert client_app._CACHE is warmed and runtime.lora is model
 
 
@@ -147,7 +147,7 @@ def test_a_warm_up_that_fails_leaves_the_error_to_the_first_message(tmp_path, mo
     assert client_app._CACHE is None
     context = type("Context", (), {"node_config": {"partition-id": 0}, "node_id": 1})()
     with pytest.raises(FedLoraError, match="missing.csv"):  # the first message says why
-        client_app._site_runtime(cfg, None, context, ["a"])
+        client_app._site_state(cfg, None, context, ["a"])
 
 
 def test_a_refused_site_is_checked_once_and_refused_on_every_message(small_csv, monkeypatch):
@@ -170,7 +170,7 @@ def test_a_refused_site_is_checked_once_and_refused_on_every_message(small_csv, 
     errors = []
     for _ in range(3):
         with pytest.raises(FedLoraError, match="check-duplicates=refuse") as raised:
-            client_app._site_runtime(cfg, None, context, ["a"])
+            client_app._site_state(cfg, None, context, ["a"])
         errors.append(str(raised.value))
     assert len(checks) == 1 and len(set(errors)) == 1
 

@@ -1,0 +1,209 @@
+"""A site's resident runtime (`fedlora site`) and the light ClientApp that forwards to it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+
+import client.app as client_app
+from client import site_link
+from client.entry import forward, handle
+from client.site_runtime import SiteRuntime
+from common.config import FedLoraConfig
+from common.data import load_splits, resolve_labels
+from common.errors import FedLoraError
+from common.flower_compat import set_task_identity
+from common.model import build_lora_model
+from common.records import record_to_adapter
+from tests.conftest import REPO, assert_python_runs, site_message
+
+TIMING = ("train-seconds", "train-started-at", "eval-seconds")
+
+
+@pytest.fixture
+def site(banking_subset, tmp_path):
+    """A deployed site's run: its data file, the run's config, labels and global adapter."""
+    set_task_identity(run_id=1, task_id=1, node_id=0)
+    cfg = FedLoraConfig(data=str(banking_subset), label_column="category", local_steps=2)
+    labels = resolve_labels(cfg, load_splits(cfg))
+    state = build_lora_model(cfg, labels).trainable_state()
+    return cfg, labels, state, banking_subset / "train.csv", tmp_path / "site" / "site.sock"
+
+
+def _message(cfg, labels, state, node_config, kind="train"):
+    msg, context = site_message(cfg, labels, state, kind)
+    return msg, Context(run_id=context.run_id, node_id=context.node_id, node_config=node_config,
+                        state=RecordDict(), run_config=context.run_config)
+
+
+def _start_runtime(cfg, data, sock) -> subprocess.Popen:
+    """`fedlora site` in its own process, once it listens."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "simulations.cli", "site", "--data", str(data), "--socket",
+         str(sock), "--model", cfg.model], cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not site_link_answers(sock):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    return process
+
+
+def site_link_answers(sock) -> bool:
+    try:
+        site_link.request_status(sock)
+        return True
+    except FedLoraError:
+        return False
+
+
+@pytest.fixture
+def runtime_process(site):
+    """`fedlora site` in its own process; stopped (SIGTERM) at the end."""
+    cfg, _, _, data, sock = site
+    process = _start_runtime(cfg, data, sock)
+    yield process, sock
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+
+
+def test_the_clientapp_that_forwards_imports_neither_torch_nor_transformers():
+    assert_python_runs("import sys\n"
+                       "import client.entry\n"
+                       "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+                       "assert not heavy, heavy\n")
+
+
+def test_the_runtime_replies_as_the_clientapp_in_process_bit_for_bit(site, runtime_process,
+                                                                     monkeypatch):
+    cfg, labels, state, data, _ = site
+    process, sock = runtime_process
+    monkeypatch.setattr(client_app, "_CACHE", None)
+    for kind in ("train", "evaluate", "train"):
+        local = handle(*_message(cfg, labels, state, {"data-path": str(data)}, kind))
+        remote = handle(*_message(cfg, labels, state,
+                                  {site_link.RUNTIME_KEY: str(sock)}, kind))
+        assert not remote.has_error(), remote.error
+        local_metrics = dict(local.content["metrics"])
+        remote_metrics = dict(remote.content["metrics"])
+        assert {k: v for k, v in remote_metrics.items() if k not in TIMING} == \
+            {k: v for k, v in local_metrics.items() if k not in TIMING}
+        if kind == "train":
+            ours, theirs = (record_to_adapter(r.content["arrays"]) for r in (local, remote))
+            assert list(ours) == list(theirs)
+            assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+    # A run asking for another model is refused by name, and the runtime goes on serving.
+    other = cfg.replace(model=str(REPO / "no-such-model"))
+    refused = handle(*_message(other, labels, state, {site_link.RUNTIME_KEY: str(sock)}))
+    assert refused.has_error() and "this site's runtime serves model" in refused.error.reason
+    again = handle(*_message(cfg, labels, state, {site_link.RUNTIME_KEY: str(sock)},
+                             "evaluate"))
+    assert not again.has_error()
+    assert process.poll() is None
+
+
+def test_a_runtime_killed_mid_message_fails_that_message_and_a_restarted_one_serves(
+        site, runtime_process):
+    """SIGKILL while a train message runs: the ClientApp's reply is an error (the server
+    leaves the site out of that round); a runtime started again on the same socket path
+    answers the next message as the first one would have been answered."""
+    cfg, labels, state, data, _ = site
+    process, sock = runtime_process
+    slow = cfg.replace(local_steps=400)  # long enough to be killed in the middle
+    msg, context = _message(slow, labels, state, {site_link.RUNTIME_KEY: str(sock)})
+    killer = threading.Timer(8.0, process.kill)
+    killer.start()
+    with pytest.raises(FedLoraError, match="closed the connection|broke off"):
+        forward(sock, msg, context)
+    killer.join()
+    assert process.wait(timeout=30) == -signal.SIGKILL and sock.exists()  # a stale socket
+    with pytest.raises(FedLoraError, match="does not answer"):
+        forward(sock, *_message(cfg, labels, state, {}))
+    restarted = _start_runtime(cfg, data, sock)
+    try:
+        reply = handle(*_message(cfg, labels, state, {site_link.RUNTIME_KEY: str(sock)}))
+        assert not reply.has_error(), reply.error
+        assert reply.content["metrics"]["num-examples"] > 0
+        assert site_link.request_status(sock)["resident"][0]["train-rows"] == \
+            reply.content["metrics"]["num-examples"]
+    finally:
+        restarted.send_signal(signal.SIGTERM)
+        restarted.wait(timeout=60)
+
+
+@pytest.fixture
+def runtime_thread(site):
+    cfg, _, _, data, sock = site
+    runtime = SiteRuntime(sock, data, model=cfg.model)
+    runtime.bind()
+    thread = threading.Thread(target=runtime.serve_forever, daemon=True)
+    thread.start()
+    yield runtime
+    runtime.stop()
+    thread.join(10)
+    assert not sock.exists()  # the runtime removes its socket on the way out
+
+
+def test_only_the_sites_own_user_reaches_the_runtime(site, runtime_thread, monkeypatch):
+    cfg, labels, state, _, sock = site
+    assert oct(sock.stat().st_mode & 0o777) == "0o600"
+    assert oct(sock.parent.stat().st_mode & 0o777) == "0o700"
+    msg, context = _message(cfg, labels, state, {})
+    os.chmod(sock, 0o666)
+    with pytest.raises(FedLoraError, match="has mode 0666; others could open it"):
+        forward(sock, msg, context)
+    os.chmod(sock, 0o600)
+    # A peer of another user (as the kernel reports it) gets no answer at all.
+    monkeypatch.setattr("client.site_runtime.peer_uid", lambda conn: os.getuid() + 1)
+    with pytest.raises(FedLoraError, match="closed the connection|broke off"):
+        forward(sock, msg, context)
+    assert runtime_thread.answered == 0
+
+
+def test_malformed_requests_get_an_error_and_the_runtime_keeps_serving(site, runtime_thread):
+    cfg, labels, state, _, sock = site
+    with socket.socket(socket.AF_UNIX) as raw:  # not the framing at all
+        raw.connect(str(sock))
+        raw.sendall(b"GET / HTTP/1.1\r\n\r\n" + b"x" * 64)
+        raw.shutdown(socket.SHUT_WR)
+        reply, reason = site_link.recv_frames(raw, 2)
+    assert reply == b"" and b"malformed request: not a fedlora site-runtime frame" in reason
+    with socket.socket(socket.AF_UNIX) as raw:  # frames, but no Flower message in them
+        raw.connect(str(sock))
+        site_link.send_frames(raw, [b"\xff\x00garbage", b"\x01"])
+        reply, reason = site_link.recv_frames(raw, 2)
+    assert reply == b"" and b"not a Flower message and context" in reason
+    msg, context = _message(cfg, labels, state, {site_link.RUNTIME_KEY: str(sock)}, "evaluate")
+    answer = handle(msg, context)
+    assert not answer.has_error() and answer.content["metrics"]["num-examples"] > 0
+    assert runtime_thread.answered == 1
+
+
+def _site_command(*args):
+    return subprocess.run([sys.executable, "-m", "simulations.cli", "site", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_bad_runtime_input_is_one_line(site, runtime_thread, tmp_path):
+    _, _, _, data, sock = site
+    missing = _site_command("--data", str(tmp_path / "none.csv"), "--socket",
+                            str(tmp_path / "a.sock"))
+    busy = _site_command("--data", str(data), "--socket", str(sock))
+    bad_key = _site_command("--data", str(data), "--socket", str(tmp_path / "b.sock"),
+                            "--node-config", "lora_rank=4")
+    for result, says in ((missing, "none.csv' does not exist"), (busy, "another runtime is "
+                         "listening on"), (bad_key, "unknown node-config key 'lora_rank'")):
+        assert result.returncode == 2
+        assert result.stderr.count("\n") == 1 and says in result.stderr, result.stderr
+    with pytest.raises(FedLoraError, match="no site runtime at .*start it with `fedlora site`"):
+        forward(tmp_path / "gone.sock", *_message(*site[:3], {}))
