@@ -42,6 +42,11 @@ from server.contract import (
 from server.round_record import MISSING, REJECTED
 from server.strategies.fedavg import LoraFedAvg
 
+# Sites asked for their statistics at once (see HeadRound._plain). The sums of a federation
+# this size or smaller are those of all replies in one fixed order; a larger one's are summed
+# batch by batch, its batches made of the sampled nodes in node-id order.
+HEAD_BATCH = 64
+
 
 class HeadRound:
     """Called as refine(grid, server_round, arrays, config, timeout) -> arrays."""
@@ -115,34 +120,45 @@ class HeadRound:
 
     def _plain(self, grid: Grid, server_round: int, nodes: list[int], arrays: ArrayRecord,
                request: ConfigRecord, timeout: float):
-        messages = self.strategy.build_messages(server_round, arrays, request, nodes,
-                                                HEAD_STATISTICS)
-        replies = list(grid.send_and_receive(messages=messages, timeout=timeout))
-        for node in sorted(set(nodes) - {m.metadata.src_node_id for m in replies}):
-            self.strategy.leave_out(server_round, node, f"no head statistics within "
-                                    f"round-timeout ({self.cfg.round_timeout:g}s)",
-                                    "head", MISSING)
-        parsed: list[HeadReply] = []
-        for msg in replies:
-            try:
-                parsed.append(parse_head_reply(msg, self.dim, self.num_labels,
-                                               noisy=self.noisy, unit_features=self.unit_features))
-            except FedLoraError as err:
-                self.strategy.leave_out(server_round, msg.metadata.src_node_id, str(err),
-                                        "head", REJECTED)
-        # Replies arrive in any order; a fixed order makes the float sums reproducible.
-        parsed.sort(key=lambda r: (r.num_examples, state_digest(
-            OrderedDict(r.train.to_arrays("train")))))
+        """Asked HEAD_BATCH sites at a time and summed batch by batch: the server holds one
+        batch's replies, not every site's (1,000 sites' statistics at once took 4+ GiB with
+        the default model). Within a batch the replies are summed in a fixed order, so the
+        float sums do not depend on the order they arrived in."""
+        deadline = time.monotonic() + timeout
         train = HeadStatistics.zeros(self.dim, self.num_labels)
         val = HeadStatistics.zeros(self.dim, self.num_labels)
-        for reply in parsed:
-            train, val = train + reply.train, val + reply.val
-        traffic = _traffic(message_bytes(messages), message_bytes(replies), len(messages),
-                           len(replies))
-        epsilons = [r.metrics["dp-epsilon"] for r in parsed if "dp-epsilon" in r.metrics]
+        sites, down, up, asked, replied, epsilons = 0, 0, 0, 0, 0, []
+        for start in range(0, len(nodes), HEAD_BATCH):
+            batch = nodes[start:start + HEAD_BATCH]
+            messages = self.strategy.build_messages(server_round, arrays, request, batch,
+                                                    HEAD_STATISTICS)
+            replies = list(grid.send_and_receive(
+                messages=messages, timeout=max(deadline - time.monotonic(), 0.0)))
+            for node in sorted(set(batch) - {m.metadata.src_node_id for m in replies}):
+                self.strategy.leave_out(server_round, node, f"no head statistics within "
+                                        f"round-timeout ({self.cfg.round_timeout:g}s)",
+                                        "head", MISSING)
+            parsed: list[HeadReply] = []
+            for msg in replies:
+                try:
+                    parsed.append(parse_head_reply(msg, self.dim, self.num_labels,
+                                                   noisy=self.noisy,
+                                                   unit_features=self.unit_features))
+                except FedLoraError as err:
+                    self.strategy.leave_out(server_round, msg.metadata.src_node_id, str(err),
+                                            "head", REJECTED)
+            parsed.sort(key=lambda r: (r.num_examples, state_digest(
+                OrderedDict(r.train.to_arrays("train")))))
+            for reply in parsed:
+                train, val = train + reply.train, val + reply.val
+            epsilons += [r.metrics["dp-epsilon"] for r in parsed if "dp-epsilon" in r.metrics]
+            sites += len(parsed)
+            down, up = down + message_bytes(messages), up + message_bytes(replies)
+            asked, replied = asked + len(messages), replied + len(replies)
+        traffic = _traffic(down, up, asked, replied)
         if epsilons:
             traffic["dp-epsilon"] = max(epsilons)
-        return (train, val), len(parsed), traffic
+        return (train, val), sites, traffic
 
     def _secure(self, grid: Grid, server_round: int, nodes: list[int], arrays: ArrayRecord,
                 request: ConfigRecord, timeout: float):

@@ -119,6 +119,34 @@ def head_alone(banking_subset, tmp_path_factory):
                      secagg_max_weight=200))
 
 
+def test_a_large_federation_is_asked_batch_by_batch_for_the_same_head(
+        head_alone, banking_subset, tmp_path, monkeypatch):
+    """The server holds one batch of statistics at a time (server/head_round.py HEAD_BATCH);
+    the head solved from the batches' sums is the head of all replies summed at once."""
+    import server.head_round
+
+    monkeypatch.setattr(server.head_round, "HEAD_BATCH", 2)
+    grid = recording_grid(_cfg(banking_subset, tmp_path), SITES)
+    batches = []
+    send = grid.send_and_receive
+
+    def counted(messages, timeout=None):
+        messages = list(messages)
+        batches.append(len(messages))
+        return send(messages, timeout)
+
+    monkeypatch.setattr(grid, "send_and_receive", counted)
+    run = run_federation(grid, _cfg(banking_subset, tmp_path, num_rounds=0,
+                                    secagg_max_weight=200))
+    assert batches == [2, 1]
+    batched, whole = run.read_rounds()[0]["head"], head_alone[0][0]["head"]
+    assert batched["sites"] == whole["sites"] == SITES and batched["rows"] == whole["rows"]
+    assert batched["bytes-up"] == whole["bytes-up"]
+    ours = _head(record_to_adapter_file(run.path / "final_adapter"))
+    theirs = _head(head_alone[2])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, theirs))
+
+
 def test_the_head_through_secure_aggregation_is_the_plain_one(banking_subset, tmp_path,
                                                                head_alone):
     plain_rounds, _, plain_final = head_alone
