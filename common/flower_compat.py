@@ -125,6 +125,14 @@ def set_task_identity(run_id: int, task_id: int, node_id: int) -> None:
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, task_id, node_id
 
 
+def stamp_message_id(msg: Any) -> str:
+    """Give a message its id as Flower's grids do when they push it (its content's object id):
+    replies then name it in reply_to_message_id. For the in-process grid."""
+    if not msg.metadata.message_id:
+        msg.metadata.__dict__["_message_id"] = msg.object_id
+    return msg.metadata.message_id
+
+
 @contextlib.contextmanager
 def actor_pool_adds_with(add_actors: Callable[[Any, int], None]) -> Iterator[None]:
     """While open, the simulation engine's actor pool grows by `add_actors(pool, count)`

@@ -46,6 +46,18 @@ class TrainUpdate:
                             if not k.startswith(METRIC_PREFIX)}
 
 
+def replying_nodes(requests: Sequence[Message]) -> dict[str, int]:
+    """For replying_node: each sent request's id (given when pushed) and the node it went to."""
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in requests
+            if m.metadata.message_id}
+
+
+def replying_node(msg: Message, requests: Mapping[str, int]) -> int:
+    """The site a reply stands for: the node its request went to. Not always its sender: for a
+    site that stopped heart-beating, the SuperLink itself answers in the site's place."""
+    return requests.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+
+
 def metric_record(msg: Message) -> MetricRecord:
     records = [r for r in msg.content.values() if isinstance(r, MetricRecord)]
     if len(records) != 1:

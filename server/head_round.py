@@ -37,6 +37,8 @@ from server.contract import (
     HeadReply,
     head_statistics_from,
     parse_head_reply,
+    replying_node,
+    replying_nodes,
     state_digest,
 )
 from server.round_record import MISSING, REJECTED
@@ -134,7 +136,8 @@ class HeadRound:
                                                     HEAD_STATISTICS)
             replies = list(grid.send_and_receive(
                 messages=messages, timeout=max(deadline - time.monotonic(), 0.0)))
-            for node in sorted(set(batch) - {m.metadata.src_node_id for m in replies}):
+            requests = replying_nodes(messages)
+            for node in sorted(set(batch) - {replying_node(m, requests) for m in replies}):
                 self.strategy.leave_out(server_round, node, f"no head statistics within "
                                         f"round-timeout ({self.cfg.round_timeout:g}s)",
                                         "head", MISSING)
@@ -145,8 +148,8 @@ class HeadRound:
                                                    noisy=self.noisy,
                                                    unit_features=self.unit_features))
                 except FedLoraError as err:
-                    self.strategy.leave_out(server_round, msg.metadata.src_node_id, str(err),
-                                            "head", REJECTED)
+                    self.strategy.leave_out(server_round, replying_node(msg, requests),
+                                            str(err), "head", REJECTED)
             parsed.sort(key=lambda r: (r.num_examples, state_digest(
                 OrderedDict(r.train.to_arrays("train")))))
             for reply in parsed:

@@ -9,7 +9,12 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from common.config import FedLoraConfig
-from common.flower_compat import ErrorCode, message_from_proto, message_to_proto
+from common.flower_compat import (
+    ErrorCode,
+    message_from_proto,
+    message_to_proto,
+    stamp_message_id,
+)
 
 
 class InProcessGrid:
@@ -30,6 +35,9 @@ class InProcessGrid:
         return list(self.contexts)
 
     def send_and_receive(self, messages, timeout=None) -> list[Message]:
+        messages = list(messages)
+        for msg in messages:  # as a grid's push does: replies then name their request
+            stamp_message_id(msg)
         return [over_the_wire(self._handle(over_the_wire(msg))) for msg in messages]
 
     def _handle(self, msg: Message) -> Message:

@@ -58,3 +58,38 @@ def test_too_few_replies_stop_the_run_cleanly_and_it_resumes(banking_subset, tin
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert [r["round"] for r in RunDirectory(out).read_rounds()] == [0, 1, 2]
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_site_the_superlink_reports_unavailable_is_left_out_once_by_its_own_id(
+        banking_subset, tiny_llama_dir, tmp_path, task_identity):
+    """A SuperNode that dies mid-round stops heart-beating; the SuperLink then answers its
+    request itself (sender: the SuperLink, reply_to: the request). The round leaves out that
+    site, by its own node id, once, with Flower's reason, and aggregates the others."""
+    from common.config import FedLoraConfig
+    from common.flower_compat import ProtoMessage, message_from_proto, message_to_proto
+    from flwr.app import Error, Message
+    from server.app import run_federation
+    from simulations.inprocess import InProcessGrid
+
+    class SuperLinkGrid(InProcessGrid):
+        dead = 1001
+
+        def _handle(self, msg):
+            if msg.metadata.dst_node_id != self.dead:
+                return super()._handle(msg)
+            reply = message_to_proto(Message(Error(code=5, reason="Error: Node Unavailable"),
+                                             reply_to=msg))
+            reply.metadata.src_node_id = 1  # Flower's SUPERLINK_NODE_ID
+            return message_from_proto(ProtoMessage.FromString(reply.SerializeToString()))
+
+    cfg = FedLoraConfig(data=str(banking_subset), model=str(tiny_llama_dir),
+                        label_column="category", lora_r=4, local_steps=2, num_clients=3,
+                        min_available_clients=3, num_rounds=1, fraction_evaluate=0,
+                        max_eval_examples=30, round_retries=0, out_dir=str(tmp_path / "run"))
+    run = run_federation(SuperLinkGrid(cfg, 3), cfg)
+    round_1 = run.read_rounds()[1]
+    assert round_1["dropped"] == [{"node": SuperLinkGrid.dead,
+                                   "reason": "client failed: Error: Node Unavailable"}]
+    assert round_1["clients"]["train-clients-aggregated"] == 2
+    assert "train-missing" not in round_1["clients"]
+    assert sorted(c["node"] for c in round_1["train-per-client"]) == [1000, 1002]

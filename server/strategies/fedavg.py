@@ -32,6 +32,8 @@ from server.contract import (
     admission_for,
     parse_metrics,
     parse_train_reply,
+    replying_node,
+    replying_nodes,
     state_digest,
 )
 from server.round_record import MISSING, REJECTED, SAMPLED, RoundStats, site_spread
@@ -66,6 +68,7 @@ class LoraFedAvg(FedAvg):
         self._nodes_reached: set[int] = set()  # this round's, for bytes per client
         self.rng = random.Random(cfg.seed)  # client sampling; checkpointed with the run
         self._sampled: set[int] = set()
+        self._train_requests: list[Message] = []
         self.labels: list[str] | None = None  # the shared label set, as sent to the sites
         # Each site's latest data-check counts (by node id): sites send them with every train
         # reply, so a resumed server collects them again.
@@ -123,6 +126,7 @@ class LoraFedAvg(FedAvg):
         nodes = self.sample_nodes(grid, self.fraction_train, self.min_train_nodes)
         messages = self.build_messages(server_round, arrays, config, nodes, MessageType.TRAIN)
         self._sampled = set(nodes)
+        self._train_requests = messages  # their ids, given when pushed, map replies to sites
         self._count_down(server_round, messages, "train")
         return messages
 
@@ -140,7 +144,8 @@ class LoraFedAvg(FedAvg):
         updates: list[TrainUpdate] = []
         stats = self.round_stats[server_round]
         replies = list(replies)
-        for node in sorted(self._sampled - {m.metadata.src_node_id for m in replies}):
+        requests = replying_nodes(self._train_requests)
+        for node in sorted(self._sampled - {replying_node(m, requests) for m in replies}):
             self.leave_out(server_round, node, f"no reply within round-timeout "
                                            f"({self.cfg.round_timeout:g}s)", "train", MISSING)
         for msg in replies:
@@ -154,7 +159,7 @@ class LoraFedAvg(FedAvg):
                 update.state = self.with_fixed(update.state)
                 self.check_update(update)
             except FedLoraError as err:
-                self.leave_out(server_round, msg.metadata.src_node_id, str(err), "train",
+                self.leave_out(server_round, replying_node(msg, requests), str(err), "train",
                                REJECTED)
                 continue
             updates.append(update)
