@@ -19,6 +19,8 @@ from client.site_link import (
     RUNTIME_KEY,
     LinkError,
     check_private_socket,
+    decode_exchange,
+    encode_exchange,
     recv_frames,
     send_frames,
 )
@@ -43,15 +45,6 @@ def forward(path: Path, msg: Message, context: Context) -> Message:
     """`msg` handled by the runtime listening at `path`: its reply, and context.state as the
     handler left it. Raises FedLoraError (Flower then replies with the error) when the
     runtime cannot be reached or breaks the exchange."""
-    from common.flower_compat import (
-        ProtoContext,
-        ProtoMessage,
-        context_from_proto,
-        context_to_proto,
-        message_from_proto,
-        message_to_proto,
-    )
-
     check_private_socket(path)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(CONNECT_TIMEOUT_SECONDS)
@@ -62,16 +55,15 @@ def forward(path: Path, msg: Message, context: Context) -> Message:
                                f"`fedlora site` running?") from None
         conn.settimeout(None)
         try:
-            send_frames(conn, [message_to_proto(msg).SerializeToString(),
-                               context_to_proto(context).SerializeToString()])
+            send_frames(conn, encode_exchange(msg, context))
             reply_bytes, context_bytes = recv_frames(conn, 2)
         except OSError as err:
             raise LinkError(f"the site runtime at {path} broke off: {err}") from None
     if not reply_bytes:  # the runtime could not read the request: the second frame says why
         raise FedLoraError(f"the site runtime refused the message: "
                            f"{context_bytes.decode(errors='replace')}")
-    reply = message_from_proto(ProtoMessage.FromString(reply_bytes))
-    context.state = context_from_proto(ProtoContext.FromString(context_bytes)).state
+    reply, returned = decode_exchange(reply_bytes, context_bytes)
+    context.state = returned.state
     if reply.has_error():
         return Message(reply.error, reply_to=msg)
     return Message(reply.content, reply_to=msg)

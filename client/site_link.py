@@ -109,3 +109,25 @@ def request_status(path: Path, timeout: float = 10.0) -> dict:
     if kind != STATUS_REQUEST:
         raise FedLoraError(f"the site runtime at {path} refused: {body.decode(errors='replace')}")
     return json.loads(body)
+
+
+def encode_exchange(msg, context) -> list[bytes]:
+    """A message and its context as the two frames that cross the socket (either way)."""
+    from common.flower_compat import context_to_proto, message_to_proto
+
+    return [message_to_proto(msg).SerializeToString(),
+            context_to_proto(context).SerializeToString()]
+
+
+def decode_exchange(message_bytes: bytes, context_bytes: bytes):
+    """The message and context of encode_exchange's frames; raises what protobuf or Flower
+    raise for bytes that are not one."""
+    from common.flower_compat import (
+        ProtoContext,
+        ProtoMessage,
+        context_from_proto,
+        message_from_proto,
+    )
+
+    return (message_from_proto(ProtoMessage.FromString(message_bytes)),
+            context_from_proto(ProtoContext.FromString(context_bytes)))

@@ -26,6 +26,8 @@ from client.site_link import (
     RUNTIME_KEY,
     STATUS_REQUEST,
     LinkError,
+    decode_exchange,
+    encode_exchange,
     peer_uid,
     recv_frames,
     send_frames,
@@ -161,24 +163,13 @@ class SiteRuntime:
 
     # -- the messages ------------------------------------------------------------------------
     def answer_bytes(self, message_bytes: bytes, context_bytes: bytes) -> list[bytes]:
-        from common.flower_compat import (
-            ProtoContext,
-            ProtoMessage,
-            context_from_proto,
-            context_to_proto,
-            message_from_proto,
-            message_to_proto,
-        )
-
         try:
-            msg = message_from_proto(ProtoMessage.FromString(message_bytes))
-            context = context_from_proto(ProtoContext.FromString(context_bytes))
+            msg, context = decode_exchange(message_bytes, context_bytes)
         except Exception as err:  # protobuf's DecodeError, or a message Flower refuses
             raise FedLoraError(f"the request is not a Flower message and context: "
                                f"{type(err).__name__}: {err}") from None
         reply = self.answer(msg, context)
-        return [message_to_proto(reply).SerializeToString(),
-                context_to_proto(context).SerializeToString()]
+        return encode_exchange(reply, context)
 
     def answer(self, msg, context):
         """The reply the site's handlers give `msg`, or an error reply naming what failed."""
