@@ -1,0 +1,297 @@
+"""Deployment against simulation (issue 21): the same federation run three ways on loopback:
+`fedlora simulate`; a real deployment (TLS SuperLink with SuperNode authentication, one
+authenticated SuperNode per site, `flwr run`), where every message starts a ClientApp process
+that loads the model again; and the same deployment with a resident runtime (`fedlora site`)
+beside each SuperNode.
+
+Data: BANKING77's train split, --rows rows drawn with seed 0, dealt out to the sites in turn
+(each site's file in the deployments; the same pool partitioned iid by the simulation); the
+server scores --eval-rows rows of the test split. Measured per run, from metrics.jsonl:
+- the steady round (rounds 2 to N: round 1 pays for first loads) and its ratio to the
+  simulation's;
+- the per-message overhead: a round's train exchange (from sending the messages to the last
+  reply) minus the slowest site's training seconds (measured inside the site);
+- each kind of process's peak resident memory (sampled every 0.5 s; a process tree's parts
+  counted apart: the SuperNode, each ClientApp, the runtime; Ray's workers).
+With --model causal-lm, bench/causal_lm.py's ~100M-parameter Llama-style model (random weights)
+learns BANKING77's intent names as responses to the queries.
+Resumable. Writes deployment.json and deployment.md under --out.
+
+    .venv/bin/python bench/deployment.py --data ../shared/data/banking77
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from results import load_results, markdown_table, store_results, store_text  # noqa: E402
+
+from server.outputs import RunDirectory  # noqa: E402
+
+BIN = Path(sys.executable).parent
+MODES = ("simulation", "deployment", "deployment+runtime")
+# Which kind of process a command line is: the first pattern it contains.
+KINDS = [("flwr-clientapp", "ClientApp"), ("flwr-serverapp", "ServerApp"),
+         ("superexec", "SuperExec"), ("flower-supernode", "SuperNode"),
+         ("flower-superlink", "SuperLink"), (" site ", "site runtime"),
+         ("ray::", "Ray worker"), ("raylet", "Ray (raylet, GCS)"), ("gcs_server",
+         "Ray (raylet, GCS)"), ("simulate", "simulation driver")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PeakMemory:
+    """Samples the resident memory of every process under some roots, by kind of process."""
+
+    def __init__(self) -> None:
+        self.roots: list[int] = []
+        self.peaks: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.wait(0.5):
+            for root in list(self.roots):
+                try:
+                    tree = [psutil.Process(root)]
+                    tree += tree[0].children(recursive=True)
+                except psutil.Error:
+                    continue
+                for proc in tree:
+                    try:
+                        command = " ".join(proc.cmdline())
+                        rss = proc.memory_info().rss / 2**20
+                    except psutil.Error:
+                        continue
+                    kind = next((k for pattern, k in KINDS if pattern in command), None)
+                    if kind:
+                        self.peaks[kind] = max(self.peaks.get(kind, 0.0), rss)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        return {k: round(v) for k, v in sorted(self.peaks.items())}
+
+
+class Processes:
+    """Started in their own sessions; stop_all() ends them and whatever they spawned."""
+
+    def __init__(self, env: dict, logs: Path, memory: PeakMemory) -> None:
+        self.env, self.logs, self.memory, self.started = env, logs, memory, []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 (closed in stop_all)
+        proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], cwd=ROOT, env=self.env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.started.append((proc, log))
+        self.memory.roots.append(proc.pid)
+        return proc
+
+    def stop_all(self) -> None:
+        import signal
+
+        for proc, log in self.started:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                    proc.wait(timeout=10)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    pass
+            log.close()
+
+
+def run(env: dict, *args: str) -> str:
+    result = subprocess.run([str(BIN / args[0]), *args[1:]], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    if result.returncode:
+        raise SystemExit(f"{' '.join(args[:3])} failed: {result.stderr[-2000:]}")
+    return result.stdout
+
+
+def prepare_data(args, sites: int, folder: Path) -> None:
+    import pandas as pd
+
+    folder.mkdir(parents=True, exist_ok=True)
+    train = pd.read_csv(Path(args.data) / "train.csv").sample(n=args.rows, random_state=0)
+    test = pd.read_csv(Path(args.data) / "test.csv").sample(n=args.eval_rows, random_state=0)
+    if args.model == "causal-lm":
+        train = train.rename(columns={"text": "prompt", "category": "response"})
+        test = test.rename(columns={"text": "prompt", "category": "response"})
+    train.to_csv(folder / "train.csv", index=False)
+    test.to_csv(folder / "test.csv", index=False)
+    for site in range(sites):
+        train.iloc[site::sites].to_csv(folder / f"site-{site}.csv", index=False)
+
+
+def run_config(args, folder: Path) -> str:
+    common = (f"local-epochs=1 max-eval-examples={args.eval_rows} "
+              f"max-train-examples={args.rows}")
+    if args.model == "causal-lm":
+        return (f"{common} task='causal-lm' model='{folder.parent / 'model'}' "
+                f"max-length=32 lora-target-modules='q_proj,v_proj'")
+    return f"{common} label-column='category'"
+
+
+def simulation(args, sites: int, folder: Path, out: Path) -> dict:
+    memory = PeakMemory()
+    proc = subprocess.Popen([str(BIN / "fedlora"), "simulate", "--data", str(folder),
+                             "--num-clients", str(sites), "--rounds", str(args.rounds),
+                             "--partition", "iid", "--out", str(out), "--run-config",
+                             run_config(args, folder)], cwd=ROOT, stdout=subprocess.DEVNULL)
+    memory.roots.append(proc.pid)
+    if proc.wait():
+        raise SystemExit(f"fedlora simulate failed ({out})")
+    return {"peak-mib": memory.stop()}
+
+
+def deployment(args, sites: int, folder: Path, out: Path, with_runtime: bool) -> dict:
+    work = out.parent / f"{out.name}-processes"
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, FLWR_HOME=str(work / "flwr_home"),
+               PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    names = [f"site-{i}" for i in range(sites)]
+    if not (work / "keys").exists():
+        run(env, "fedlora", "certs", "--out", str(work / "certs"), "--san", "127.0.0.1")
+        run(env, "fedlora", "certs", "--out", str(work / "keys"),
+            *[a for n in names for a in ("--site", n)])
+    memory = PeakMemory()
+    procs = Processes(env, work, memory)
+    port = free_port()
+    certs = work / "certs"
+    try:
+        procs.start("superlink", "flower-superlink", "--ssl-ca-certfile", str(certs / "ca.crt"),
+                    "--ssl-certfile", str(certs / "server.crt"), "--ssl-keyfile",
+                    str(certs / "server.key"), "--enable-supernode-auth", "--database",
+                    str(work / "superlink.db"), "--host", "127.0.0.1", "--port", str(port),
+                    "--disable-runtime-dependency-installation")
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise SystemExit("the SuperLink did not start") from None
+                time.sleep(0.5)
+        run(env, "fedlora", "connect", "bench", "--address", f"127.0.0.1:{port}", "--ca",
+            str(certs / "ca.crt"))
+        for name in names:
+            run(env, "flwr", "supernode", "register", str(work / "keys" / f"{name}.pub"),
+                "bench")
+        for name in names:
+            data = folder / f"{name}.csv"
+            node_config = f"data-path='{data}'"
+            if with_runtime:
+                sock = work / name / "site.sock"
+                model = run_config(args, folder).split("model='")[1].split("'")[0] \
+                    if args.model == "causal-lm" else "default"
+                procs.start(f"{name}-runtime", "fedlora", "site", "--data", str(data),
+                            "--socket", str(sock), "--model", model)
+                deadline = time.time() + 120
+                while not sock.exists():
+                    if time.time() > deadline:
+                        raise SystemExit(f"{name}'s runtime did not start")
+                    time.sleep(0.2)
+                node_config = f"site-runtime='{sock}'"
+            procs.start(name, "flower-supernode", "--superlink", f"127.0.0.1:{port}",
+                        "--root-certificates", str(certs / "ca.crt"),
+                        "--auth-supernode-private-key", str(work / "keys" / f"{name}.key"),
+                        "--node-config", node_config, "--port", str(free_port()))
+        overrides = (f"{run_config(args, folder)} eval-data='{folder / 'test.csv'}' "
+                     f"num-rounds={args.rounds} out-dir='{out}'")
+        started = time.time()
+        run(env, "flwr", "run", ".", "bench", "--stream", "--run-config", overrides)
+        elapsed = time.time() - started
+    finally:
+        procs.stop_all()
+    status = RunDirectory(out).read_summary()["status"]
+    if status != "completed":
+        raise SystemExit(f"the {out.name} run ended {status}")
+    return {"peak-mib": memory.stop(), "flwr-run-seconds": elapsed}
+
+
+def measure(out: Path) -> dict:
+    rounds = RunDirectory(out).read_rounds()
+    steady = rounds[2:]
+    overhead = [r["train-exchange-seconds"]
+                - max(c["train-seconds"] for c in r["train-per-client"]) for r in rounds[1:]]
+    metric = "accuracy" if "accuracy" in rounds[-1]["server"] else "loss"
+    return {"round-seconds": [r["seconds"] for r in rounds[1:]],
+            "steady-round-seconds": statistics.mean(r["seconds"] for r in steady),
+            "message-overhead-seconds": overhead,
+            "steady-message-overhead-seconds": statistics.median(overhead[1:]),
+            "final": {metric: rounds[-1]["server"][metric]}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/banking77"))
+    parser.add_argument("--out", default=str(ROOT / "runs" / "bench-deployment"))
+    parser.add_argument("--sites", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=1200, help="training rows, all sites")
+    parser.add_argument("--eval-rows", type=int, default=500)
+    parser.add_argument("--model", choices=["default", "causal-lm"], default="default")
+    args = parser.parse_args()
+    out = Path(args.out)
+    _, results = load_results(out, "deployment.json")
+    if args.model == "causal-lm" and not (out / "model").exists():
+        from causal_lm import save_model  # bench/causal_lm.py
+
+        save_model(out / "model")
+    for sites in args.sites:
+        folder = out / f"data-{sites}"
+        prepare_data(args, sites, folder)
+        for mode in MODES:
+            key = f"{args.model} sites={sites} {mode}"
+            if key in results:  # resumable
+                continue
+            run_dir = out / f"{args.model}-{sites}-{mode.replace('+', '-')}"
+            if mode == "simulation":
+                extra = simulation(args, sites, folder, run_dir)
+            else:
+                extra = deployment(args, sites, folder, run_dir, mode.endswith("runtime"))
+            results[key] = {"model": args.model, "sites": sites, "mode": mode,
+                            **measure(run_dir), **extra}
+            store_results(out, "deployment.json", results)
+    store_text(out, "deployment.md", table(results))
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    rows = []
+    for r in results.values():
+        sim = results.get(f"{r['model']} sites={r['sites']} simulation")
+        ratio = r["steady-round-seconds"] / sim["steady-round-seconds"] if sim else None
+        peaks = ", ".join(f"{k} {v}" for k, v in r["peak-mib"].items())
+        rows.append([r["model"], str(r["sites"]), r["mode"],
+                     f"{r['steady-round-seconds']:.1f}",
+                     f"{ratio:.2f}" if ratio else "",
+                     f"{r['steady-message-overhead-seconds']:.1f}",
+                     " ".join(f"{k} {v:.4f}" for k, v in r["final"].items()), peaks])
+    return markdown_table(["model", "sites", "run as", "steady round s", "ratio to simulation",
+                           "per-message overhead s", "final", "peak memory MiB by process"],
+                          rows)
+
+
+if __name__ == "__main__":
+    main()
