@@ -65,9 +65,10 @@ def test_a_site_the_superlink_reports_unavailable_is_left_out_once_by_its_own_id
     """A SuperNode that dies mid-round stops heart-beating; the SuperLink then answers its
     request itself (sender: the SuperLink, reply_to: the request). The round leaves out that
     site, by its own node id, once, with Flower's reason, and aggregates the others."""
+    from flwr.app import Error, Message
+
     from common.config import FedLoraConfig
     from common.flower_compat import ProtoMessage, message_from_proto, message_to_proto
-    from flwr.app import Error, Message
     from server.app import run_federation
     from simulations.inprocess import InProcessGrid
 
