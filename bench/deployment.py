@@ -141,12 +141,16 @@ def prepare_data(args, sites: int, folder: Path) -> None:
         train.iloc[site::sites].to_csv(folder / f"site-{site}.csv", index=False)
 
 
+def model_of(args, folder: Path) -> str:
+    """The run's `model` value (what a runtime's --model must match)."""
+    return str(folder.parent / "model") if args.model == "causal-lm" else "default"
+
+
 def run_config(args, folder: Path) -> str:
     common = (f"local-epochs=1 max-eval-examples={args.eval_rows} "
-              f"max-train-examples={args.rows}")
+              f"max-train-examples={args.rows} model='{model_of(args, folder)}'")
     if args.model == "causal-lm":
-        return (f"{common} task='causal-lm' model='{folder.parent / 'model'}' "
-                f"max-length=32 lora-target-modules='q_proj,v_proj'")
+        return f"{common} task='causal-lm' max-length=32 lora-target-modules='q_proj,v_proj'"
     return f"{common} label-column='category'"
 
 
@@ -202,10 +206,8 @@ def deployment(args, sites: int, folder: Path, out: Path, with_runtime: bool) ->
             node_config = f"data-path='{data}'"
             if with_runtime:
                 sock = work / name / "site.sock"
-                model = run_config(args, folder).split("model='")[1].split("'")[0] \
-                    if args.model == "causal-lm" else "default"
                 procs.start(f"{name}-runtime", "fedlora", "site", "--data", str(data),
-                            "--socket", str(sock), "--model", model)
+                            "--socket", str(sock), "--model", model_of(args, folder))
                 deadline = time.time() + 120
                 while not sock.exists():
                     if time.time() > deadline:

@@ -65,6 +65,7 @@ class ProcessCache:
     """Per process and run: one base model, the data read once, every site's examples."""
 
     key: tuple
+    model: str  # the run's model key (a runtime's status)
     models: dict[int, LoraModel] = field(default_factory=dict)  # one per LoRA rank in use
     # The training pool: a datasets.Dataset, or rows handed to warm_up (len, select, columns).
     pool: object | None = None
@@ -82,17 +83,25 @@ def resident_sites() -> list[dict]:
     cache = _CACHE  # read once: a message of another run may be replacing it
     if cache is None:
         return []
-    return [{"site": site_id, "model": cache.key[0].model,
+    return [{"site": site_id, "model": cache.model,
              "train-rows": len(site.train_examples), "val-rows": len(site.val_examples)}
             for site_id, site in list(cache.sites.items())]
 
 
+# Keys that say how the server runs a run, not what a site loads: runs that differ only in
+# these (another out-dir, more rounds, a resume) keep a process's model and data.
+SERVER_ONLY_KEYS = {"out-dir", "num-rounds", "resume", "round-timeout", "round-retries",
+                    "tensorboard", "early-stopping-patience", "early-stopping-min-delta",
+                    "min-train-clients", "min-evaluate-clients", "min-available-clients"}
+
+
 def _process_cache(cfg: FedLoraConfig, labels: list[str] | None) -> ProcessCache:
     global _CACHE
-    key = (cfg, tuple(labels or ()))
+    key = (tuple(sorted((k, v) for k, v in cfg.to_run_config().items()
+                        if k not in SERVER_ONLY_KEYS)), tuple(labels or ()))
     if _CACHE is None or _CACHE.key != key:  # a new run in this process: start over
         torch.set_num_threads(max(1, int(cfg.client_num_cpus)))
-        _CACHE = ProcessCache(key=key)
+        _CACHE = ProcessCache(key=key, model=cfg.model)
     return _CACHE
 
 

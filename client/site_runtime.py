@@ -60,7 +60,7 @@ class SiteRuntime:
         # Unreadable data is said now, not at the first round's message.
         self.data_file = data_file(str(data_path), "site: --data")
         table = read_table(self.data_file)
-        self.data_rows, self.data_columns = len(table), [str(c) for c in table.columns]
+        self.data_rows = len(table)
         if not self.data_rows:
             raise FedLoraError(f"site: data file {str(self.data_file)!r} has no rows")
 

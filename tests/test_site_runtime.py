@@ -207,3 +207,14 @@ def test_bad_runtime_input_is_one_line(site, runtime_thread, tmp_path):
         assert result.stderr.count("\n") == 1 and says in result.stderr, result.stderr
     with pytest.raises(FedLoraError, match="no site runtime at .*start it with `fedlora site`"):
         forward(tmp_path / "gone.sock", *_message(*site[:3], {}))
+
+
+def test_a_new_run_of_the_same_site_config_keeps_the_loaded_model(monkeypatch):
+    """A runtime serves run after run: another out-dir, more rounds or a resume keep its
+    process cache (model, tokenised rows); a key a site loads by (max-length) starts over."""
+    monkeypatch.setattr(client_app, "_CACHE", None)
+    first = FedLoraConfig(out_dir="runs/a", num_rounds=3)
+    cache = client_app._process_cache(first, ["a", "b"])
+    again = first.replace(out_dir="runs/b", num_rounds=10, resume=True, round_timeout=60.0)
+    assert client_app._process_cache(again, ["a", "b"]) is cache
+    assert client_app._process_cache(first.replace(max_length=64), ["a", "b"]) is not cache

@@ -67,8 +67,7 @@ class LoraFedAvg(FedAvg):
         self.round_stats: dict[int, RoundStats] = defaultdict(RoundStats)
         self._nodes_reached: set[int] = set()  # this round's, for bytes per client
         self.rng = random.Random(cfg.seed)  # client sampling; checkpointed with the run
-        self._sampled: set[int] = set()
-        self._train_requests: list[Message] = []
+        self._train_requests: list[Message] = []  # this round's; their ids map replies to sites
         self.labels: list[str] | None = None  # the shared label set, as sent to the sites
         # Each site's latest data-check counts (by node id): sites send them with every train
         # reply, so a resumed server collects them again.
@@ -125,8 +124,7 @@ class LoraFedAvg(FedAvg):
             self.labels = json.loads(str(config["labels"]))
         nodes = self.sample_nodes(grid, self.fraction_train, self.min_train_nodes)
         messages = self.build_messages(server_round, arrays, config, nodes, MessageType.TRAIN)
-        self._sampled = set(nodes)
-        self._train_requests = messages  # their ids, given when pushed, map replies to sites
+        self._train_requests = messages
         self._count_down(server_round, messages, "train")
         return messages
 
@@ -145,7 +143,8 @@ class LoraFedAvg(FedAvg):
         stats = self.round_stats[server_round]
         replies = list(replies)
         requests = replying_nodes(self._train_requests)
-        for node in sorted(self._sampled - {replying_node(m, requests) for m in replies}):
+        sampled = {m.metadata.dst_node_id for m in self._train_requests}
+        for node in sorted(sampled - {replying_node(m, requests) for m in replies}):
             self.leave_out(server_round, node, f"no reply within round-timeout "
                                            f"({self.cfg.round_timeout:g}s)", "train", MISSING)
         for msg in replies:
@@ -170,7 +169,7 @@ class LoraFedAvg(FedAvg):
         self.keep_data_reports(server_round, updates)
         # Replies arrive in any order; a fixed order makes the float sums reproducible.
         updates.sort(key=lambda u: (u.num_examples, state_digest(u.state)))
-        updates, withheld = self.admission.release(updates, len(self._sampled))
+        updates, withheld = self.admission.release(updates, len(sampled))
         if withheld:
             log(WARNING, "round %s: %s", server_round, withheld)
         stats.aggregated = len(updates)
