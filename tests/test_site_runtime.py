@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -10,12 +11,14 @@ import sys
 import threading
 import time
 
+import pandas as pd
 import pytest
 import torch
-from flwr.app import Context, RecordDict
+from flwr.app import Context, Message, RecordDict
 
 import client.app as client_app
 from client import site_link
+from client.entry import app as entry_app
 from client.entry import forward, handle
 from client.site_runtime import SiteRuntime
 from common.config import FedLoraConfig
@@ -45,11 +48,11 @@ def _message(cfg, labels, state, node_config, kind="train"):
                         state=RecordDict(), run_config=context.run_config)
 
 
-def _start_runtime(cfg, data, sock) -> subprocess.Popen:
+def _start_runtime(cfg, data, sock, extra=()) -> subprocess.Popen:
     """`fedlora site` in its own process, once it listens."""
     process = subprocess.Popen(
         [sys.executable, "-m", "simulations.cli", "site", "--data", str(data), "--socket",
-         str(sock), "--model", cfg.model], cwd=REPO, stdout=subprocess.PIPE,
+         str(sock), "--model", cfg.model, *extra], cwd=REPO, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not site_link_answers(sock):
@@ -218,3 +221,135 @@ def test_a_new_run_of_the_same_site_config_keeps_the_loaded_model(monkeypatch):
     again = first.replace(out_dir="runs/b", num_rounds=10, resume=True, round_timeout=60.0)
     assert client_app._process_cache(again, ["a", "b"]) is cache
     assert client_app._process_cache(first.replace(max_length=64), ["a", "b"]) is not cache
+
+
+# -- every feature through the runtime ----------------------------------------------------
+RUNTIME_NODE, PLAIN_NODE = 1000, 1001
+FEATURES = {  # name: (run config changes, the runtime site's own node-config)
+    "dp-sgd": ({"dp_noise_multiplier": 1.0}, ""),
+    "client-level-dp": ({"client_dp_noise_multiplier": 0.5}, ""),
+    "int8-transfer": ({"transfer_dtype": "int8"}, ""),
+    "mixed-ranks-exact": ({"strategy": "exact"}, "lora-r=2"),
+    "ffa": ({"strategy": "ffa"}, ""),
+}
+
+
+@pytest.fixture(scope="module")
+def deployed_sites(banking_subset, tmp_path_factory):
+    """Two deployed sites' own data files (the subset's training rows split in two)."""
+    folder = tmp_path_factory.mktemp("deployed")
+    rows = pd.read_csv(banking_subset / "train.csv").sample(frac=1.0, random_state=0)
+    files = folder / "site-a.csv", folder / "site-b.csv"
+    rows.iloc[::2].to_csv(files[0], index=False)
+    rows.iloc[1::2].to_csv(files[1], index=False)
+    return files
+
+
+@pytest.fixture(scope="module")
+def runtimes(deployed_sites, tiny_llama_dir, tmp_path_factory):
+    """`fedlora site` for site a, one per node-config the features need, started once."""
+    started = {}
+
+    def runtime(node_config: str):
+        if node_config not in started:
+            sock = tmp_path_factory.mktemp("rt") / "site.sock"
+            cfg = FedLoraConfig(model=str(tiny_llama_dir))
+            extra = ["--node-config", node_config] if node_config else []
+            started[node_config] = _start_runtime(cfg, deployed_sites[0], sock, extra), sock
+        return started[node_config][1]
+
+    yield runtime
+    for process, _ in started.values():
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def _same_reply(kind: str, remote: Message, local: Message, exact: bool) -> None:
+    """The runtime's reply against the in-process handlers' for one message."""
+    assert remote.has_error() == local.has_error() is False, (remote.error, local.error)
+    assert list(remote.content) == list(local.content), kind
+    ours, theirs = (dict(r.content["metrics"]) for r in (local, remote))
+    if exact:
+        assert {k: v for k, v in theirs.items() if k not in TIMING} == \
+            {k: v for k, v in ours.items() if k not in TIMING}, kind
+    else:  # the site's DP noise comes from the OS, never from the run's seed
+        assert theirs.keys() == ours.keys() and theirs["num-examples"] == ours["num-examples"]
+        assert theirs.get("dp-epsilon") == ours.get("dp-epsilon")
+    if "arrays" in local.content:
+        mine, yours = local.content["arrays"], remote.content["arrays"]
+        assert list(mine) == list(yours), kind
+        for name in mine:
+            assert mine[name].dtype == yours[name].dtype and mine[name].shape == yours[name].shape
+            if exact:
+                assert mine[name].data == yours[name].data, (kind, name)
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_every_feature_trains_through_the_runtime_as_it_does_in_process(
+        feature, banking_subset, tiny_llama_dir, deployed_sites, runtimes, tmp_path,
+        task_identity, monkeypatch):
+    """A federation of two deployed sites, one behind its runtime, one round. Every message to
+    the runtime's site is also answered by the in-process handlers on the same data (their
+    context kept apart), and the two replies must agree: bit for bit, or under DP-SGD in all
+    but the site's noise. The server aggregates both sites' replies."""
+    from server.app import run_federation
+    from simulations.inprocess import InProcessGrid, over_the_wire
+
+    changes, node_config = FEATURES[feature]
+    cfg = FedLoraConfig(
+        data=str(banking_subset), model=str(tiny_llama_dir), label_column="category", lora_r=4,
+        local_steps=2, num_rounds=1, min_train_clients=2, min_evaluate_clients=2,
+        min_available_clients=2, max_eval_examples=30, round_retries=0,
+        out_dir=str(tmp_path / "run"), **changes)
+    sock = runtimes(node_config)
+    own = {**({"lora-r": 2} if node_config else {}), "data-path": str(deployed_sites[0])}
+    monkeypatch.setattr(client_app, "_CACHE", None)
+    grid = InProcessGrid(cfg, 2, app=lambda message, context: answer(message, context),
+                         first_node_id=RUNTIME_NODE)
+    config = {RUNTIME_NODE: {site_link.RUNTIME_KEY: str(sock)},
+              PLAIN_NODE: {"data-path": str(deployed_sites[1])}}
+    for node, context in grid.contexts.items():
+        context.node_config = config[node]
+    in_process = Context(run_id=1, node_id=RUNTIME_NODE, node_config=own, state=RecordDict(),
+                         run_config=cfg.to_run_config())
+    replies = []
+
+    def answer(message: Message, context: Context) -> Message:
+        if context.node_id == PLAIN_NODE:
+            return client_app.app(message=message, context=context)
+        remote = entry_app(message=over_the_wire(message), context=context)
+        local = client_app.app(message=over_the_wire(message), context=in_process)
+        _same_reply(message.metadata.message_type, remote, local,
+                    exact="dp_noise_multiplier" not in changes)
+        replies.append((message, remote))
+        return remote
+
+    run = run_federation(grid, cfg)
+    assert json.loads((run.path / "summary.json").read_text())["status"] == "completed"
+    assert run.read_rounds()[1]["clients"]["train-clients-aggregated"] == 2
+    kinds = [m.metadata.message_type for m, _ in replies]
+    assert "train" in kinds and "evaluate" in kinds, kinds
+    trained = next(r for m, r in replies if m.metadata.message_type == "train"
+                   and "arrays" in r.content)
+    sent = next(m for m, _ in replies if m.metadata.message_type == "train")
+    arrays = trained.content["arrays"]
+    if feature == "dp-sgd":
+        assert trained.content["metrics"]["dp-epsilon"] > 0
+    if feature == "client-level-dp":  # Flower's clipping mod ran in the runtime
+        update = record_to_adapter(arrays)
+        start = record_to_adapter(sent.content["arrays"])
+        norm = sum(float((update[n] - start[n]).double().pow(2).sum()) for n in update) ** 0.5
+        assert 0 < norm <= cfg.client_dp_clip_norm * (1 + 1e-5)
+    if feature == "int8-transfer":
+        assert {a.dtype for name, a in arrays.items() if "lora_" in name} == {"int8"}
+    if feature == "mixed-ranks-exact":
+        ranks = {a.shape[0] for name, a in arrays.items() if "lora_A" in name}
+        assert ranks == {2}
+    if feature == "ffa":  # A stays frozen at its seeded start and is never sent; B trained
+        start = record_to_adapter(sent.content["arrays"])
+        update = record_to_adapter(arrays)
+        assert not [n for n in update if "lora_A" in n]
+        trained_b = [n for n in update if "lora_B" in n]
+        assert trained_b and not all(torch.equal(update[n], start[n]) for n in trained_b)
+    assert site_link.request_status(sock)["resident"][0]["train-rows"] == \
+        trained.content["metrics"]["num-examples"]
