@@ -1,18 +1,18 @@
 """A federation under load and faults on loopback: a TLS SuperLink with SuperNode
-authentication, 20 registered SuperNodes (14 of them forwarding to resident site runtimes), a
-tiny causal LM, 6 rounds. In one run: a SuperNode killed (SIGKILL) mid-round and restarted, a
+authentication, 20 registered SuperNodes (17 of them forwarding to resident site runtimes), a
+tiny causal LM, 5 rounds. In one run: a SuperNode killed (SIGKILL) mid-round and restarted, a
 site runtime killed mid-round and restarted, then the SuperLink and its ServerApp killed
-mid-run, restarted, and the run resumed. Bounded in time; every process is stopped at the end.
+mid-run, restarted, the sites registered again and the run resumed. Bounded in time; every
+process is stopped at the end.
 
-Not in CI (FEDLORA_LOAD_TEST=1 runs it): it takes 10+ minutes on 2 cores, and it does not pass
-yet. Run on this 2-core machine (flwr 1.42) it found, besides a bug fixed since (a dead node's
-error reply, which the SuperLink sends, was counted against node 1): a restarted SuperNode is
-refused until the SuperLink has given up on the old process (exit code 305; the test retries as
-a service manager would), and under 20 sites replies go missing: the SuperLink's SQLite
-database reports "database is locked" and SuperNodes' pushes fail with HTTP 500 (not retried
-by Flower), and more replies than those failures missed the 180 s round-timeout of round 1
-(2 of 20 aggregated) and round 2 (12 of 18), with runtimes answering each message in ~66 s on
-the cold start and in under a second after it.
+The sites run at a lower priority (nice), as if on machines of their own: on 2 cores, 20
+SuperNodes and their ClientApp processes would otherwise starve the coordinator. The SuperLink
+keeps its state in memory: with flwr 1.42's SQLite database (`--database`) replies were lost
+here under 20 sites (the SuperLink's "database is locked", HTTP 500 on a SuperNode's push,
+which Flower does not retry: 5 of 20 replies in round 1, 1 in round 3); in memory, none. A
+SuperNode restarted at once is refused until the SuperLink has given up on its old process
+(exit code 305): the test restarts exited SuperNodes as a service manager would. ~7 min on 2
+cores.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from tests.conftest import free_port
 from tests.test_deployment import BIN, Processes, _port_free, _run
 from tests.test_resume import _kill_tree
 
-SITES, WITH_RUNTIME, ROUNDS = 20, 14, 6
+SITES, WITH_RUNTIME, ROUNDS = 20, 17, 5
+SITE_NICENESS = 15  # the sites yield the CPU to the coordinator, as if on machines of their own
 KILLED_SUPERNODE, KILLED_RUNTIME = 19, 0  # a site without runtime, a site with one
 FAULT_ROUND = 2  # both stall in this round (a sleep), so that the kills land mid-round
 DEADLINE_SECONDS = 900
@@ -63,6 +64,14 @@ def _has_clientapp(proc: subprocess.Popen) -> bool:
         return any("clientapp" in " ".join(c.cmdline())
                    for c in psutil.Process(proc.pid).children(recursive=True))
     except psutil.Error:
+        return False
+
+
+def _answers(sock: Path) -> bool:
+    try:
+        request_status(sock)
+        return True
+    except FedLoraError:
         return False
 
 
@@ -96,19 +105,21 @@ def test_twenty_sites_survive_killed_supernodes_runtimes_and_superlink(
     port, certs = free_port(), tmp_path / "certs"
     superlink_args = ("flower-superlink", "--ssl-ca-certfile", str(certs / "ca.crt"),
                       "--ssl-certfile", str(certs / "server.crt"), "--ssl-keyfile",
-                      str(certs / "server.key"), "--enable-supernode-auth", "--database",
-                      str(tmp_path / "superlink.db"), "--host", "127.0.0.1", "--port",
+                      str(certs / "server.key"), "--enable-supernode-auth",
+                      "--host", "127.0.0.1", "--port",
                       str(port), "--disable-runtime-dependency-installation")
     try:
         superlink = procs.start("superlink", *superlink_args)
         _wait("the SuperLink", lambda: not _port_free(port), deadline)
         _run(env, "fedlora", "connect", "load", "--address", f"127.0.0.1:{port}", "--ca",
              str(certs / "ca.crt"))
-        node_ids = {}
-        for name in names:
-            node_ids[name] = _node_id(_run(env, "flwr", "supernode", "register",
-                                           str(tmp_path / "keys" / f"{name}.pub"),
-                                           "load").stdout)
+
+        def register() -> dict[str, int]:
+            return {name: _node_id(_run(env, "flwr", "supernode", "register",
+                                        str(tmp_path / "keys" / f"{name}.pub"), "load").stdout)
+                    for name in names}
+
+        node_ids = register()
         site_id = {name: node % 2**31 for name, node in node_ids.items()}
 
         def stall(name):  # the fault, by the id the site's ClientApp knows itself by
@@ -120,21 +131,24 @@ def test_twenty_sites_survive_killed_supernodes_runtimes_and_superlink(
                                str(tmp_path / f"{name}.jsonl"), "--socket", str(sock),
                                "--model", str(tiny_llama_dir),
                                env=stall(name) if name == names[KILLED_RUNTIME] else None)
+            psutil.Process(proc.pid).nice(SITE_NICENESS)
             return proc, sock
 
         def start_supernode(name, sock, suffix=""):
             node_config = (f"site-runtime='{sock}'" if sock else
                            f"data-path='{tmp_path / f'{name}.jsonl'}'")
-            return procs.start(f"{name}{suffix}", "flower-supernode", "--superlink",
+            proc = procs.start(f"{name}{suffix}", "flower-supernode", "--superlink",
                                f"127.0.0.1:{port}", "--root-certificates", str(certs / "ca.crt"),
                                "--auth-supernode-private-key",
                                str(tmp_path / "keys" / f"{name}.key"), "--node-config",
                                node_config, "--port", str(free_port()),
                                env=stall(name) if name == names[KILLED_SUPERNODE] else None)
+            psutil.Process(proc.pid).nice(SITE_NICENESS)  # its ClientApps inherit it
+            return proc
 
         runtimes = {name: start_runtime(name) for name in names[:WITH_RUNTIME]}
-        for name, (proc, sock) in runtimes.items():
-            _wait(f"{name}'s runtime", lambda s=sock: s.exists(), deadline)
+        for name, (proc, sock) in runtimes.items():  # ready: torch imported, answering
+            _wait(f"{name}'s runtime", lambda s=sock: _answers(s), deadline, every=1.0)
         supernodes = {name: start_supernode(name, runtimes.get(name, (None, None))[1])
                       for name in names}
 
@@ -176,12 +190,15 @@ def test_twenty_sites_survive_killed_supernodes_runtimes_and_superlink(
 
         # Mid-run: the SuperLink and its ServerApp die; restarted on the same database, the
         # sites reconnect and the run resumes from its last checkpoint.
-        _wait("round 4", recorded(5), deadline)
+        _wait(f"round {FAULT_ROUND + 1}", recorded(FAULT_ROUND + 2), deadline)
         time.sleep(2)
         assert RunDirectory(out).read_summary()["status"] == "running"
         _kill_tree(superlink)
         superlink = procs.start("superlink-restarted", *superlink_args)
         _wait("the restarted SuperLink", lambda: not _port_free(port), deadline)
+        # Its state was in memory: the sites are registered again (new node ids); their
+        # SuperNodes, refused meanwhile, exit and are restarted as a service manager would.
+        renamed = register()
         _run(env, "flwr", "run", ".", "load", "--run-config", f"{overrides} resume=true")
         _wait("the resumed run's end", lambda: revived() or RunDirectory(out).read_summary()[
             "status"] != "running", deadline, every=1.0)
@@ -192,20 +209,24 @@ def test_twenty_sites_survive_killed_supernodes_runtimes_and_superlink(
     assert summary["status"] == "completed", summary
     rounds = _rounds(out)
     assert [r["round"] for r in rounds] == list(range(ROUNDS + 1))  # every round once
-    # Each site's rows less the one it keeps for validation, by node id.
-    train_rows = {node_ids[name]: 7 + i % 6 - 1 for i, name in enumerate(names)}
+    # Each site's rows less the one it keeps for validation, by node id (both registrations).
+    rows_of = {ids[name]: 7 + i % 6 - 1 for ids in (node_ids, renamed)
+               for i, name in enumerate(names)}
     killed = {node_ids[names[KILLED_SUPERNODE]], node_ids[names[KILLED_RUNTIME]]}
     for record in rounds[1:]:
         trained = [c["node"] for c in record["train-per-client"]]
         assert len(set(trained)) == len(trained)
-        assert record["train"]["num-examples"] == sum(train_rows[n] for n in trained)
-        assert all(c["num-examples"] == train_rows[c["node"]]
+        assert record["train"]["num-examples"] == sum(rows_of[n] for n in trained)
+        assert all(c["num-examples"] == rows_of[c["node"]]
                    for c in record["train-per-client"])
+        live = set((node_ids if set(trained) <= set(node_ids.values()) else renamed).values())
         if record["round"] == FAULT_ROUND:  # both left out, with why, the 18 others in
-            assert set(trained) == set(train_rows) - killed, record["dropped"]
+            assert set(trained) == live - killed, record["dropped"]
             assert {d["node"] for d in record["dropped"]} == killed, record["dropped"]
         else:  # every live site, the two restarted ones again from the next round on
-            assert set(trained) == set(train_rows), (record["round"], record["dropped"])
+            assert set(trained) == live, (record["round"], record["dropped"])
+    # The resumed run's last round: every site, under the ids of its second registration.
+    assert {c["node"] for c in rounds[-1]["train-per-client"]} == set(renamed.values())
     adapter = load_file(str(out / "final_adapter" / "adapter_model.safetensors"))
     assert adapter and all(t.isfinite().all() for t in adapter.values())
     assert json.loads((out / "final_adapter" / "adapter_config.json").read_text())[
