@@ -40,7 +40,8 @@ from results import load_results, markdown_table, store_results, store_text  # n
 from server.outputs import RunDirectory  # noqa: E402
 
 BIN = Path(sys.executable).parent
-MODES = ("simulation", "deployment", "deployment+runtime")
+# The last: the runtime with Flower's own reply polling (every 3 s), as before reply-poll-interval.
+MODES = ("simulation", "deployment", "deployment+runtime", "deployment+runtime+3s-poll")
 # Which kind of process a command line is: the first pattern it contains.
 KINDS = [("flwr-clientapp", "ClientApp"), ("flwr-serverapp", "ServerApp"),
          ("superexec", "SuperExec"), ("flower-supernode", "SuperNode"),
@@ -166,7 +167,8 @@ def simulation(args, sites: int, folder: Path, out: Path) -> dict:
     return {"peak-mib": memory.stop()}
 
 
-def deployment(args, sites: int, folder: Path, out: Path, with_runtime: bool) -> dict:
+def deployment(args, sites: int, folder: Path, out: Path, with_runtime: bool,
+               flower_poll: bool = False) -> dict:
     work = out.parent / f"{out.name}-processes"
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, FLWR_HOME=str(work / "flwr_home"),
@@ -219,7 +221,8 @@ def deployment(args, sites: int, folder: Path, out: Path, with_runtime: bool) ->
                         "--auth-supernode-private-key", str(work / "keys" / f"{name}.key"),
                         "--node-config", node_config, "--port", str(free_port()))
         overrides = (f"{run_config(args, folder)} eval-data='{folder / 'test.csv'}' "
-                     f"num-rounds={args.rounds} out-dir='{out}'")
+                     f"num-rounds={args.rounds} out-dir='{out}'"
+                     f"{' reply-poll-interval=0' if flower_poll else ''}")
         started = time.time()
         run(env, "flwr", "run", ".", "bench", "--stream", "--run-config", overrides)
         elapsed = time.time() - started
@@ -253,6 +256,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1200, help="training rows, all sites")
     parser.add_argument("--eval-rows", type=int, default=500)
     parser.add_argument("--model", choices=["default", "causal-lm"], default="default")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     args = parser.parse_args()
     out = Path(args.out)
     _, results = load_results(out, "deployment.json")
@@ -263,7 +267,7 @@ def main() -> None:
     for sites in args.sites:
         folder = out / f"data-{sites}"
         prepare_data(args, sites, folder)
-        for mode in MODES:
+        for mode in args.modes:
             key = f"{args.model} sites={sites} {mode}"
             if key in results:  # resumable
                 continue
@@ -271,7 +275,8 @@ def main() -> None:
             if mode == "simulation":
                 extra = simulation(args, sites, folder, run_dir)
             else:
-                extra = deployment(args, sites, folder, run_dir, mode.endswith("runtime"))
+                extra = deployment(args, sites, folder, run_dir, "runtime" in mode,
+                                   mode.endswith("3s-poll"))
             results[key] = {"model": args.model, "sites": sites, "mode": mode,
                             **measure(run_dir), **extra}
             store_results(out, "deployment.json", results)

@@ -86,6 +86,7 @@ class FedLoraConfig:
     min_available_clients: int = 2  # sampling waits until this many sites are connected
     round_timeout: float = 3600.0  # seconds to wait for replies; late clients are left out
     round_retries: int = 1  # a round with fewer usable replies than min-train-clients is retried
+    reply_poll_interval: float = 0.1  # server checks for replies every N s; 0 = Flower's pace (3 s)
     # Model selection: the best round by the server's evaluation, and early stopping
     selection_metric: str = "auto"  # auto = accuracy (classification) or loss (causal-lm)
     early_stopping_patience: int = 0  # stop after this many rounds without improvement; 0 = never
@@ -172,7 +173,7 @@ class FedLoraConfig:
                        "early-stopping-min-delta", "max-eval-examples", "weight-decay",
                        "max-grad-norm", "client-num-gpus", "proximal-mu", "server-learning-rate",
                        "server-momentum", "global-rank", "max-update-norm", "round-retries",
-                       "max-examples-ratio", "max-update-norm-ratio",
+                       "max-examples-ratio", "max-update-norm-ratio", "reply-poll-interval",
                        "dp-noise-multiplier", "dp-target-epsilon", "client-dp-noise-multiplier",
                        "client-dp-target-epsilon", "head-refit-every", "num-rounds",
                        "head-dp-noise-multiplier"),
@@ -524,6 +525,7 @@ def _coerce(key: str, raw: Any, type_name: Any) -> Any:
 
 # Keys a resumed run may change; every other key must equal the interrupted run's.
 RESUMABLE_CHANGES = {"num-rounds", "resume", "round-timeout", "round-retries", "out-dir",
+                     "reply-poll-interval",
                      "gradient-checkpointing", "tensorboard", "early-stopping-patience",
                      "early-stopping-min-delta",
                      "client-num-cpus",

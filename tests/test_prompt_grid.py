@@ -1,0 +1,50 @@
+"""server/prompt_grid.py: an exchange returns once its last reply is in, keeps to the timeout,
+and waits for no message whose push failed. (The real grids behind it are exercised by the
+deployment and Ray simulation tests; its speed is measured in bench/deployment.py.)"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from server.prompt_grid import PromptGrid
+
+
+class ScriptedGrid:
+    """Replies become ready at a given pull; a message pushed to node 0 fails (no id)."""
+
+    def __init__(self, ready_at: dict[int, int | None]) -> None:
+        self.ready_at, self.pulls = ready_at, 0
+
+    def push_messages(self, messages):
+        return ["" if node == 0 else f"m{node}" for node in messages]
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=f"m{node}"))
+                for node, pull in self.ready_at.items()
+                if pull is not None and pull == self.pulls and f"m{node}" in message_ids]
+
+    def get_node_ids(self):
+        return [1, 2, 3]
+
+
+def _answered(replies) -> list[str]:
+    return sorted(r.metadata.reply_to_message_id for r in replies)
+
+
+def test_the_exchange_ends_at_its_last_reply_and_skips_failed_pushes():
+    grid = ScriptedGrid({1: 1, 2: 3, 3: 2})
+    replies = PromptGrid(grid, 0.001).send_and_receive([0, 1, 2, 3], timeout=60)
+    assert _answered(replies) == ["m1", "m2", "m3"]
+    assert grid.pulls == 3  # no look after the last reply, none for the failed push
+
+
+def test_a_missing_reply_ends_the_exchange_at_the_timeout_with_the_others():
+    grid = ScriptedGrid({1: 1, 2: None, 3: 2})
+    replies = PromptGrid(grid, 0.01).send_and_receive([1, 2, 3], timeout=0.2)
+    assert _answered(replies) == ["m1", "m3"]
+    assert grid.pulls >= 3  # it went on looking for node 2 after node 3's reply
+
+
+def test_everything_else_is_the_wrapped_grids():
+    assert PromptGrid(ScriptedGrid({}), 0.1).get_node_ids() == [1, 2, 3]
