@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pandas as pd
 import psutil
-import pytest
 from safetensors.torch import load_file
 
 from client.faults import ENV_VAR as FAULTS
@@ -41,7 +40,7 @@ SITES, WITH_RUNTIME, ROUNDS = 20, 17, 5
 SITE_NICENESS = 15  # the sites yield the CPU to the coordinator, as if on machines of their own
 KILLED_SUPERNODE, KILLED_RUNTIME = 19, 0  # a site without runtime, a site with one
 FAULT_ROUND = 2  # both stall in this round (a sleep), so that the kills land mid-round
-DEADLINE_SECONDS = 900
+DEADLINE_SECONDS = 600  # the whole test; it fails, and stops everything, past it
 
 
 def _wait(what: str, condition, deadline: float, every: float = 0.2):
@@ -82,9 +81,6 @@ def _busy(sock: Path) -> bool:
         return False
 
 
-@pytest.mark.skipif(not os.environ.get("FEDLORA_LOAD_TEST"),
-                    reason="10+ min on 2 cores, over CI's budget, and not passing yet (see the "
-                           "module's docstring): FEDLORA_LOAD_TEST=1 runs it")
 def test_twenty_sites_survive_killed_supernodes_runtimes_and_superlink(
         banking_instructions, tiny_llama_dir, tmp_path):
     deadline = time.time() + DEADLINE_SECONDS
