@@ -11,7 +11,7 @@ keeps its state in memory: with flwr 1.42's SQLite database (`--database`) repli
 here under 20 sites (the SuperLink's "database is locked", HTTP 500 on a SuperNode's push,
 which Flower does not retry: 5 of 20 replies in round 1, 1 in round 3); in memory, none. A
 SuperNode restarted at once is refused until the SuperLink has given up on its old process
-(exit code 305): the test restarts exited SuperNodes as a service manager would. ~7 min on 2
+(exit code 305): the test restarts exited SuperNodes as a service manager would. ~6.5 min on 2
 cores.
 """
 
