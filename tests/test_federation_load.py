@@ -35,6 +35,7 @@ from server.outputs import RunDirectory
 from tests.conftest import free_port
 from tests.test_deployment import BIN, Processes, _port_free, _run
 from tests.test_resume import _kill_tree
+from tests.test_site_runtime import site_link_answers
 
 SITES, WITH_RUNTIME, ROUNDS = 20, 17, 5
 SITE_NICENESS = 15  # the sites yield the CPU to the coordinator, as if on machines of their own
@@ -63,14 +64,6 @@ def _has_clientapp(proc: subprocess.Popen) -> bool:
         return any("clientapp" in " ".join(c.cmdline())
                    for c in psutil.Process(proc.pid).children(recursive=True))
     except psutil.Error:
-        return False
-
-
-def _answers(sock: Path) -> bool:
-    try:
-        request_status(sock)
-        return True
-    except FedLoraError:
         return False
 
 
@@ -144,7 +137,7 @@ def test_twenty_sites_survive_killed_supernodes_runtimes_and_superlink(
 
         runtimes = {name: start_runtime(name) for name in names[:WITH_RUNTIME]}
         for name, (proc, sock) in runtimes.items():  # ready: torch imported, answering
-            _wait(f"{name}'s runtime", lambda s=sock: _answers(s), deadline, every=1.0)
+            _wait(f"{name}'s runtime", lambda s=sock: site_link_answers(s), deadline, every=1.0)
         supernodes = {name: start_supernode(name, runtimes.get(name, (None, None))[1])
                       for name in names}
 
