@@ -41,7 +41,7 @@ SITES, WITH_RUNTIME, ROUNDS = 20, 17, 5
 SITE_NICENESS = 15  # the sites yield the CPU to the coordinator, as if on machines of their own
 KILLED_SUPERNODE, KILLED_RUNTIME = 19, 0  # a site without runtime, a site with one
 FAULT_ROUND = 2  # both stall in this round (a sleep), so that the kills land mid-round
-DEADLINE_SECONDS = 600  # the whole test; it fails, and stops everything, past it
+DEADLINE_SECONDS = 720  # the whole test; it fails, and stops everything, past it
 
 
 def _wait(what: str, condition, deadline: float, every: float = 0.2):
