@@ -9,7 +9,7 @@ import torch
 
 from common.config import FedLoraConfig
 from common.data import batches
-from common.model import autocast, compute_dtype
+from common.model import compute_dtype, training_autocast
 
 
 def planned_steps(num_examples: int, cfg: FedLoraConfig) -> int:
@@ -70,9 +70,10 @@ def train_adapter(model: torch.nn.Module, examples: list[dict], cfg: FedLoraConf
     scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype(device) == torch.float16)
     steps, micro, loss_sum, seen, epoch = 0, 0, 0.0, 0, 0
     while steps < total_steps:
-        for batch in batches(examples, cfg.batch_size, pad_id, shuffle_seed=seed + epoch):
+        for batch in batches(examples, cfg.batch_size, pad_id, shuffle_seed=seed + epoch,
+                             micro_batches=cfg.grad_accum_steps):
             batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(device):
+            with training_autocast(cfg, device):
                 loss = batch_loss(model, batch, weights)
             objective = loss
             if anchor is not None:

@@ -41,9 +41,11 @@ class FedLoraConfig:
     lora_dropout: float = 0.05  # dropout on the input of the LoRA branch while training
     lora_target_modules: str = "auto"  # comma-separated module names, or "auto" per architecture
     max_length: int = 128  # tokens per example; longer examples are truncated
-    device: str = "auto"  # auto = CUDA (bf16/fp16), else MPS, else CPU (float32)
+    device: str = "auto"  # auto = CUDA (bf16/fp16), else MPS, else CPU (float32; see cpu-bf16)
     load_in_4bit: bool = False  # QLoRA on the clients: needs CUDA and bitsandbytes
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory
+    cpu_bf16: bool = True  # local training under bf16 autocast on CPUs with native bf16
+                           # (AVX512-BF16, AMX, Arm BF16); not for exact, ffa or DP-SGD
     pooling: str = "auto"  # classification: what the head reads: mean (of the last hidden
                            # states, unit length), cls (the model's own head), or auto (mean for
                            # models made for mean pooling, e.g. sentence-transformers folders)
@@ -526,7 +528,7 @@ def _coerce(key: str, raw: Any, type_name: Any) -> Any:
 # Keys a resumed run may change; every other key must equal the interrupted run's.
 RESUMABLE_CHANGES = {"num-rounds", "resume", "round-timeout", "round-retries", "out-dir",
                      "reply-poll-interval",
-                     "gradient-checkpointing", "tensorboard", "early-stopping-patience",
+                     "gradient-checkpointing", "cpu-bf16", "tensorboard", "early-stopping-patience",
                      "early-stopping-min-delta",
                      "client-num-cpus",
                      "client-num-gpus", "data", "min-train-clients", "min-evaluate-clients",

@@ -254,14 +254,50 @@ def _causal_example(prompt: str, response: str, tokenizer, cfg: FedLoraConfig) -
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
-def batches(examples: list[dict], batch_size: int, pad_id: int, shuffle_seed: int | None = None):
-    """Yield padded tensor batches (padding to the longest in each batch, not to max-length)."""
-    order = list(range(len(examples)))
-    if shuffle_seed is not None:
-        generator = torch.Generator().manual_seed(shuffle_seed)
-        order = torch.randperm(len(examples), generator=generator).tolist()
-    for start in range(0, len(order), batch_size):
-        yield collate([examples[i] for i in order[start:start + batch_size]], pad_id)
+# Rows sorted by length together in training: this many batches' worth (enough to pad little,
+# few enough that a batch's rows still come from anywhere in the data).
+LENGTH_WINDOW_BATCHES = 50
+
+
+def batch_indices(lengths: list[int], batch_size: int,
+                  shuffle_seed: int | None = None) -> list[list[int]]:
+    """The rows of each batch, grouped by length so that a batch pads little. With a seed
+    (training): the rows shuffled, sorted by length within windows of LENGTH_WINDOW_BATCHES
+    batches, cut into batches, and the batches shuffled: every row once, the same order for the
+    same seed. Without (evaluation, where order does not matter): all rows sorted by length."""
+    rows = range(len(lengths))
+    if shuffle_seed is None:
+        order = sorted(rows, key=lambda i: (lengths[i], i))
+        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    generator = torch.Generator().manual_seed(shuffle_seed)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    window = batch_size * LENGTH_WINDOW_BATCHES
+    chunks = []
+    for start in range(0, len(order), window):
+        part = sorted(order[start:start + window], key=lambda i: lengths[i])
+        chunks.extend(part[at:at + batch_size] for at in range(0, len(part), batch_size))
+    return [chunks[i] for i in torch.randperm(len(chunks), generator=generator).tolist()]
+
+
+def batches(examples: list[dict], batch_size: int, pad_id: int, shuffle_seed: int | None = None,
+            by_length: bool = True, micro_batches: int = 1):
+    """Yield padded tensor batches (padding to the longest in each batch, not to max-length),
+    grouped by length (batch_indices); by_length=False: in order, or shuffled with the seed.
+    With micro_batches=k, the rows are grouped k batches at a time (one optimiser step under
+    gradient accumulation: the same rows as one batch k times as large), each group yielded as
+    k batches."""
+    group = batch_size * micro_batches
+    if by_length:
+        chunks = batch_indices([len(e["input_ids"]) for e in examples], group, shuffle_seed)
+    else:
+        order = list(range(len(examples)))
+        if shuffle_seed is not None:
+            generator = torch.Generator().manual_seed(shuffle_seed)
+            order = torch.randperm(len(examples), generator=generator).tolist()
+        chunks = [order[start:start + group] for start in range(0, len(order), group)]
+    for chunk in chunks:
+        for start in range(0, len(chunk), batch_size):
+            yield collate([examples[i] for i in chunk[start:start + batch_size]], pad_id)
 
 
 def collate(chunk: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean(scores))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate_examples(model: torch.nn.Module, examples: list[dict], *, batch_size: int,
                       pad_id: int, device: torch.device, classification: bool,
                       on_batch: Callable[[int], None] | None = None) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import os
@@ -245,6 +246,44 @@ def autocast(device: torch.device):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# /proc/cpuinfo flags of CPUs that compute bfloat16 natively: x86's AVX512-BF16 and AMX, Arm's BF16.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+@functools.cache
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU computes bfloat16 in hardware, by the flags Linux reports. False where
+    they cannot be read (other systems): emulated bf16 is slower than float32."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86, Arm
+            flags.update(value.split())
+    return bool(flags & NATIVE_BF16_FLAGS)
+
+
+def cpu_bf16_applies(cfg: FedLoraConfig) -> bool:
+    """Local training on a CPU runs under bf16 autocast: asked for (cpu-bf16), native on this
+    CPU, and nothing in the run needs float32 arithmetic: not a strategy whose base must hold
+    the same float32 numbers everywhere (exact, ffa), not DP-SGD (Opacus' per-example gradients
+    are computed and clipped in float32)."""
+    return (cfg.cpu_bf16 and not strategy_spec(cfg.strategy).float32_base
+            and cfg.dp_noise_multiplier == 0 and cpu_has_native_bf16())
+
+
+def training_autocast(cfg: FedLoraConfig, device: torch.device):
+    """The precision of local training's forward passes: a GPU's half precision (autocast), or
+    bf16 on a CPU where cpu_bf16_applies; else float32. The trained tensors stay float32
+    (autocast keeps the parameters and their gradients in their own dtype)."""
+    if device.type == "cpu" and cpu_bf16_applies(cfg):
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    return autocast(device)
 
 
 def quantization_config(cfg: FedLoraConfig, device: torch.device):

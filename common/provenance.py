@@ -46,5 +46,9 @@ def run_environment(cfg: FedLoraConfig) -> dict[str, object]:
     if cfg.differential_privacy or cfg.client_level_dp:
         seeds["not-seeded"] = ("differential-privacy noise and sampling come from the operating "
                                "system: a seed the coordinator knows would void the guarantee")
+    from common.model import cpu_bf16_applies  # torch: the server has it loaded already
+
     return {"python": sys.version.split()[0], "platform": platform.platform(),
-            "packages": package_versions(), "app": git_commit(), "seeds": seeds}
+            "packages": package_versions(), "app": git_commit(), "seeds": seeds,
+            # Sites on this machine (a simulation's) train in bf16 or float32 (cpu-bf16).
+            "cpu-training-dtype": "bfloat16" if cpu_bf16_applies(cfg) else "float32"}

@@ -40,7 +40,7 @@ def test_gradient_accumulation_equals_the_larger_batch(tiny_llama_dir, tmp_path)
     def trained(batch_size, accum):
         cfg = FedLoraConfig(model=str(tiny_llama_dir), data=str(path), lora_dropout=0.0,
                             batch_size=batch_size, grad_accum_steps=accum, max_grad_norm=0.0,
-                            learning_rate=1e-2, test_fraction=0.1)
+                            learning_rate=1e-2, test_fraction=0.1, cpu_bf16=False)
         splits = load_splits(cfg)
         labels = resolve_labels(cfg, splits)
         lora = build_lora_model(cfg, labels)
