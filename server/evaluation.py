@@ -75,7 +75,7 @@ def evaluate_saved_adapter(saved: SavedAdapter, cfg: FedLoraConfig, num_examples
     return AdapterEvaluation(metrics=metrics, examples=samples)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _predict_labels(model, examples: list[dict], pad_id: int, labels: list[str]) -> list[str]:
     if not examples:
         return []
@@ -84,7 +84,7 @@ def _predict_labels(model, examples: list[dict], pad_id: int, labels: list[str])
     return [labels[i] for i in logits.argmax(-1).tolist()]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _generate(model, tokenizer, cfg: FedLoraConfig, prompt: str, max_new_tokens: int = 32) -> str:
     """Greedy continuation of the prompt, as the model was trained to answer it."""
     encoded = tokenizer(cfg.prompt_template.format(prompt=prompt), return_tensors="pt")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -117,7 +116,6 @@ class RoundRecorder:
 
     def _record_in_background(self, pending: dict) -> None:
         try:
-            _lower_this_threads_priority()
             self._record(pending)
         except BaseException as err:  # raised in the run's thread by wait()
             self._background_error = err
@@ -140,14 +138,3 @@ class RoundRecorder:
         if pending.round > 0:  # the next round starts once this one is recorded
             self._round_started = time.time()
         return server_metrics
-
-
-def _lower_this_threads_priority() -> None:
-    """Round 0's evaluation yields the CPU to the sites starting up and training (in a
-    simulation they share this machine): Linux gives each thread its own nice value, and the
-    thread pools torch starts from this thread inherit it."""
-    if hasattr(os, "setpriority"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except OSError:
-            pass
