@@ -44,8 +44,10 @@ def measure(run_dir: Path, started: float, concurrency: int) -> dict:
     adapter = run_dir / "final_adapter" / "adapter_model.safetensors"
     end_to_end = adapter.stat().st_mtime - started
     ideal = [ideal_round(r, concurrency) for r in rounds]
-    # Round 0 is scored at low priority while round 1 trains, so its eval-seconds are stretched
-    # by the sites' work; its pure cost is that of a later evaluation of the same test set.
+    # Round 0 is scored while round 1 trains, so its eval-seconds are stretched by the sites'
+    # work; its pure cost is that of a later evaluation of the same test set. (A head round's
+    # statistics pass is not in the ideal: the sites do not report its seconds; measure with
+    # head-mode=train to leave it out.)
     ideal[0] = min(r["server"]["eval-seconds"] for r in rounds[1:])
     steady = [r["seconds"] / i for r, i in zip(rounds[2:], ideal[2:])]
     return {"end-to-end-seconds": end_to_end, "ideal-seconds": sum(ideal),

@@ -1,9 +1,14 @@
-"""Client training throughput against a plain PyTorch + peft loop (issue: performance, item 3).
+"""Client training throughput against a plain PyTorch + peft loop (issues: performance, time to
+accuracy).
 
-In one process, on the same model, examples and batches (the same shuffle), alternating:
-- fedlora: client/training.py's train_adapter as a site runs it (collating each batch itself);
-- plain: forward, backward, gradient clipping and AdamW over batches collated beforehand;
-- plain, padded to max-length: the same, with every batch padded to max-length, as a loop
+In one process, on the same model and examples, alternating:
+- fedlora: client/training.py's train_adapter as a site runs it (batches grouped by length,
+  bf16 autocast where the CPU has native bf16 and cpu-bf16 is on);
+- fedlora, float32: the same with cpu-bf16=false;
+- plain: float32 forward, backward, gradient clipping and AdamW over shuffled batches
+  collated beforehand (padded to the longest row of each batch);
+- plain, bf16 autocast: the same under torch.autocast("cpu", dtype=torch.bfloat16);
+- with --padded, plain, padded to max-length: every batch padded to max-length, as a loop
   without dynamic padding would.
 Samples per second, the median of --repeats alternations. Writes throughput.json under --out.
 
@@ -13,6 +18,7 @@ Samples per second, the median of --repeats alternations. Writes throughput.json
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -28,15 +34,17 @@ from results import save_results  # noqa: E402  (bench/results.py)
 from client.training import train_adapter  # noqa: E402
 from common.config import FedLoraConfig  # noqa: E402
 from common.data import batches, load_splits, resolve_labels, tokenize  # noqa: E402
-from common.model import build_lora_model  # noqa: E402
+from common.model import build_lora_model, cpu_bf16_applies  # noqa: E402
 
 
-def plain_loop(model, batch_list, cfg: FedLoraConfig) -> None:
+def plain_loop(model, batch_list, cfg: FedLoraConfig, bf16: bool = False) -> None:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
     for batch in batch_list:
-        model(**batch).loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -56,6 +64,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--padded", action="store_true", help="add the padded plain loop")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)  # as a site does with client-num-cpus
     cfg = FedLoraConfig(data=args.data, label_column="category", local_steps=args.steps,
@@ -67,14 +76,19 @@ def main() -> None:
     examples = tokenize(splits.train.select(range(cfg.batch_size * args.steps)), lora.tokenizer,
                         cfg, labels)
     initial = lora.trainable_state()
-    same_batches = list(batches(examples, cfg.batch_size, pad, shuffle_seed=0))
+    same_batches = list(batches(examples, cfg.batch_size, pad, shuffle_seed=0, by_length=False))
+    float32 = dataclasses.replace(cfg, cpu_bf16=False)
     runs = {
         "fedlora": lambda: train_adapter(lora.model, examples, cfg, seed=0, pad_id=pad,
                                          device=torch.device("cpu")),
+        "fedlora, float32": lambda: train_adapter(lora.model, examples, float32, seed=0,
+                                                  pad_id=pad, device=torch.device("cpu")),
         "plain": lambda: plain_loop(lora.model, same_batches, cfg),
-        "plain, padded to max-length": lambda: plain_loop(
-            lora.model, [padded_to(b, cfg.max_length, pad) for b in same_batches], cfg),
+        "plain, bf16 autocast": lambda: plain_loop(lora.model, same_batches, cfg, bf16=True),
     }
+    if args.padded:
+        runs["plain, padded to max-length"] = lambda: plain_loop(
+            lora.model, [padded_to(b, cfg.max_length, pad) for b in same_batches], cfg)
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.repeats + 1):  # the first alternation warms up and is not counted
         for name, run in runs.items():
@@ -89,7 +103,8 @@ def main() -> None:
                                  / result["plain"]["samples-per-second"])
     result["setting"] = {"threads": args.threads, "steps": args.steps,
                          "batch-size": cfg.batch_size, "max-length": cfg.max_length,
-                         "mean-tokens": statistics.mean(len(e["input_ids"]) for e in examples)}
+                         "mean-tokens": statistics.mean(len(e["input_ids"]) for e in examples),
+                         "cpu-bf16 applies": cpu_bf16_applies(cfg)}
     save_results(Path(args.out), "throughput.json", result)
 
 
