@@ -13,6 +13,11 @@ server scores --eval-rows rows of the test split. Measured per run, from metrics
   reply) minus the slowest site's training seconds (measured inside the site);
 - each kind of process's peak resident memory (sampled every 0.5 s; a process tree's parts
   counted apart: the SuperNode, each ClientApp, the runtime; Ray's workers).
+Each process's output is kept in the run's `-processes` folder, every line behind the
+time.time() it was printed at (the SuperNode's "Receiving"/"Sent", the runtime's "answered in",
+`flwr run`'s lines): where a message's seconds go.
+Mode exec-poll: each SuperNode's SuperExec asks for ClientApps to start every 0.05 s
+(FLWR_SUPEREXEC_TASK_POLL_INTERVAL) instead of Flower's 1 s.
 With --model causal-lm, bench/causal_lm.py's ~100M-parameter Llama-style model (random weights)
 learns BANKING77's intent names as responses to the queries.
 Resumable. Writes deployment.json and deployment.md under --out.
@@ -40,8 +45,12 @@ from results import load_results, markdown_table, store_results, store_text  # n
 from server.outputs import RunDirectory  # noqa: E402
 
 BIN = Path(sys.executable).parent
-# The last: the runtime with Flower's own reply polling (every 3 s), as before reply-poll-interval.
-MODES = ("simulation", "deployment", "deployment+runtime", "deployment+runtime+3s-poll")
+# 3s-poll: the runtime with Flower's own reply polling (every 3 s), as before reply-poll-interval.
+# exec-poll: the runtime with each SuperNode's SuperExec looking for messages to start a ClientApp
+# for every 0.05 s instead of Flower's 1 s (FLWR_SUPEREXEC_TASK_POLL_INTERVAL, a Flower setting).
+MODES = ("simulation", "deployment", "deployment+runtime", "deployment+runtime+3s-poll",
+         "deployment+runtime+exec-poll")
+SUPEREXEC_POLL_SECONDS = "0.05"
 # Which kind of process a command line is: the first pattern it contains.
 KINDS = [("flwr-clientapp", "ClientApp"), ("flwr-serverapp", "ServerApp"),
          ("superexec", "SuperExec"), ("flower-supernode", "SuperNode"),
@@ -99,9 +108,13 @@ class Processes:
         self.env, self.logs, self.memory, self.started = env, logs, memory, []
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 (closed in stop_all)
+        """Its output in NAME.log, each line behind the time.time() it was read at: where a
+        message's seconds go is read off the SuperNode's, the runtime's and the run's logs."""
+        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 (closed in stop_all)
         proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], cwd=ROOT, env=self.env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        threading.Thread(target=stamp_lines, args=(proc.stdout, log), daemon=True).start()
         self.started.append((proc, log))
         self.memory.roots.append(proc.pid)
         return proc
@@ -117,6 +130,15 @@ class Processes:
                 except (ProcessLookupError, subprocess.TimeoutExpired):
                     pass
             log.close()
+
+
+def stamp_lines(source, log) -> None:
+    try:
+        for line in iter(source.readline, b""):
+            log.write(f"{time.time():.3f} ".encode() + line)
+            log.flush()
+    except ValueError:  # the log was closed: the process was stopped
+        pass
 
 
 def run(env: dict, *args: str) -> str:
@@ -168,12 +190,14 @@ def simulation(args, sites: int, folder: Path, out: Path) -> dict:
 
 
 def deployment(args, sites: int, folder: Path, out: Path, with_runtime: bool,
-               flower_poll: bool = False) -> dict:
+               flower_poll: bool = False, exec_poll: bool = False) -> dict:
     work = out.parent / f"{out.name}-processes"
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, FLWR_HOME=str(work / "flwr_home"),
                PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    if exec_poll:  # the SuperNode passes its environment on to the SuperExec it starts
+        env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = SUPEREXEC_POLL_SECONDS
     names = [f"site-{i}" for i in range(sites)]
     if not (work / "keys").exists():
         run(env, "fedlora", "certs", "--out", str(work / "certs"), "--san", "127.0.0.1")
@@ -224,7 +248,8 @@ def deployment(args, sites: int, folder: Path, out: Path, with_runtime: bool,
                      f"num-rounds={args.rounds} out-dir='{out}'"
                      f"{' reply-poll-interval=0' if flower_poll else ''}")
         started = time.time()
-        run(env, "flwr", "run", ".", "bench", "--stream", "--run-config", overrides)
+        procs.start("flwr-run", "flwr", "run", ".", "bench", "--stream", "--run-config",
+                    overrides).wait(timeout=3600)
         elapsed = time.time() - started
     finally:
         procs.stop_all()
@@ -276,12 +301,65 @@ def main() -> None:
                 extra = simulation(args, sites, folder, run_dir)
             else:
                 extra = deployment(args, sites, folder, run_dir, "runtime" in mode,
-                                   mode.endswith("3s-poll"))
+                                   mode.endswith("3s-poll"), mode.endswith("exec-poll"))
             results[key] = {"model": args.model, "sites": sites, "mode": mode,
                             **measure(run_dir), **extra}
+            if mode != "simulation":
+                work = run_dir.parent / f"{run_dir.name}-processes"
+                results[key]["train-message-phases"] = message_timeline(work, sites)
             store_results(out, "deployment.json", results)
     store_text(out, "deployment.md", table(results))
     print(table(results))
+
+
+# Where a train message's seconds go, from the stamped logs: each phase ends at a line.
+PHASES = (("wait for the SuperNode's poll", "Receiving: train"),
+          ("message pulled by the SuperNode", "Received successfully"),
+          ("ClientApp process started", "Start `flwr-clientapp` process"),
+          ("runtime reached", None), ("handler (training)", None),
+          ("reply back at the SuperNode", "Sending: train"),
+          ("reply pushed to the SuperLink", "Sent successfully"))
+
+
+def message_timeline(work: Path, sites: int) -> dict[str, float]:
+    """Median seconds of each phase of the train messages of rounds 2 on, over the sites:
+    from the server's "[ROUND r/N]" line (its messages go out) to the SuperNode's "Sent". With
+    a runtime, its "answered in D s" line splits the ClientApp's time into reaching the runtime,
+    the handler and the way back; without one, the ClientApp's whole time is the handler."""
+    import re
+
+    def stamped(name: str) -> list[tuple[float, str]]:
+        path = work / f"{name}.log"
+        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+        return [(float(t), rest) for t, _, rest in (x.partition(" ") for x in lines)
+                if re.fullmatch(r"\d+\.\d+", t)]
+
+    pushed = [t for t, line in stamped("flwr-run") if re.search(r"\[ROUND \d+/\d+\]", line)]
+    phases: dict[str, list[float]] = {name: [] for name, _ in PHASES}
+    for site in range(sites):
+        log = stamped(f"site-{site}")
+        answers = [(t, float(m.group(1))) for t, line in stamped(f"site-{site}-runtime")
+                   if (m := re.search(r"train message .* answered in ([\d.]+) s", line))]
+        starts = [i for i, (_, line) in enumerate(log) if "Receiving: train" in line]
+        for k, first in enumerate(starts[1:len(pushed)], start=1):  # round 1 loads; skip it
+            marks, at = {}, first
+            for name, text in PHASES:
+                if text is None:
+                    continue
+                at = next(i for i in range(at, len(log)) if text in log[i][1])
+                marks[name] = log[at][0]
+            started = marks["ClientApp process started"]
+            if k < len(answers):
+                answered, handler = answers[k]
+                marks["runtime reached"], marks["handler (training)"] = answered - handler, answered
+            else:
+                marks["runtime reached"] = started
+                marks["handler (training)"] = marks["reply back at the SuperNode"]
+            previous = pushed[k]
+            for name, _ in PHASES:
+                phases[name].append(marks[name] - previous)
+                previous = marks[name]
+    return {name: statistics.median(values) for name, values in phases.items() if values}
 
 
 def table(results: dict) -> str:
@@ -295,9 +373,19 @@ def table(results: dict) -> str:
                      f"{ratio:.2f}" if ratio else "",
                      f"{r['steady-message-overhead-seconds']:.1f}",
                      " ".join(f"{k} {v:.4f}" for k, v in r["final"].items()), peaks])
-    return markdown_table(["model", "sites", "run as", "steady round s", "ratio to simulation",
-                           "per-message overhead s", "final", "peak memory MiB by process"],
-                          rows)
+    main_table = markdown_table(["model", "sites", "run as", "steady round s",
+                                 "ratio to simulation", "per-message overhead s", "final",
+                                 "peak memory MiB by process"], rows)
+    timed = [r for r in results.values() if r.get("train-message-phases")]
+    if not timed:
+        return main_table
+    phases = markdown_table(
+        ["model", "sites", "run as", *(name for name, _ in PHASES)],
+        [[r["model"], str(r["sites"]), r["mode"],
+          *(f"{r['train-message-phases'].get(name, 0):.2f}" for name, _ in PHASES)]
+         for r in timed])
+    caption = "A train message's seconds, median over rounds 2 on and the sites:"
+    return f"{main_table}\n\n{caption}\n\n{phases}"
 
 
 if __name__ == "__main__":
