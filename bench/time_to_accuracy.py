@@ -31,12 +31,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from results import load_results, markdown_table, store_results, store_text  # noqa: E402, I001
+from head import MAKE_RUN, MAKE_RUN_CONFIG  # noqa: E402, I001  (bench/head.py: make run's)
+from results import load_results, markdown_table, store_results, store_text  # noqa: E402
 
 FEDERATION = ["--num-clients", "10", "--partition", "dirichlet", "--alpha", "0.1"]
-MAKE_RUN = ["--num-clients", "10", "--rounds", "3", "--partition", "dirichlet", "--alpha",
-            "0.5"]
-MAKE_RUN_CONFIG = "label-column=category max-train-examples=3000 max-eval-examples=1000"
 
 
 def main() -> None:
