@@ -342,12 +342,8 @@ def message_timeline(work: Path, sites: int) -> dict[str, float]:
                    if (m := re.search(r"train message .* answered in ([\d.]+) s", line))]
         starts = [i for i, (_, line) in enumerate(log) if "Receiving: train" in line]
         for k, first in enumerate(starts[1:len(pushed)], start=1):  # round 1 loads; skip it
-            marks, at = {}, first
-            for name, text in PHASES:
-                if text is None:
-                    continue
-                at = next(i for i in range(at, len(log)) if text in log[i][1])
-                marks[name] = log[at][0]
+            marks = {name: next(t for t, line in log[first:] if text in line)
+                     for name, text in PHASES if text is not None}
             started = marks["ClientApp process started"]
             if k < len(answers):
                 answered, handler = answers[k]
@@ -355,10 +351,12 @@ def message_timeline(work: Path, sites: int) -> dict[str, float]:
             else:
                 marks["runtime reached"] = started
                 marks["handler (training)"] = marks["reply back at the SuperNode"]
+            # A SuperExec that polls fast starts the ClientApp before the SuperNode logs the
+            # message received: a phase that overlaps the one before it counts 0.
             previous = pushed[k]
             for name, _ in PHASES:
-                phases[name].append(marks[name] - previous)
-                previous = marks[name]
+                phases[name].append(max(marks[name] - previous, 0.0))
+                previous = max(previous, marks[name])
     return {name: statistics.median(values) for name, values in phases.items() if values}
 
 
