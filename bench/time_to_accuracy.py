@@ -11,7 +11,8 @@ Parts, each resumable (a finished part is read back, not repeated):
                  closed-form head), scored on the test split every --eval-every steps; its clock
                  counts loading, tokenising and training, not the scoring.
     make-run     `make run`'s command at this commit and at --before (a git worktree of that
-                 commit, run with this venv): seconds to --target and in all.
+                 commit, run with this venv, removed afterwards): seconds to --target and in
+                 all.
 
 Writes results.json and results.md under --out (default runs/bench-time-to-accuracy).
 
@@ -69,6 +70,9 @@ def main() -> None:
             print(f"== {key}", flush=True)
             results[key] = job()
             store_results(out, "results.json", results)
+    if (out / "before").exists():  # the earlier commit's checkout is not kept
+        subprocess.run(["git", "worktree", "remove", "--force", str(out / "before")], cwd=ROOT,
+                       check=False, capture_output=True)
     store_text(out, "results.md", report(results, args.target))
     print(report(results, args.target))
 
