@@ -37,17 +37,22 @@ from common.data import batches, load_splits, resolve_labels, tokenize  # noqa: 
 from common.model import build_lora_model, cpu_bf16_applies  # noqa: E402
 
 
-def plain_loop(model, batch_list, cfg: FedLoraConfig, bf16: bool = False) -> None:
+def plain_step(model, batch, params, optimizer, cfg: FedLoraConfig, bf16: bool = False) -> None:
+    """One step of the plain peft loop: forward, backward, gradient clipping, AdamW."""
     model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(**batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def plain_loop(model, batch_list, cfg: FedLoraConfig, bf16: bool = False) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
     for batch in batch_list:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        plain_step(model, batch, params, optimizer, cfg, bf16)
 
 
 def padded_to(batch: dict, width: int, pad_id: int) -> dict:

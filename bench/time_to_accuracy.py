@@ -126,6 +126,7 @@ def worktree(commit: str, folder: Path) -> Path:
 def centralized(args) -> dict:
     """The plain loop on the pooled rows until the test accuracy reaches the target."""
     import torch
+    from throughput import plain_step  # bench/throughput.py: the same plain loop
 
     from common.config import FedLoraConfig
     from common.data import batches, load_splits, resolve_labels, tokenize
@@ -147,11 +148,7 @@ def centralized(args) -> dict:
     for epoch in range(args.max_epochs):
         for batch in batches(train, cfg.batch_size, pad, shuffle_seed=epoch, by_length=False):
             started = time.perf_counter()
-            lora.model.train()
-            lora.model(**batch).loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            plain_step(lora.model, batch, params, optimizer, cfg)
             elapsed += time.perf_counter() - started
             step += 1
             if step % args.eval_every:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from common.data import collate
+from common.data import batches
 from common.head import HeadStatistics
 from common.model import LoraModel, autocast
 
@@ -20,14 +20,11 @@ def feature_statistics(lora: LoraModel, examples: list[dict], num_labels: int,
     captured: list[torch.Tensor] = []
     hook = head.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
     stats = HeadStatistics.zeros(head.in_features, num_labels)
-    # Rows of similar length share a batch: less padding, the same sums.
-    order = sorted(range(len(examples)), key=lambda i: (len(examples[i]["input_ids"]), i))
     try:
         lora.model.eval()
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                batch = collate([examples[i] for i in order[start:start + batch_size]],
-                                lora.tokenizer.pad_token_id)
+            # In length order (no seed): rows of similar length share a batch, the same sums.
+            for batch in batches(examples, batch_size, lora.tokenizer.pad_token_id):
                 with autocast(lora.device):
                     lora.model(input_ids=batch["input_ids"].to(lora.device),
                                attention_mask=batch["attention_mask"].to(lora.device))

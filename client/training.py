@@ -68,12 +68,13 @@ def train_adapter(model: torch.nn.Module, examples: list[dict], cfg: FedLoraConf
     total_steps = planned_steps(len(examples), cfg)
     # fp16 (GPUs without bf16) needs loss scaling; bf16 and fp32 do not.
     scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype(device) == torch.float16)
+    precision = training_autocast(cfg, device)  # decided once; entered for every batch
     steps, micro, loss_sum, seen, epoch = 0, 0, 0.0, 0, 0
     while steps < total_steps:
         for batch in batches(examples, cfg.batch_size, pad_id, shuffle_seed=seed + epoch,
                              micro_batches=cfg.grad_accum_steps):
             batch = {k: v.to(device) for k, v in batch.items()}
-            with training_autocast(cfg, device):
+            with precision:
                 loss = batch_loss(model, batch, weights)
             objective = loss
             if anchor is not None:
