@@ -20,6 +20,14 @@ from flwr.common import log
 from client.faults import apply_fault, fault_for
 from client.head_statistics import feature_statistics
 from client.mods import client_dp_clipping_mod, secure_aggregation_mod
+from client.personal import (
+    local_head_accuracy,
+    personal_adapter,
+    personal_fit,
+    personal_folder,
+    personal_metrics,
+    save_personal_head,
+)
 from client.privacy import release_head_statistics, train_adapter_private
 from client.sync import load_global
 from client.training import frozen, train_adapter
@@ -39,6 +47,7 @@ from common.metrics import evaluate_examples
 from common.model import LoraModel, build_lora_model
 from common.records import (
     HEAD_RELEASES,
+    PARTITION_ID,
     TASK_KEY,
     TRAIN_HEAD,
     adapter_to_record,
@@ -58,6 +67,8 @@ class SiteState:
     val_examples: list[dict]
     site_id: int
     data_report: DataReport
+    # personal-head's local-only reference (client/personal.py): computed once, then kept.
+    local_head_accuracy: float | None = None
 
 
 @dataclass
@@ -93,7 +104,8 @@ def resident_sites() -> list[dict]:
 SERVER_ONLY_KEYS = {"out-dir", "num-rounds", "resume", "round-timeout", "round-retries",
                     "reply-poll-interval",
                     "tensorboard", "early-stopping-patience", "early-stopping-min-delta",
-                    "min-train-clients", "min-evaluate-clients", "min-available-clients"}
+                    "min-train-clients", "min-evaluate-clients", "min-available-clients",
+                    "personal-head", "personal-mu", "personal-steps"}
 
 
 def _process_cache(cfg: FedLoraConfig, labels: list[str] | None) -> ProcessCache:
@@ -291,6 +303,39 @@ def evaluate(msg: Message, context: Context) -> Message:
                                pad_id=site.lora.tokenizer.pad_token_id,
                                device=site.lora.device,
                                classification=cfg.is_classification) if examples else {}
-    metrics = {"num-examples": len(examples), "eval-seconds": time.perf_counter() - started}
+    metrics = {"num-examples": len(examples)}
     metrics.update({f"eval-{name}": value for name, value in result.items()})
+    if cfg.personal_head:
+        metrics.update(_personal_head(msg, context, cfg, site))
+    if "partition-id" in context.node_config:  # a simulated site: which one, for comparisons
+        metrics[PARTITION_ID] = int(context.node_config["partition-id"])
+    metrics["eval-seconds"] = time.perf_counter() - started
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _personal_head(msg: Message, context: Context, cfg: FedLoraConfig, site: SiteState
+                   ) -> dict[str, float]:
+    """This site's personal head under the global model just received: solved, scored beside
+    the global head, and kept in the site's folder; its accuracies, never the head, go back."""
+    seed = cfg.seed + site.site_id
+    fit = personal_fit(site.lora, site.train_examples, cfg, seed)
+    metrics = personal_metrics(site.lora, fit, site.val_examples, cfg)
+    if site.local_head_accuracy is None:
+        site.local_head_accuracy = local_head_accuracy(site.lora, site.train_examples,
+                                                       site.val_examples, cfg, seed)
+    if site.local_head_accuracy is not None:
+        metrics["eval-local-head-accuracy"] = site.local_head_accuracy
+    site_config = SiteConfig.from_node_config(context.node_config)
+    folder = personal_folder(cfg, site_config.personal_dir if site_config else None,
+                             context.run_id, site.site_id)
+    server_round = int(msg.content["config"]["server-round"])
+    save_personal_head(folder, fit, server_round=server_round, site_id=site.site_id,
+                       model=cfg.model)
+    if cfg.personal_steps and server_round >= cfg.num_rounds:  # the last round's model
+        config = msg.content["config"]
+        labels = json.loads(str(config["labels"])) if "labels" in config else None
+        adapted = personal_adapter(site.lora, fit, site.train_examples, site.val_examples, cfg,
+                                   labels=labels, folder=folder, seed=seed)
+        if adapted is not None:
+            metrics["eval-personal-adapter-accuracy"] = adapted
+    return metrics

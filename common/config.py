@@ -55,6 +55,14 @@ class FedLoraConfig:
                              # start; fit-then-train: fitted, then trained; auto: fit where the
                              # strategy can use summed statistics, else train
     head_refit_every: int = 0  # fit modes: fit the head again after every N-th round; 0 = never
+    personal_head: bool = False  # each site also solves a head of its own in closed form (its
+                                 # rows, pulled toward the global head), scores it on its
+                                 # validation rows at every evaluation and keeps it: never sent
+    personal_mu: str = "auto"  # the personal head's pull toward the global head: a number >= 0
+                               # (0: the site's own fit), or auto: chosen per site on its rows
+    personal_steps: int = 0  # with personal-head: after the last round each site also trains
+                             # the global adapter with its personal head this many steps on its
+                             # rows and keeps it as its personal adapter; 0 = none
     # Data
     data: str = ""  # file, folder or hub data set; empty falls back to $FEDLORA_DATA
     eval_data: str = ""  # the server's evaluation set (deployment); empty = data's test split
@@ -178,7 +186,7 @@ class FedLoraConfig:
                        "max-examples-ratio", "max-update-norm-ratio", "reply-poll-interval",
                        "dp-noise-multiplier", "dp-target-epsilon", "client-dp-noise-multiplier",
                        "client-dp-target-epsilon", "head-refit-every", "num-rounds",
-                       "head-dp-noise-multiplier"),
+                       "head-dp-noise-multiplier", "personal-steps"),
                       lambda v: v >= 0, "not be negative")
         self._require(("lora-dropout", "test-fraction", "val-fraction", "server-beta1",
                        "server-beta2"), lambda v: 0 <= v < 1, "be in [0, 1)")
@@ -253,8 +261,15 @@ class FedLoraConfig:
             raise FedLoraError("head-dp-noise-multiplier protects the head statistics only; the "
                                "training rounds would send updates without DP: set "
                                "dp-noise-multiplier too, or num-rounds=0 (the head alone)")
+        self.personal_mu_value  # raises on a bad value
+        if self.personal_steps and not self.personal_head:
+            raise FedLoraError("personal-steps trains a personal adapter from the personal "
+                               "head: set personal-head=true too")
         if self.is_classification:
             return
+        if self.personal_head:
+            raise FedLoraError("config personal-head applies to classification; task causal-lm "
+                               "has no head to personalise")
         if self.pooling != "auto":
             raise FedLoraError(f"config pooling={self.pooling} applies to classification; "
                                f"task causal-lm predicts every token and pools nothing")
@@ -317,6 +332,20 @@ class FedLoraConfig:
             raise FedLoraError(f"no data set given: set config data=PATH (or --data PATH) or "
                                f"the {DATA_ENV_VAR} environment variable")
         return source
+
+    @property
+    def personal_mu_value(self) -> float | None:
+        """personal-mu as a number; None for auto (chosen per site)."""
+        if self.personal_mu.strip() == "auto":
+            return None
+        try:
+            value = float(self.personal_mu)
+        except ValueError:
+            value = math.nan
+        if not value >= 0 or math.isinf(value):
+            raise FedLoraError(f"config personal-mu must be auto or a number >= 0, got "
+                               f"{self.personal_mu!r}")
+        return value
 
     @property
     def target_modules(self) -> list[str] | None:
@@ -398,6 +427,7 @@ class SiteConfig:
     device: str = ""  # "" = the run's device
     load_in_4bit: bool = False  # QLoRA on this site (or on all, with the run's key)
     gradient_checkpointing: bool = False  # on this site (or on all, with the run's key)
+    personal_dir: str = ""  # where personal-head keeps this site's head; "" = ~/.fedlora/personal
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> "SiteConfig | None":
@@ -527,6 +557,7 @@ def _coerce(key: str, raw: Any, type_name: Any) -> Any:
 
 # Keys a resumed run may change; every other key must equal the interrupted run's.
 RESUMABLE_CHANGES = {"num-rounds", "resume", "round-timeout", "round-retries", "out-dir",
+                     "personal-head", "personal-mu", "personal-steps",
                      "reply-poll-interval",
                      "gradient-checkpointing", "cpu-bf16", "tensorboard", "early-stopping-patience",
                      "early-stopping-min-delta",

@@ -70,6 +70,14 @@ class LoraModel:
         return [n for n, p in self.model.named_parameters() if p.requires_grad
                 and ".lora_" not in n]
 
+    def head_wrapper(self) -> torch.nn.Module:
+        """peft's wrapper around the head: it reads the head's input with the adapter on or
+        off (head_module's checks apply)."""
+        from peft.utils import ModulesToSaveWrapper
+
+        self.head_module()
+        return next(m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper))
+
     def head_module(self) -> torch.nn.Linear:
         """The linear layer that maps pooled features to logits (peft's trainable copy of it);
         FedLoraError when the head is of another shape (a closed-form fit needs a linear

@@ -28,6 +28,9 @@ TRAIN_HEAD = "train-head"  # in the sites' config: whether local training update
 HEAD_RELEASES = "head-releases"
 # SecAgg+ speaks only train messages: a head-statistics request inside it says so here.
 TASK_KEY = "fedlora-task"
+# In a simulated site's evaluation reply: which partition it is (per-site comparisons); no
+# metric to average.
+PARTITION_ID = "partition-id"
 
 INT8_SCALES_KEY = "int8-scales"  # transfer-dtype int8: every tensor's scales, in record order
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}

@@ -25,7 +25,8 @@ def _check_target(out: Path, force: bool) -> None:
 
 
 def export_adapter(saved: SavedAdapter, out: str | Path, force: bool = False) -> Path:
-    """Copy the adapter folder (weights, adapter_config.json, tokenizer, labels.json)."""
+    """Copy the adapter folder (weights, adapter_config.json, tokenizer, labels.json); with a
+    personal head, the weights with that head in place of the adapter's."""
     out = Path(out).expanduser()
     _check_target(out, force)
     for weights in saved.path.glob("*.safetensors"):
@@ -38,6 +39,13 @@ def export_adapter(saved: SavedAdapter, out: str | Path, force: bool = False) ->
         for item in saved.path.iterdir():
             if item.is_file():
                 shutil.copy2(item, tmp / item.name)
+        if saved.personal_head:
+            from peft import get_peft_model_state_dict
+            from safetensors.torch import save_file
+
+            model, _ = load_adapter_model(saved)
+            state = {k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
+            save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         write_checksums(tmp)
     return out
 

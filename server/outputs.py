@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.atomic import append_line_atomic, atomic_directory, atomic_write_text
+from common.atomic import append_line_atomic, atomic_write_text
 from common.config import FedLoraConfig
 from common.errors import FedLoraError
 
@@ -216,14 +216,6 @@ class RunDirectory:
     def save_adapter(self, lora: LoraModel, labels: list[str] | None,
                      folder: str = "final_adapter") -> None:
         """The adapter in PEFT format: final_adapter/ (the last round's), best_adapter/."""
-        from common.adapters import write_adapter_settings
-        from common.checksums import write_checksums
+        from common.adapters import save_adapter_folder
 
-        with atomic_directory(self.path / folder) as tmp:
-            lora.model.save_pretrained(tmp)
-            lora.tokenizer.save_pretrained(tmp)
-            if labels is not None:
-                (tmp / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
-            if lora.pooling is not None:
-                write_adapter_settings(tmp, {"pooling": lora.pooling})
-            write_checksums(tmp)
+        save_adapter_folder(lora, labels, self.path / folder)

@@ -17,6 +17,7 @@ import html
 import io
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,14 +231,23 @@ def bytes_plot(run: Run) -> Plot:
 def sites_plot(run: Run) -> Plot:
     """The worst and the median site on its own validation rows, per round."""
     metric = run.local_quality
-    worst, median = Series("worst site"), Series("median site")
-    for record in run.rounds:
-        spread = site_spread(record, metric, higher_is_better=not run.is_causal_lm)
-        if spread is not None:
-            worst.add(record["round"], spread[0])
-            median.add(record["round"], spread[1])
+    # Under personal-head the same sites also score their personal head and the head they
+    # would have alone (local-only, on the base model's features).
+    heads = {metric: "", "eval-personal-accuracy": "personal head, ",
+             "eval-personal-adapter-accuracy": "personal adapter, ",
+             "eval-local-head-accuracy": "local-only head, "}
+    series = []
+    for key, label in heads.items():
+        worst, median = Series(f"{label}worst site"), Series(f"{label}median site")
+        for record in run.rounds:
+            spread = site_spread(record, key, higher_is_better=not run.is_causal_lm)
+            if spread is not None:
+                worst.add(record["round"], spread[0])
+                median.add(record["round"], spread[1])
+        if key == metric or worst.values:
+            series += [worst, median]
     return Plot("sites", "Sites on their own validation rows: worst and median",
-                [Panel(metric, [worst, median])],
+                [Panel(metric, series)],
                 caption="A federation's model is only as useful as it is to its worst site.")
 
 
@@ -349,7 +359,8 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 def render_page(run: Run, plots: list[tuple[Plot, bytes]], clients: dict[int, str]) -> str:
     title = f"fedlora run {run.path.name}"
     sections = [header_section(run, clients), summary_section(run),
-                plots_section(plots), rounds_section(run, clients), config_section(run)]
+                plots_section(plots), rounds_section(run, clients), personal_section(run),
+                config_section(run)]
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f'<meta http-equiv="Content-Security-Policy" content="{_e(CSP)}">\n'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
@@ -465,6 +476,29 @@ def rounds_section(run: Run, clients: dict[int, str]) -> str:
 def _worst_site(run: Run, record: dict) -> float | None:
     spread = site_spread(record, run.local_quality, higher_is_better=not run.is_causal_lm)
     return None if spread is None else spread[0]
+
+
+def personal_section(run: Run) -> str:
+    """Under personal-head: how the sites fare on their own validation rows with each head, in
+    the last round they were evaluated: worst, median, best and mean site."""
+    heads = {"global model": "eval-accuracy", "personal head": "eval-personal-accuracy",
+             "personal adapter": "eval-personal-adapter-accuracy",
+             "local-only head (base model's features)": "eval-local-head-accuracy"}
+    last = next((r for r in reversed(run.rounds) if any(
+        "eval-personal-accuracy" in e for e in _part(r, "evaluate-per-client", list)
+        if isinstance(e, dict))), None)
+    if last is None:
+        return ""
+    rows = []
+    for name, key in heads.items():
+        values = [v for e in _part(last, "evaluate-per-client", list) if isinstance(e, dict)
+                  and (v := _number(e.get(key))) is not None]
+        if values:
+            rows.append([name, str(len(values)), _fmt(min(values)),
+                         _fmt(statistics.median(values)), _fmt(max(values)),
+                         _fmt(statistics.fmean(values))])
+    return (f"<h2>Sites by head (round {last['round']})</h2>\n"
+            + _table(["head", "sites", "worst", "median", "best", "mean"], rows))
 
 
 def config_section(run: Run) -> str:

@@ -15,6 +15,11 @@ from dataclasses import dataclass, field
 # The per-site counters a line's "clients" holds, by what they count.
 SAMPLED, AGGREGATED, REJECTED, MISSING = "clients-sampled", "clients-aggregated", "rejected", \
     "missing"
+# What sites report under personal-head, besides the global model's eval-accuracy: their
+# personal head's accuracy, their personal adapter's (personal-steps, last round) and the
+# local-only reference's, on the same validation rows.
+PERSONAL_METRICS = ("eval-personal-accuracy", "eval-personal-adapter-accuracy",
+                    "eval-local-head-accuracy")
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 - centralized: one LoRA model trained on the pooled training data, processing as many samples
   as the whole federation does (rounds x sites x local steps x batch size);
-- local-only: each site trains alone on its own partition for all rounds' local steps; the
-  score is the mean of the sites' accuracies on the global test set.
+- local-only: each site trains alone on its own partition for all rounds' local training; the
+  score is the mean of the sites' accuracies on the global test set (local_only_sites: each
+  on its own validation rows).
 
 Both make their head as the federation would (head-mode): with a fit mode, from the statistics
 of the rows they train on (centralized: the pooled rows; local-only: the site's own), frozen
@@ -15,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from client.head_statistics import feature_statistics
-from client.training import frozen, train_adapter
+from client.training import frozen, planned_steps, train_adapter
 from common.config import FedLoraConfig
 from common.data import load_splits, resolve_labels, tokenize, train_val_split
 from common.data_checks import check_site_rows
@@ -71,19 +72,33 @@ def centralized(cfg: FedLoraConfig) -> dict:
     return {"steps": steps, **_score(lora, test, cfg)}
 
 
-def local_only(cfg: FedLoraConfig) -> dict:
+def _each_site_alone(cfg: FedLoraConfig):
+    """Each site trained alone on its own partition for all rounds' local training; yields
+    (partition id, its model, its validation examples, the global test examples)."""
     splits, labels = _setup(cfg)
     lora = build_lora_model(cfg, labels)
     initial = {n: t.clone() for n, t in lora.trainable_state().items()}
     test = tokenize(splits.test, lora.tokenizer, cfg, labels)
-    scores = []
     for site, partition in enumerate(partition_indices(splits.train, cfg)):
         # What the site trains on in a federation (client/app.py): its checked rows, less
         # its validation share.
         rows, _ = check_site_rows(splits.train.select(partition), lora.tokenizer, cfg, labels)
         train, val = _split_rows(rows, lora, cfg, labels, cfg.seed + site)
         lora.load_trainable_state(initial)
-        _train(lora, train, val, cfg, labels, cfg.num_rounds * cfg.local_steps, cfg.seed + site)
-        scores.append(_score(lora, test, cfg))
+        steps = cfg.num_rounds * planned_steps(len(train), cfg)
+        _train(lora, train, val, cfg, labels, steps, cfg.seed + site)
+        yield site, lora, val, test
+
+
+def local_only(cfg: FedLoraConfig) -> dict:
+    """The mean over sites of each alone-trained model's scores on the global test set."""
+    scores = [_score(lora, test, cfg) for _, lora, _, test in _each_site_alone(cfg)]
     keys = scores[0].keys()
     return {k: float(np.mean([s[k] for s in scores])) for k in keys}
+
+
+def local_only_sites(cfg: FedLoraConfig) -> list[dict]:
+    """Each alone-trained site scored on its own validation rows (the rows a federated site
+    reports its eval-* metrics on), with its partition id."""
+    return [{"partition-id": site, "num-examples": len(val), **_score(lora, val, cfg)}
+            for site, lora, val, _ in _each_site_alone(cfg) if val]

@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--adapter", metavar="OUT", help="the PEFT adapter alone")
     export.add_argument("--model", help="the base model, if not where the run found it")
     export.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    export.add_argument("--personal-head", metavar="PATH", help="a site's personal head (its "
+                        "folder or personal_head.safetensors) in place of the global head")
 
     evaluate = commands.add_parser(
         "evaluate", help="score a saved adapter on a data set, with example predictions")
@@ -86,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, metavar="PATH",
                           help="a data file (all of it is used) or a folder (its test split)")
     evaluate.add_argument("--model", help="the base model, if not where the run found it")
+    evaluate.add_argument("--personal-head", metavar="PATH", help="a site's personal head (its "
+                          "folder or personal_head.safetensors) in place of the global head")
     evaluate.add_argument("--max-examples", type=int, default=0, help="score at most N (0: all)")
     evaluate.add_argument("--examples", type=int, default=5, help="example predictions shown")
     evaluate.add_argument("--run-config", action="append", default=[],
@@ -278,7 +282,7 @@ def export_command(args: argparse.Namespace) -> int:
     from common.adapters import read_saved_adapter
     from server.export import export_adapter, export_merged
 
-    saved = read_saved_adapter(args.run_dir, args.model)
+    saved = read_saved_adapter(args.run_dir, args.model, args.personal_head)
     if args.merged:
         out = export_merged(saved, args.merged, force=args.force)
         print(f"merged model: {out} (load with AutoModelFor"
@@ -300,7 +304,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
     if args.max_examples < 0 or args.examples < 0:
         raise FedLoraError("evaluate: --max-examples and --examples must not be negative")
-    saved = read_saved_adapter(args.adapter, args.model)
+    saved = read_saved_adapter(args.adapter, args.model, args.personal_head)
     data = Path(args.data).expanduser()
     if not data.exists():
         raise FedLoraError(f"evaluate: data {args.data!r} does not exist")

@@ -212,3 +212,41 @@ def test_evaluate_names_unknown_labels(classification_run, tmp_path, capsys):
     assert main(["evaluate", "--adapter", str(classification_run.path), "--data",
                  str(data)]) == 2
     assert "not in the shared label set, e.g. 'refund'" in capsys.readouterr().err
+
+
+def test_a_sites_personal_head_replaces_the_global_one_in_evaluate_and_export(
+        classification_run, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from common.adapters import apply_personal_head, write_personal_head
+
+    model, tokenizer = load_adapter_model(read_saved_adapter(classification_run.path))
+    generator = torch.Generator().manual_seed(7)
+    site = tmp_path / "site-0"
+    write_personal_head(site, torch.randn(3, 384, generator=generator),
+                        torch.randn(3, generator=generator), {"round": "3"})
+    apply_personal_head(model, site)
+    predicted = [LABELS[i] for i in _logits(model, tokenizer, TEXTS).argmax(-1).tolist()]
+    truth = ["balance", "card", "transfer", "card", "balance"]
+    data = tmp_path / "eval.csv"
+    pd.DataFrame({"text": TEXTS, "label": truth}).to_csv(data, index=False)
+    assert main(["evaluate", "--adapter", str(classification_run.path), "--data", str(data),
+                 "--personal-head", str(site)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "accuracy" in line)
+    accuracy = float(np.mean(np.array(predicted) == np.array(truth)))
+    assert f"{accuracy:.4f}" in row
+
+    out = tmp_path / "personal-adapter"
+    assert main(["export", str(classification_run.path), "--adapter", str(out),
+                 "--personal-head", str(site / "personal_head.safetensors")]) == 0
+    exported = load_file(str(out / "adapter_model.safetensors"))
+    head = load_file(str(site / "personal_head.safetensors"))
+    assert any(torch.equal(t, head["weight"]) for t in exported.values())
+    reloaded, _ = load_adapter_model(read_saved_adapter(out))
+    assert torch.allclose(_logits(reloaded, tokenizer, TEXTS), _logits(model, tokenizer, TEXTS),
+                          atol=1e-5)
+
+    assert main(["evaluate", "--adapter", str(classification_run.path), "--data", str(data),
+                 "--personal-head", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "personal head" in err and "does not exist" in err

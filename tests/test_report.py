@@ -320,3 +320,26 @@ def test_chromium_renders_the_plots(tmp_path):
     # The plot lines' colours, only in the images: the images were decoded and drawn.
     assert pixels_near(image, C0_BLUE) > 2000
     assert pixels_near(image, C1_ORANGE) > 1000
+
+
+def test_personal_heads_get_their_sites_in_the_plot_and_a_table_of_the_last_round(tmp_path):
+    path = make_run(tmp_path / "run")
+    records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    for record in records[1:]:
+        for i, entry in enumerate(record["evaluate-per-client"]):
+            entry["eval-personal-accuracy"] = entry["eval-accuracy"] + 0.2
+            entry["eval-local-head-accuracy"] = 0.05 * i
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = read_run(path)
+
+    labels = [s.label for s in sites_plot(run).panels[0].series]
+    assert labels == ["worst site", "median site", "personal head, worst site",
+                      "personal head, median site", "local-only head, worst site",
+                      "local-only head, median site"]
+    page = Path(write_report(path)).read_text()
+    table = page[page.index("Sites by head (round 3)"):page.index("Configuration")]
+    cells = re.findall(r"<td>([^<]*)</td>", table)
+    # Round 3's sites: global 0.3, 0.35, 0.4; personal 0.2 more; local-only 0, 0.05, 0.1.
+    assert cells[:6] == ["global model", "3", "0.3", "0.35", "0.4", "0.35"]
+    assert cells[6:12] == ["personal head", "3", "0.5", "0.55", "0.6", "0.55"]
+    assert cells[13:16] == ["3", "0", "0.05"]

@@ -24,7 +24,13 @@ from common.config import FedLoraConfig
 from common.data_checks import total_site_reports
 from common.errors import FedLoraError
 from common.lora_math import exact_mean_deltas, lora_deltas, relative_error
-from common.records import NUM_EXAMPLES, adapter_to_record, message_bytes, record_to_adapter
+from common.records import (
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    adapter_to_record,
+    message_bytes,
+    record_to_adapter,
+)
 from common.strategy_registry import strategy_spec
 from server.aggregation import weighted_average, weighted_mean_metrics
 from server.contract import (
@@ -36,7 +42,14 @@ from server.contract import (
     replying_nodes,
     state_digest,
 )
-from server.round_record import MISSING, REJECTED, SAMPLED, RoundStats, site_spread
+from server.round_record import (
+    MISSING,
+    PERSONAL_METRICS,
+    REJECTED,
+    SAMPLED,
+    RoundStats,
+    site_spread,
+)
 
 
 class LoraFedAvg(FedAvg):
@@ -306,8 +319,14 @@ class LoraFedAvg(FedAvg):
         if spread is not None:
             stats.evaluate_sites = {
                 "metric": metric, "worst": spread[0], "median": spread[1]}
+            for other in PERSONAL_METRICS:  # personal-head: the same sites, other heads
+                if (values := site_spread({"evaluate-per-client": per_client}, other,
+                                          higher_is_better=True)) is not None:
+                    stats.evaluate_sites[other] = {"worst": values[0], "median": values[1]}
         weights = [m[NUM_EXAMPLES] for m in parsed.values()]
-        metrics = weighted_mean_metrics(list(parsed.values()), weights)
+        metrics = weighted_mean_metrics(
+            [{k: v for k, v in m.items() if k != PARTITION_ID} for m in parsed.values()],
+            weights)
         metrics[NUM_EXAMPLES] = float(sum(weights))
         stats.evaluate = metrics
         return MetricRecord(metrics)

@@ -1,0 +1,104 @@
+"""Personal heads against the global model and local-only training, per site (issue 23).
+
+For each Dirichlet alpha: one `fedlora simulate` run with personal-head=true (every site scores
+the global model, its personal head and its local-only closed-form head on its own validation
+rows at every evaluation), and the local-only baseline (simulations/baselines.py: each site
+trains LoRA and its head alone on its partition for all rounds' local training), scored on the
+same validation rows. Sites are matched by partition id. Writes, under --out, personal.json
+and personal.md (the table for docs/benchmarks.md).
+
+    .venv/bin/python bench/personal.py --data ../shared/data/banking77
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from results import load_results, markdown_table, store_results  # noqa: E402  (bench/results.py)
+from strategies import _overrides, federation_parser  # noqa: E402  (bench/strategies.py)
+
+from common.config import FedLoraConfig  # noqa: E402
+from simulations.baselines import local_only_sites  # noqa: E402
+
+MODELS = {"global": "eval-accuracy", "personal": "eval-personal-accuracy",
+          "local-only head (base features)": "eval-local-head-accuracy"}
+
+
+def federation(args, alpha: float, run_dir: Path) -> list[dict]:
+    """The last round's per-site evaluation of a run with personal heads."""
+    if not (run_dir / "summary.json").is_file() or \
+            json.loads((run_dir / "summary.json").read_text()).get("status") != "completed":
+        subprocess.run([str(ROOT / ".venv/bin/fedlora"), "simulate", "--data", args.data,
+                        "--num-clients", str(args.clients), "--rounds", str(args.rounds),
+                        "--partition", "dirichlet", "--alpha", str(alpha), "--out",
+                        str(run_dir), "--run-config", f"{args.run_config} personal-head=true"],
+                       check=True, cwd=ROOT)
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return rounds[-1]["evaluate-per-client"]
+
+
+def main() -> None:
+    parser = federation_parser("bench-personal", ["fedavg"])
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.1, 1.0])
+    parser.set_defaults(rounds=3, run_config="label-column=category local-epochs=1")
+    args = parser.parse_args()
+    out = Path(args.out)
+    _, results = load_results(out, "personal.json")
+    for alpha in args.alphas:
+        entry = results.setdefault(f"alpha={alpha}", {"alpha": alpha})
+        if "sites" not in entry:
+            entry["sites"] = federation(args, alpha, out / f"alpha{alpha}")
+            store_results(out, "personal.json", results)
+        if "local-only" not in entry:
+            cfg = FedLoraConfig.from_run_config({
+                **_overrides(args.run_config), "data": args.data, "num-clients": args.clients,
+                "num-rounds": args.rounds, "partition": "dirichlet", "alpha": alpha})
+            entry["local-only"] = local_only_sites(cfg)
+            store_results(out, "personal.json", results)
+    (out / "personal.md").write_text(table(results))
+    print(table(results))
+
+
+def per_site(entry: dict) -> list[dict]:
+    """Per partition: its validation rows and each model's accuracy on them."""
+    alone = {int(s["partition-id"]): s for s in entry["local-only"]}
+    sites = []
+    for site in sorted(entry["sites"], key=lambda s: s["partition-id"]):
+        pid = int(site["partition-id"])
+        row = {"partition-id": pid, "rows": int(site["num-examples"]),
+               **{name: site.get(key) for name, key in MODELS.items()}}
+        if pid in alone:
+            row["local-only (LoRA + head, trained alone)"] = alone[pid]["accuracy"]
+            row["rows alone"] = int(alone[pid]["num-examples"])  # the same rows: a check
+        sites.append(row)
+    return sites
+
+
+def table(results: dict) -> str:
+    names = [*MODELS, "local-only (LoRA + head, trained alone)"]
+    rows = []
+    for entry in results.values():
+        sites = per_site(entry)
+        for name in names:
+            values = [s[name] for s in sites if s.get(name) is not None]
+            if not values:
+                continue
+            gain = [s["personal"] - s[name] for s in sites if s.get(name) is not None]
+            rows.append([str(entry["alpha"]), name, str(len(values)),
+                         f"{statistics.mean(values):.4f}", f"{min(values):.4f}",
+                         f"{statistics.median(values):.4f}", f"{max(values):.4f}",
+                         "" if name == "personal" else
+                         f"{statistics.mean(gain):+.4f} / {min(gain):+.4f}"])
+    return markdown_table(["alpha", "model", "sites", "mean", "worst", "median", "best",
+                           "personal minus it: mean / worst site"], rows)
+
+
+if __name__ == "__main__":
+    main()
