@@ -28,17 +28,19 @@ from common.config import FedLoraConfig  # noqa: E402
 from simulations.baselines import local_only_sites  # noqa: E402
 
 MODELS = {"global": "eval-accuracy", "personal": "eval-personal-accuracy",
+          "personal adapter (personal-steps)": "eval-personal-adapter-accuracy",
           "local-only head (base features)": "eval-local-head-accuracy"}
 
 
-def federation(args, alpha: float, run_dir: Path) -> list[dict]:
+def federation(args, alpha: float, run_dir: Path, steps: int) -> list[dict]:
     """The last round's per-site evaluation of a run with personal heads."""
     if not (run_dir / "summary.json").is_file() or \
             json.loads((run_dir / "summary.json").read_text()).get("status") != "completed":
         subprocess.run([str(ROOT / ".venv/bin/fedlora"), "simulate", "--data", args.data,
                         "--num-clients", str(args.clients), "--rounds", str(args.rounds),
                         "--partition", "dirichlet", "--alpha", str(alpha), "--out",
-                        str(run_dir), "--run-config", f"{args.run_config} personal-head=true"],
+                        str(run_dir), "--run-config",
+                        f"{args.run_config} personal-head=true personal-steps={steps}"],
                        check=True, cwd=ROOT)
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return rounds[-1]["evaluate-per-client"]
@@ -47,15 +49,23 @@ def federation(args, alpha: float, run_dir: Path) -> list[dict]:
 def main() -> None:
     parser = federation_parser("bench-personal", ["fedavg"])
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.1, 1.0])
+    parser.add_argument("--personal-steps", type=int, default=0,
+                        help="also train a personal adapter this many steps after the last round")
     parser.set_defaults(rounds=3, run_config="label-column=category local-epochs=1")
     args = parser.parse_args()
     out = Path(args.out)
     _, results = load_results(out, "personal.json")
     for alpha in args.alphas:
-        entry = results.setdefault(f"alpha={alpha}", {"alpha": alpha})
+        steps = args.personal_steps
+        suffix = f" personal-steps={steps}" if steps else ""
+        entry = results.setdefault(f"alpha={alpha}{suffix}", {"alpha": alpha})
         if "sites" not in entry:
-            entry["sites"] = federation(args, alpha, out / f"alpha{alpha}")
+            run_dir = out / (f"alpha{alpha}-steps{steps}" if steps else f"alpha{alpha}")
+            entry["sites"] = federation(args, alpha, run_dir, steps)
             store_results(out, "personal.json", results)
+        alone = results.get(f"alpha={alpha}", {}).get("local-only")  # the same without steps
+        if "local-only" not in entry and alone is not None:
+            entry["local-only"] = alone
         if "local-only" not in entry:
             cfg = FedLoraConfig.from_run_config({
                 **_overrides(args.run_config), "data": args.data, "num-clients": args.clients,
@@ -84,19 +94,19 @@ def per_site(entry: dict) -> list[dict]:
 def table(results: dict) -> str:
     names = [*MODELS, "local-only (LoRA + head, trained alone)"]
     rows = []
-    for entry in results.values():
+    for key, entry in results.items():
         sites = per_site(entry)
         for name in names:
             values = [s[name] for s in sites if s.get(name) is not None]
             if not values:
                 continue
             gain = [s["personal"] - s[name] for s in sites if s.get(name) is not None]
-            rows.append([str(entry["alpha"]), name, str(len(values)),
+            rows.append([key.removeprefix("alpha="), name, str(len(values)),
                          f"{statistics.mean(values):.4f}", f"{min(values):.4f}",
                          f"{statistics.median(values):.4f}", f"{max(values):.4f}",
                          "" if name == "personal" else
                          f"{statistics.mean(gain):+.4f} / {min(gain):+.4f}"])
-    return markdown_table(["alpha", "model", "sites", "mean", "worst", "median", "best",
+    return markdown_table(["alpha (run)", "model", "sites", "mean", "worst", "median", "best",
                            "personal minus it: mean / worst site"], rows)
 
 
