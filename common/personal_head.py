@@ -71,8 +71,7 @@ class LinearHead:
 class PersonalFit:
     head: LinearHead
     mu: float  # math.inf: the global head itself
-    folds_accuracy: float  # the chosen mu's cross-validated accuracy on the training rows
-    prior_weight: float = 0.0  # how much of the site's log label prior moved the anchor
+    prior_weight: float  # how much of the site's log label prior moved the anchor
 
 
 def _augmented(features: torch.Tensor) -> torch.Tensor:
@@ -144,7 +143,7 @@ def choose_personal_head(features: torch.Tensor, labels: torch.Tensor, anchor: L
     """The (prior weight, mu) pair of `prior_weights` x (`grid` and infinity when
     keep_anchor) whose heads predict held-out folds of the rows best, and the head of all rows
     under it. Among equals: the larger mu, then the smaller prior weight (the global side).
-    With fewer rows than folds, the anchor (or, without one, the smallest mu of the grid)."""
+    With fewer rows than folds, the anchor (or, without one, the largest mu of the grid)."""
     n, num_labels = features.shape[0], anchor.bias.shape[0]
     mus = tuple(sorted(grid)) + ((math.inf,) if keep_anchor else ())
     candidates = [(weight, mu) for weight in sorted(prior_weights) for mu in mus]
@@ -166,8 +165,7 @@ def choose_personal_head(features: torch.Tensor, labels: torch.Tensor, anchor: L
     weight, mu = max(candidates, key=lambda c: (correct[c], c[1], -c[0]))
     theta = _Solver(phi, targets).solve(mu, shifted(theta_g, label_log_prior(labels, num_labels),
                                                     weight))
-    return PersonalFit(LinearHead.from_theta(theta), mu, correct[(weight, mu)] / max(n, 1),
-                       weight)
+    return PersonalFit(LinearHead.from_theta(theta), mu, weight)
 
 
 def choose_local_head(features: torch.Tensor, labels: torch.Tensor, num_labels: int,

@@ -25,6 +25,7 @@ from common.atomic import atomic_write_bytes, atomic_write_text
 from common.errors import FedLoraError
 from server.outputs import RunDirectory
 from server.round_record import (
+    PERSONAL_METRICS,
     client_level_epsilon,
     round_epsilon,
     site_epsilon,
@@ -233,9 +234,8 @@ def sites_plot(run: Run) -> Plot:
     metric = run.local_quality
     # Under personal-head the same sites also score their personal head and the head they
     # would have alone (local-only, on the base model's features).
-    heads = {metric: "", "eval-personal-accuracy": "personal head, ",
-             "eval-personal-adapter-accuracy": "personal adapter, ",
-             "eval-local-head-accuracy": "local-only head, "}
+    heads = {metric: "", **{key: f"{name.split(' (')[0]}, "
+                            for key, name in PERSONAL_METRICS.items()}}
     series = []
     for key, label in heads.items():
         worst, median = Series(f"{label}worst site"), Series(f"{label}median site")
@@ -481,16 +481,14 @@ def _worst_site(run: Run, record: dict) -> float | None:
 def personal_section(run: Run) -> str:
     """Under personal-head: how the sites fare on their own validation rows with each head, in
     the last round they were evaluated: worst, median, best and mean site."""
-    heads = {"global model": "eval-accuracy", "personal head": "eval-personal-accuracy",
-             "personal adapter": "eval-personal-adapter-accuracy",
-             "local-only head (base model's features)": "eval-local-head-accuracy"}
+    heads = {"eval-accuracy": "global model", **PERSONAL_METRICS}
     last = next((r for r in reversed(run.rounds) if any(
         "eval-personal-accuracy" in e for e in _part(r, "evaluate-per-client", list)
         if isinstance(e, dict))), None)
     if last is None:
         return ""
     rows = []
-    for name, key in heads.items():
+    for key, name in heads.items():
         values = [v for e in _part(last, "evaluate-per-client", list) if isinstance(e, dict)
                   and (v := _number(e.get(key))) is not None]
         if values:

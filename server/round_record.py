@@ -18,8 +18,9 @@ SAMPLED, AGGREGATED, REJECTED, MISSING = "clients-sampled", "clients-aggregated"
 # What sites report under personal-head, besides the global model's eval-accuracy: their
 # personal head's accuracy, their personal adapter's (personal-steps, last round) and the
 # local-only reference's, on the same validation rows.
-PERSONAL_METRICS = ("eval-personal-accuracy", "eval-personal-adapter-accuracy",
-                    "eval-local-head-accuracy")
+PERSONAL_METRICS = {"eval-personal-accuracy": "personal head",
+                    "eval-personal-adapter-accuracy": "personal adapter",
+                    "eval-local-head-accuracy": "local-only head (base model's features)"}
 
 
 @dataclass

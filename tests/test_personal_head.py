@@ -207,3 +207,17 @@ def test_after_the_last_round_a_site_keeps_a_personal_adapter_it_never_sends(per
 
     with pytest.raises(FedLoraError, match="set personal-head=true too"):
         FedLoraConfig(personal_steps=5)
+
+
+def test_a_site_keeps_its_head_in_its_own_folder(tmp_path, monkeypatch):
+    from client.personal import personal_folder
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    simulated = FedLoraConfig(out_dir=str(tmp_path / "run"))
+    assert personal_folder(simulated, None, run_id=7, site_id=3) == tmp_path / "run/sites/site-3"
+    # A deployed site: its node-config personal-dir, or ~/.fedlora/personal; a folder a run.
+    assert personal_folder(simulated, str(tmp_path / "mine"), 7, 3) == tmp_path / "mine/run-7"
+    assert personal_folder(simulated, "", 7, 3) == tmp_path / "home/.fedlora/personal/run-7"
+    # `flwr run` without an out-dir: the site does not know the server's run directory.
+    assert personal_folder(FedLoraConfig(), None, 7, 3) == \
+        tmp_path / "home/.fedlora/personal/run-7/site-3"
