@@ -66,46 +66,60 @@ class Run:
         return "eval-loss" if self.is_causal_lm else "eval-accuracy"
 
 
-def read_run(run_dir: str | Path) -> Run:
+def read_run(run_dir: str | Path, command: str = "report", wait_for_rounds: bool = False) -> Run:
+    """The run in `run_dir`; FedLoraError (one line, starting with `command`) where it is not a
+    run directory or a file in it cannot be read. `wait_for_rounds`: a run that has not yet
+    recorded a round (no metrics.jsonl, a summary.json) is a run with no rounds."""
     run = RunDirectory(run_dir)
     if not run.path.exists():
-        raise FedLoraError(f"report: {run.path} does not exist")
+        raise FedLoraError(f"{command}: {run.path} does not exist")
     if not run.path.is_dir():
-        raise FedLoraError(f"report: {run.path} is not a directory")
-    for required in (run.metrics_file, run.path / "config.json"):
-        if not required.is_file():
-            raise FedLoraError(f"report: {run.path} is not a run directory (no {required.name})")
-    config = _read_json(run.path / "config.json", run.saved_config)
-    summary = _read_json(run.path / "summary.json", run.read_summary)
+        raise FedLoraError(f"{command}: {run.path} is not a directory")
+    required = [run.path / "config.json"]
+    if not (wait_for_rounds and (run.path / "summary.json").is_file()):
+        required.insert(0, run.metrics_file)
+    for path in required:
+        if not path.is_file():
+            raise FedLoraError(f"{command}: {run.path} is not a run directory (no {path.name})")
+    config = _read_json(command, run.path / "config.json", run.saved_config)
+    summary = _read_json(command, run.path / "summary.json", run.read_summary)
     labels_file = run.path / "labels.json"
-    class_labels = (_read_json(labels_file, lambda: json.loads(labels_file.read_text()), list)
-                    if labels_file.is_file() else None)
-    return Run(run.path, config, summary, _read_rounds(run.metrics_file), class_labels)
+    class_labels = (_read_json(command, labels_file, lambda: json.loads(labels_file.read_text()),
+                               list) if labels_file.is_file() else None)
+    rounds = _read_rounds(command, run.metrics_file) if run.metrics_file.is_file() else []
+    return Run(run.path, config, summary, rounds, class_labels)
 
 
-def _read_json(path: Path, read, expected: type = dict):
+def _read_json(command: str, path: Path, read, expected: type = dict):
     try:
         value = read()
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        raise FedLoraError(f"report: {path} is not valid JSON ({_json_problem(err)})") from None
+        raise FedLoraError(f"{command}: {path} is not valid JSON ({_json_problem(err)})") from None
     if not isinstance(value, expected):
         kind = "a JSON object" if expected is dict else "a JSON list"
-        raise FedLoraError(f"report: {path} is not {kind}")
+        raise FedLoraError(f"{command}: {path} is not {kind}")
     return value
 
 
-def _read_rounds(path: Path) -> list[dict]:
+def _read_rounds(command: str, path: Path) -> list[dict]:
+    data = path.read_bytes()
+    lines = data.splitlines()
+    # A last line without its newline is one a writer has not finished (a run writing it, a
+    # copy under way): left out if it does not parse, not an error.
+    unfinished = not data.endswith(b"\n")
     by_round: dict[int, dict] = {}
-    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except ValueError as err:
-            raise FedLoraError(f"report: {path} line {number} is not valid JSON "
+            if unfinished and number == len(lines):
+                break
+            raise FedLoraError(f"{command}: {path} line {number} is not valid JSON "
                                f"({_json_problem(err)})") from None
         if not isinstance(record, dict) or not _is_int(record.get("round")):
-            raise FedLoraError(f"report: {path} line {number} is not a round record "
+            raise FedLoraError(f"{command}: {path} line {number} is not a round record "
                                f"(no integer \"round\")")
         # A round repeated after a crash (recorded, then redone on resume): its last line counts.
         by_round[record["round"]] = record
@@ -151,6 +165,7 @@ class Series:
     label: str
     rounds: list[int] = field(default_factory=list)
     values: list[float] = field(default_factory=list)
+    dashed: bool = False  # a reference level (a budget), not a measurement
 
     def add(self, round_number: int, value) -> None:
         if (number := _number(value)) is not None:
@@ -257,8 +272,13 @@ def epsilon_plot(run: Run) -> Plot:
     for record in run.rounds:
         dp_sgd.add(record["round"], site_epsilon(record))
         client_level.add(record["round"], client_level_epsilon(record))
-    return Plot("epsilon", "Privacy spent so far (ε)",
-                [Panel("ε", [s for s in (dp_sgd, client_level) if s.values], from_zero=True)])
+    series = [s for s in (dp_sgd, client_level) if s.values]
+    # Each budget the run set, drawn as a level line over the rounds that spent ε.
+    for key, spent in (("dp-target-epsilon", dp_sgd), ("client-dp-target-epsilon", client_level)):
+        if spent.values and (budget := _number(run.config.get(key))):
+            series.append(Series(f"budget ({key})", list(spent.rounds),
+                                 [budget] * len(spent.rounds), dashed=True))
+    return Plot("epsilon", "Privacy spent so far (ε)", [Panel("ε", series, from_zero=True)])
 
 
 def _scaled(value, factor: float) -> float | None:
@@ -285,7 +305,8 @@ def draw_panel(axes, panel: Panel) -> None:
     from matplotlib.ticker import LogFormatter, MaxNLocator
 
     for series, color in zip(panel.series, _colors(len(panel.series))):
-        axes.plot(series.rounds, series.values, marker="o", markersize=4, label=series.label,
+        axes.plot(series.rounds, series.values, marker="" if series.dashed else "o",
+                  markersize=4, linestyle="--" if series.dashed else "-", label=series.label,
                   color=color)
     axes.set_xlabel("round")
     axes.set_ylabel(panel.ylabel)
@@ -359,13 +380,13 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 def render_page(run: Run, plots: list[tuple[Plot, bytes]], clients: dict[int, str]) -> str:
     title = f"fedlora run {run.path.name}"
     sections = [header_section(run, clients), summary_section(run),
-                plots_section(plots), rounds_section(run, clients), personal_section(run),
-                config_section(run)]
+                plots_section(plots), sites_section(run, clients), rounds_section(run, clients),
+                personal_section(run), config_section(run)]
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f'<meta http-equiv="Content-Security-Policy" content="{_e(CSP)}">\n'
+            f'<meta http-equiv="Content-Security-Policy" content="{escape(CSP)}">\n'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f"<title>{_e(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
-            f"<h1>{_e(title)}</h1>\n" + "\n".join(sections) + "\n</body>\n</html>\n")
+            f"<title>{escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+            f"<h1>{escape(title)}</h1>\n" + "\n".join(sections) + "\n</body>\n</html>\n")
 
 
 def header_section(run: Run, clients: dict[int, str]) -> str:
@@ -373,17 +394,17 @@ def header_section(run: Run, clients: dict[int, str]) -> str:
     configured = run.config.get("num-clients")
     clients = f"{len(clients)} reported" + (f" ({configured} configured)" if configured else "")
     last_round = run.rounds[-1]["round"] if run.rounds else None
-    rounds = f"{_fmt(last_round)} recorded of {_fmt(run.config.get('num-rounds'))}"
+    rounds = f"{fmt(last_round)} recorded of {fmt(run.config.get('num-rounds'))}"
     items = [("run", str(run.path.resolve())),
-             ("task", _fmt(run.config.get("task"))),
-             ("model", _fmt(run.config.get("model"))),
-             ("strategy", _fmt(run.config.get("strategy"))),
+             ("task", fmt(run.config.get("task"))),
+             ("model", fmt(run.config.get("model"))),
+             ("strategy", fmt(run.config.get("strategy"))),
              ("clients", clients),
              ("rounds", rounds)]
     if run.class_labels is not None:
         items.append(("classes", str(len(run.class_labels))))
-    rows = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in items)
-    badge = f'<span class="status {_e(status)}">{_e(status)}</span>'
+    rows = "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in items)
+    badge = f'<span class="status {escape(status)}">{escape(status)}</span>'
     return f"<dl><dt>status</dt><dd>{badge}</dd>{rows}</dl>"
 
 
@@ -391,35 +412,29 @@ def summary_section(run: Run) -> str:
     summary, parts = run.summary, ["<h2>Summary</h2>"]
     if summary.get("status") == "failed":
         parts.append(f'<p class="error"><strong>The run failed:</strong> '
-                     f'{_e(_fmt(summary.get("error", "no error recorded")))}</p>')
+                     f'{escape(fmt(summary.get("error", "no error recorded")))}</p>')
         if summary.get("traceback"):
             parts.append(f"<details><summary>traceback</summary>"
-                         f"<pre>{_e(str(summary['traceback']))}</pre></details>")
+                         f"<pre>{escape(str(summary['traceback']))}</pre></details>")
     elif summary.get("status") == "running":
         parts.append('<p class="note">The run has not finished (or was stopped without a '
                      "summary): this shows the rounds recorded so far.</p>")
     if summary.get("stopped-early"):
         parts.append(f'<p class="note"><strong>Stopped early:</strong> '
-                     f'{_e(_fmt(summary["stopped-early"]))}</p>')
+                     f'{escape(fmt(summary["stopped-early"]))}</p>')
     parts.append(server_metrics_table(run))
     if summary.get("best-round") is not None:
         metric = str(summary.get("selection-metric", ""))
         value = _part(summary, "best").get(metric)
-        parts.append(f"<p><strong>Best round:</strong> {_e(str(summary['best-round']))} "
-                     f"({_e(metric)} {_e(_fmt(value))}): its adapter is in best_adapter/</p>")
+        parts.append(f"<p><strong>Best round:</strong> {escape(str(summary['best-round']))} "
+                     f"({escape(metric)} {escape(fmt(value))}): its adapter is in "
+                     f"best_adapter/</p>")
     if isinstance(summary.get("head"), dict):
         head = summary["head"]
-        parts.append(f"<p><strong>Head:</strong> {_e(_fmt(head.get('mode')))} (reads "
-                     f"{_e(_fmt(head.get('pooling')))}-pooled features)</p>")
-    if isinstance(summary.get("data-checks"), dict):
-        checks = summary["data-checks"]
-        rows = [[name, _fmt(checks[name])] for name in
-                ("sites", "rows", "empty", "duplicates", "too-long", "unknown-labels", "dropped")
-                if name in checks]
-        parts.append("<h3>Data checks (counts the sites reported)</h3>"
-                     + _table(["check", "rows"], rows))
+        parts.append(f"<p><strong>Head:</strong> {escape(fmt(head.get('mode')))} (reads "
+                     f"{escape(fmt(head.get('pooling')))}-pooled features)</p>")
     if (seconds := _number(summary.get("seconds"))) is not None and math.isfinite(seconds):
-        parts.append(f"<p>Time: {_e(_duration(seconds))}</p>")
+        parts.append(f"<p>Time: {escape(_duration(seconds))}</p>")
     return "\n".join(parts)
 
 
@@ -433,7 +448,7 @@ def server_metrics_table(run: Run) -> str:
     headers = ["server metric", f"initial (round {first['round']})",
                f"{final_heading} (round {last['round']})"]
     names = list(dict.fromkeys([*initial, *final]))
-    return _table(headers, [[name, _fmt(initial.get(name)), _fmt(final.get(name))]
+    return html_table(headers, [[name, fmt(initial.get(name)), fmt(final.get(name))]
                             for name in names])
 
 
@@ -443,9 +458,9 @@ def plots_section(plots: list[tuple[Plot, bytes]]) -> str:
     figures = []
     for plot, png in plots:
         uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-        caption = f"<figcaption>{_e(plot.caption)}</figcaption>" if plot.caption else ""
-        figures.append(f'<figure id="{_e(plot.name)}"><img src="{uri}" alt="{_e(plot.title)}">'
-                       f"{caption}</figure>")
+        caption = f"<figcaption>{escape(plot.caption)}</figcaption>" if plot.caption else ""
+        figures.append(f'<figure id="{escape(plot.name)}"><img src="{uri}" '
+                       f'alt="{escape(plot.title)}">{caption}</figure>')
     return "<h2>Plots</h2>\n" + "\n".join(figures)
 
 
@@ -459,23 +474,69 @@ def rounds_section(run: Run, clients: dict[int, str]) -> str:
     rows = []
     for record in run.rounds:
         server, clients = _part(record, "server"), _part(record, "clients")
-        trained = (f"{_fmt(clients.get('train-clients-aggregated'))} of "
-                   f"{_fmt(clients.get('train-clients-sampled'))}"
+        trained = (f"{fmt(clients.get('train-clients-aggregated'))} of "
+                   f"{fmt(clients.get('train-clients-sampled'))}"
                    if "train-clients-sampled" in clients else "—")
-        rows.append([record["round"], _fmt(server.get(run.quality)), _fmt(server.get("loss")),
-                     _fmt(_part(record, "train").get("train-loss")),
-                     _fmt(_part(record, "evaluate").get(run.local_quality)),
-                     _fmt(_worst_site(run, record)), trained,
-                     _fmt(_scaled(record.get("bytes-down"), 1 / MB)),
-                     _fmt(_scaled(record.get("bytes-up"), 1 / MB)),
-                     *([_fmt(round_epsilon(record))] if with_epsilon else []),
-                     _fmt(record.get("seconds")), _dropped(record, clients)])
-    return "<h2>Rounds</h2>\n" + _table(headers, rows)
+        rows.append([record["round"], fmt(server.get(run.quality)), fmt(server.get("loss")),
+                     fmt(_part(record, "train").get("train-loss")),
+                     fmt(_part(record, "evaluate").get(run.local_quality)),
+                     fmt(_worst_site(run, record)), trained,
+                     fmt(_scaled(record.get("bytes-down"), 1 / MB)),
+                     fmt(_scaled(record.get("bytes-up"), 1 / MB)),
+                     *([fmt(round_epsilon(record))] if with_epsilon else []),
+                     fmt(record.get("seconds")), _dropped(record, clients)])
+    return "<h2>Rounds</h2>\n" + html_table(headers, rows)
 
 
 def _worst_site(run: Run, record: dict) -> float | None:
     spread = site_spread(record, run.local_quality, higher_is_better=not run.is_causal_lm)
     return None if spread is None else spread[0]
+
+
+def sites_section(run: Run, clients: dict[int, str]) -> str:
+    """The last round's sites: how many each phase sampled, kept and left out, and each site's
+    example count, training loss and local quality, or why it was dropped; then the data
+    checks' totals over every site reported so far."""
+    parts = ["<h2>Sites</h2>"]
+    last = next((r for r in reversed(run.rounds) if r["round"] > 0), None)
+    if last is None:
+        parts.append("<p>No site has trained yet.</p>")
+    else:
+        counts = _part(last, "clients")
+        if counts:
+            parts.append(f"<p>Round {escape(str(last['round']))}: " + ", ".join(
+                f"{escape(key)} {escape(fmt(value))}" for key, value in counts.items()) + "</p>")
+        train = {e["node"]: e for e in _client_entries(last, "train-per-client")}
+        evaluate = {e["node"]: e for e in _client_entries(last, "evaluate-per-client")}
+        dropped = {e["node"]: e for e in _part(last, "dropped", list)
+                   if isinstance(e, dict) and _is_int(e.get("node"))}
+        local = run.local_quality.removeprefix("eval-")
+        rows = [[clients.get(node, f"node {node}"), str(node),
+                 fmt(train.get(node, {}).get("num-examples")),
+                 fmt(train.get(node, {}).get("train-loss")),
+                 fmt(evaluate.get(node, {}).get("num-examples")),
+                 fmt(evaluate.get(node, {}).get(run.local_quality)),
+                 fmt(dropped[node].get("reason")) if node in dropped else "—"]
+                for node in sorted({*train, *evaluate, *dropped})]
+        if rows:
+            parts.append(html_table(["site", "node", "training rows", "train loss",
+                                     "validation rows", f"local {local}", "dropped"], rows))
+    checks = data_check_totals(run)
+    if checks:
+        rows = [[name, fmt(checks[name])] for name in
+                ("sites", "rows", "empty", "duplicates", "too-long", "unknown-labels", "dropped")
+                if name in checks]
+        parts.append("<h3>Data checks (counts the sites reported)</h3>"
+                     + html_table(["check", "rows"], rows))
+    return "\n".join(parts)
+
+
+def data_check_totals(run: Run) -> dict:
+    """The data checks' totals: the finished run's, else the last round's so far."""
+    if isinstance(run.summary.get("data-checks"), dict):
+        return run.summary["data-checks"]
+    return next((r["data-checks"] for r in reversed(run.rounds)
+                 if isinstance(r.get("data-checks"), dict)), {})
 
 
 def personal_section(run: Run) -> str:
@@ -492,17 +553,17 @@ def personal_section(run: Run) -> str:
         values = [v for e in _part(last, "evaluate-per-client", list) if isinstance(e, dict)
                   and (v := _number(e.get(key))) is not None]
         if values:
-            rows.append([name, str(len(values)), _fmt(min(values)),
-                         _fmt(statistics.median(values)), _fmt(max(values)),
-                         _fmt(statistics.fmean(values))])
+            rows.append([name, str(len(values)), fmt(min(values)),
+                         fmt(statistics.median(values)), fmt(max(values)),
+                         fmt(statistics.fmean(values))])
     return (f"<h2>Sites by head (round {last['round']})</h2>\n"
-            + _table(["head", "sites", "worst", "median", "best", "mean"], rows))
+            + html_table(["head", "sites", "worst", "median", "best", "mean"], rows))
 
 
 def config_section(run: Run) -> str:
     rows = [[key, value if isinstance(value, str) and value else json.dumps(value)]
             for key, value in run.config.items()]
-    return "<h2>Configuration</h2>\n" + _table(["key", "value"], rows, css_class="config")
+    return "<h2>Configuration</h2>\n" + html_table(["key", "value"], rows, css_class="config")
 
 
 def _dropped(record: dict, clients: dict[int, str]) -> str:
@@ -511,19 +572,19 @@ def _dropped(record: dict, clients: dict[int, str]) -> str:
         if isinstance(entry, dict):
             node = entry.get("node")
             who = clients.get(node) if _is_int(node) else None
-            reasons.append(f"{who or f'node {_fmt(node)}'}: {_fmt(entry.get('reason'))}")
+            reasons.append(f"{who or f'node {fmt(node)}'}: {fmt(entry.get('reason'))}")
     return "; ".join(reasons) or "—"
 
 
-def _table(headers: list[str], rows: list[list], css_class: str = "") -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{_e(str(cell))}</td>" for cell in row) + "</tr>\n"
+def html_table(headers: list[str], rows: list[list], css_class: str = "") -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{escape(str(cell))}</td>" for cell in row) + "</tr>\n"
                    for row in rows)
-    attribute = f' class="{_e(css_class)}"' if css_class else ""
+    attribute = f' class="{escape(css_class)}"' if css_class else ""
     return f"<table{attribute}>\n<tr>{head}</tr>\n{body}</table>"
 
 
-def _fmt(value) -> str:
+def fmt(value) -> str:
     if value is None:
         return "—"
     if isinstance(value, bool):
@@ -543,7 +604,7 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
 
 
-def _e(text: str) -> str:
+def escape(text: str) -> str:
     return html.escape(text, quote=True)
 
 

@@ -1,5 +1,6 @@
 """The `fedlora` command. `fedlora simulate` runs a local federation and shows its progress;
-`report`, `export` and `evaluate` work on what a run left; `fedlora certs`, `fedlora connect`
+`report`, `export` and `evaluate` work on what a run left, `dashboard` shows runs live in a
+browser; `fedlora certs`, `fedlora connect`
 and `fedlora gateway` (the coordinator's public port) serve a real deployment
 (docs/deployment.md)."""
 
@@ -68,6 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="one HTML page of a run (plots embedded), and its plots as PNG files")
     report.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
     report.add_argument("--out", help="the HTML file (default RUN_DIR/report.html)")
+
+    dashboard = commands.add_parser(
+        "dashboard", help="a live page of one or more runs in a browser: status, rounds, "
+                          "sites, plots")
+    dashboard.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                           help="run directories (several: side by side, compared)")
+    dashboard.add_argument("--host", default="127.0.0.1",
+                           help="the address to listen on (default 127.0.0.1); any other needs "
+                                "the access token printed at start")
+    dashboard.add_argument("--port", type=int, default=8765,
+                           help="the port (default 8765; 0: any free one)")
 
     export = commands.add_parser(
         "export", help="the final adapter of a run: merged into the base model, or alone")
@@ -275,6 +287,20 @@ def report_command(args: argparse.Namespace) -> int:
     from server.report import write_report
 
     print(write_report(args.run_dir, args.out))
+    return 0
+
+
+def dashboard_command(args: argparse.Namespace) -> int:
+    from server.dashboard import Dashboard
+
+    if not 0 <= args.port <= 65535:
+        raise FedLoraError(f"dashboard: --port {args.port} is not a port (0-65535)")
+    dashboard = Dashboard(args.run_dirs, host=args.host, port=args.port)
+    print(f"fedlora dashboard of {len(dashboard.paths)} run(s): {dashboard.url}", flush=True)
+    if dashboard.token:
+        print("Anyone with this link (it holds the access token) sees the runs: share it like a "
+              "password; plain HTTP, so across networks use an SSH tunnel.", flush=True)
+    dashboard.serve()
     return 0
 
 
@@ -505,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"certs": certs_command, "connect": connect_command,
                     "gateway": gateway_command, "site": site_command,
                     "site-status": site_status_command,
-                    "report": report_command, "export": export_command,
+                    "report": report_command, "dashboard": dashboard_command,
+                    "export": export_command,
                     "evaluate": evaluate_command, "tune": tune_command,
                     "inspect": inspect_command}
         return commands[args.command](args)

@@ -18,11 +18,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -88,9 +90,22 @@ def run_fedlora(words: list[str], data: Path, monkeypatch) -> None:
         argv += SHRINK if not resume else SHRINK[:2] + ["--rounds", "2"] + SHRINK[4:]
     elif argv[0] == "tune":  # one short trial
         argv += SHRINK + ["--trials", "1", "--local-steps", "1", "2"]
+    elif argv[0] == "dashboard":  # serves until stopped: here, until it has answered once
+        argv += ["--port", "0"]
+        monkeypatch.setattr("server.dashboard.Dashboard.serve", _serve_one_request)
     simulate_without_ray(monkeypatch)
     code = cli.main(argv)
     assert code == 0, f"fedlora {shlex.join(argv)} exited {code}"
+
+
+def _serve_one_request(dashboard) -> None:
+    dashboard.start()
+    try:
+        with urllib.request.urlopen(f"{dashboard.url}api/state", timeout=30) as reply:
+            runs = json.load(reply)["runs"]
+        assert [run["status"] for run in runs] == ["completed"] * len(dashboard.paths)
+    finally:
+        dashboard.stop()
 
 
 def _flower_options_tested() -> str:
