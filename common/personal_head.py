@@ -20,10 +20,14 @@ may first have its biases moved by w x the site's log label prior (w = 0: the gl
 sent), the Bayes correction for a shift of the label distribution alone.
 
 mu and w are chosen per site by k-fold cross-validation on its training rows (its validation
-rows stay held out for reporting), mu among MU_GRID and infinity (the anchor itself), w among
-PRIOR_WEIGHTS; ties go to the global side (the larger mu, then the smaller w). The site's
+rows stay held out for reporting), repeated on CV_REPEATS shuffles, mu among MU_GRID and
+infinity (the anchor itself), w among PRIOR_WEIGHTS, by the one-standard-error rule: of the
+pairs whose accuracy is within one standard error of the best, the one nearest the global head
+(the larger mu, then the smaller w). A site moves away from the global head only for a gain its
+rows can tell from chance: on a site whose labels are like the pooled data's, a plain argmax
+took a prior shift that cost it 3 points on its held-out rows (docs/benchmarks.md). The site's
 local-only head is the same fit with no global head to pull toward (a ridge toward zero, its
-strength chosen the same way, no prior).
+strength chosen by the plain argmax, ties to the stronger ridge, no prior).
 
 Everything here is float64 and pure: no model, no Flower.
 """
@@ -38,6 +42,7 @@ import torch
 MU_GRID = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)  # besides infinity: the global head
 RIDGE_GRID = (1e-4, 1e-3, 1e-2, 0.1, 1.0)  # a local-only head's pull toward zero
 FOLDS = 5
+CV_REPEATS = 3  # shuffles of the k folds: one split alone decided a few sites' choice
 # How much of the site's log label prior may move the global head's biases (0: not at all).
 PRIOR_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 PRIOR_SMOOTHING = 0.5  # rows added to every label's count before taking the log
@@ -139,11 +144,12 @@ def fit_personal_head(features: torch.Tensor, labels: torch.Tensor, anchor: Line
 def choose_personal_head(features: torch.Tensor, labels: torch.Tensor, anchor: LinearHead,
                          grid: tuple[float, ...] = MU_GRID, folds: int = FOLDS,
                          seed: int = 0, keep_anchor: bool = True,
-                         prior_weights: tuple[float, ...] = PRIOR_WEIGHTS) -> PersonalFit:
+                         prior_weights: tuple[float, ...] = PRIOR_WEIGHTS,
+                         within_se: float = 1.0, repeats: int = CV_REPEATS) -> PersonalFit:
     """The (prior weight, mu) pair of `prior_weights` x (`grid` and infinity when
-    keep_anchor) whose heads predict held-out folds of the rows best, and the head of all rows
-    under it. Among equals: the larger mu, then the smaller prior weight (the global side).
-    With fewer rows than folds, the anchor (or, without one, the largest mu of the grid)."""
+    keep_anchor) whose heads predict held-out folds of the rows best, up to `within_se`
+    standard errors (see `nearest_within`), and the head of all rows under it. With fewer rows
+    than folds, the anchor (or, without one, the largest mu of the grid)."""
     n, num_labels = features.shape[0], anchor.bias.shape[0]
     mus = tuple(sorted(grid)) + ((math.inf,) if keep_anchor else ())
     candidates = [(weight, mu) for weight in sorted(prior_weights) for mu in mus]
@@ -151,21 +157,37 @@ def choose_personal_head(features: torch.Tensor, labels: torch.Tensor, anchor: L
     theta_g = anchor.theta
     correct = {candidate: 0 for candidate in candidates}
     if n >= folds:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        for fold in range(folds):
-            held = order[fold::folds]
-            kept = torch.ones(n, dtype=torch.bool)
-            kept[held] = False
-            solver = _Solver(phi[kept], targets[kept])
-            log_prior = label_log_prior(labels[kept], num_labels)
-            for weight, mu in candidates:
-                theta = solver.solve(mu, shifted(theta_g, log_prior, weight))
-                predicted = (phi[held] @ theta).argmax(dim=1)
-                correct[(weight, mu)] += int((predicted == labels[held].long()).sum())
-    weight, mu = max(candidates, key=lambda c: (correct[c], c[1], -c[0]))
+        for repeat in range(repeats):
+            generator = torch.Generator().manual_seed(seed + repeat)
+            order = torch.randperm(n, generator=generator)
+            for fold in range(folds):
+                held = order[fold::folds]
+                kept = torch.ones(n, dtype=torch.bool)
+                kept[held] = False
+                solver = _Solver(phi[kept], targets[kept])
+                log_prior = label_log_prior(labels[kept], num_labels)
+                for weight, mu in candidates:
+                    theta = solver.solve(mu, shifted(theta_g, log_prior, weight))
+                    predicted = (phi[held] @ theta).argmax(dim=1)
+                    correct[(weight, mu)] += int((predicted == labels[held].long()).sum())
+    weight, mu = nearest_within(correct, max(n, 1), repeats, within_se)
     theta = _Solver(phi, targets).solve(mu, shifted(theta_g, label_log_prior(labels, num_labels),
                                                     weight))
     return PersonalFit(LinearHead.from_theta(theta), mu, weight)
+
+
+def nearest_within(correct: dict[tuple[float, float], int], rows: int, repeats: int,
+                   within_se: float) -> tuple[float, float]:
+    """The one-standard-error rule: of the (prior weight, mu) pairs whose held-out hits
+    (`correct`, over `repeats` passes of `rows` rows) are within `within_se` standard errors of
+    the best pair's, the one nearest the global head: the largest mu, then the smallest weight.
+    The standard error is the best accuracy's over `rows` rows (at least one row's worth)."""
+    best = max(correct.values())
+    accuracy_best = best / (rows * repeats)
+    variance = max(accuracy_best * (1 - accuracy_best), 1 / rows) / rows
+    tolerance = within_se * math.sqrt(variance) * rows * repeats
+    eligible = [pair for pair, hits in correct.items() if hits >= best - tolerance]
+    return max(eligible, key=lambda pair: (pair[1], -pair[0]))
 
 
 def choose_local_head(features: torch.Tensor, labels: torch.Tensor, num_labels: int,
@@ -173,7 +195,7 @@ def choose_local_head(features: torch.Tensor, labels: torch.Tensor, num_labels: 
     """The site alone: its own ridge fit (pulled toward zero), the ridge chosen as mu is."""
     anchor = LinearHead.zeros(num_labels, features.shape[1])
     return choose_personal_head(features, labels, anchor, grid=RIDGE_GRID, seed=seed,
-                                keep_anchor=False, prior_weights=(0.0,))
+                                keep_anchor=False, prior_weights=(0.0,), within_se=0.0)
 
 
 def accuracy(head: LinearHead, features: torch.Tensor, labels: torch.Tensor) -> float:
