@@ -28,6 +28,7 @@ from urllib.parse import parse_qsl, unquote
 
 from common.errors import FedLoraError
 from server.report import (
+    CSS,
     Run,
     build_plots,
     client_names,
@@ -264,6 +265,7 @@ def _assets() -> dict[str, bytes]:
     import plotly.offline
 
     assets = {path.name: path.read_bytes() for path in PAGE_DIR.iterdir() if path.is_file()}
+    assets["dashboard.css"] = CSS.encode() + assets["dashboard.css"]  # the report's look first
     assets["plotly.min.js"] = plotly.offline.get_plotlyjs().encode()
     return assets
 
@@ -287,7 +289,10 @@ class Dashboard:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        """The page's address, with the token; on every address (0.0.0.0), by this machine's
+        name, which a browser elsewhere can reach."""
+        host = socket.gethostname() if self.host in ("0.0.0.0", "::", "") else self.host
+        host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}/" + (f"?token={self.token}" if self.token else "")
 
     def _uvicorn(self):

@@ -22,6 +22,7 @@ from common.personal_head import (
     choose_local_head,
     choose_personal_head,
     fit_personal_head,
+    nearest_within,
 )
 from tests.conftest import site_message
 
@@ -97,6 +98,23 @@ def test_a_skewed_site_gets_a_head_better_on_its_own_rows_and_a_typical_site_the
     test, test_labels = _rows(MEANS, [500, 500, 500, 500], seed=8)
     assert accuracy(kept.head, test, test_labels) >= accuracy(global_head, test,
                                                                test_labels) - 0.01
+
+
+def test_a_pair_leaves_the_global_head_only_for_a_gain_beyond_one_standard_error():
+    # 100 rows, 3 passes: the best pair hits 90% of 300, its standard error is
+    # sqrt(0.9 x 0.1 / 100) = 3 points, 9 hits of 300.
+    anchor, prior_shift, pull = (0.0, math.inf), (1.0, math.inf), (0.5, 0.1)
+    near = {anchor: 258, prior_shift: 265, pull: 270}
+    assert nearest_within(near, rows=100, repeats=3, within_se=1.0) == prior_shift
+    assert nearest_within(near, rows=100, repeats=3, within_se=0.0) == pull  # plain argmax
+    clear = {anchor: 250, prior_shift: 255, pull: 270}
+    assert nearest_within(clear, rows=100, repeats=3, within_se=1.0) == pull
+    tied = {anchor: 270, prior_shift: 270, pull: 270}  # ties: the global side
+    assert nearest_within(tied, rows=100, repeats=3, within_se=0.0) == anchor
+    # A perfect best still tolerates one row's worth: sqrt(1/100) x 100 rows = 1 hit a pass.
+    perfect = {anchor: 297, pull: 300}
+    assert nearest_within(perfect, rows=100, repeats=3, within_se=1.0) == anchor
+    assert nearest_within({anchor: 296, pull: 300}, rows=100, repeats=3, within_se=1.0) == pull
 
 
 def test_the_prior_weight_adds_the_sites_smoothed_log_label_prior_to_the_global_biases():
