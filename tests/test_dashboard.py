@@ -99,7 +99,7 @@ def run_text(index: int, part: str) -> str:
 def test_finished_runs_side_by_side_with_their_final_accuracy_rounds_and_plots(tmp_path,
                                                                                browser):
     done = make_run(tmp_path / "fedprox", dp_sgd=True)
-    failed = make_run(tmp_path / "crashed", rounds=1, summary={
+    failed = make_run(tmp_path / "crashed <b>&2", rounds=1, summary={
         "status": "failed", "error": "RuntimeError: site 2 sent <b>NaN</b>"})
     config = json.loads((done / "config.json").read_text())
     (done / "config.json").write_text(json.dumps({**config, "dp-target-epsilon": 2.0}))
@@ -120,7 +120,10 @@ def test_finished_runs_side_by_side_with_their_final_accuracy_rounds_and_plots(t
         assert "RuntimeError: site 2 sent <b>NaN</b>" in browser.evaluate(
             run_text(1, ".part.summary"))
         compared = browser.evaluate("document.getElementById('compare-table').innerText")
-        assert "fedprox" in compared and "crashed" in compared
+        assert "fedprox" in compared and "crashed <b>&2" in compared
+        legend = browser.evaluate("[...document.querySelectorAll('#compare-plot .legendtext')]"
+                                  ".map(e => e.textContent)")
+        assert legend == ["fedprox (fedprox)", "crashed <b>&2 (fedprox)"]  # text, not markup
         # Each of the report's plots is drawn, one Plotly chart a panel, the budget line with ε.
         state = dashboard_state(dashboard.paths)
         panels = sum(len(plot["panels"]) for plot in state["runs"][0]["plots"])

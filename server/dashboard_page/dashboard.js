@@ -20,6 +20,11 @@ function element(tag, attributes = {}, text = null) {
   return node;
 }
 
+// Plotly reads a few HTML tags in trace names and titles: names from a run's files go in as text.
+function plain(text) {
+  return String(text).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
+}
+
 function setConnection(ok, message) {
   const status = document.getElementById("connection");
   status.classList.toggle("lost", !ok);
@@ -61,7 +66,7 @@ function runArticle(index) {
 
 function panelFigure(plot, panel, count) {
   const data = panel.series.map((series) => ({
-    x: series.rounds, y: series.values, name: series.label, type: "scatter",
+    x: series.rounds, y: series.values, name: plain(series.label), type: "scatter",
     mode: series.dashed ? "lines" : "lines+markers",
     line: { dash: series.dashed ? "dash" : "solid" },
   }));
@@ -69,7 +74,7 @@ function panelFigure(plot, panel, count) {
   const layout = {
     margin: { l: 60, r: 10, t: 10, b: 45 },
     xaxis: { title: { text: "round" }, dtick: rounds.size <= 12 ? 1 : undefined, tickformat: "d" },
-    yaxis: { title: { text: panel.ylabel }, type: panel.log_y ? "log" : "linear",
+    yaxis: { title: { text: plain(panel.ylabel) }, type: panel.log_y ? "log" : "linear",
              rangemode: panel.from_zero ? "tozero" : "normal" },
     showlegend: count > 1 && count <= MAX_LEGEND_ENTRIES,
     legend: { orientation: "h", y: -0.25, font: { size: 10 } },
@@ -135,7 +140,7 @@ function renderCompare(state) {
   const data = state.runs.filter((run) => run.plots).map((run) => {
     const server = run.plots.find((plot) => plot.name === "server");
     const series = server ? server.panels[0].series[0] : { rounds: [], values: [] };
-    return { x: series.rounds, y: series.values, name: `${run.name} (${run.strategy})`,
+    return { x: series.rounds, y: series.values, name: plain(`${run.name} (${run.strategy})`),
              type: "scatter", mode: "lines+markers" };
   });
   const quality = state.runs.find((run) => run.quality)?.quality || "";
@@ -143,7 +148,7 @@ function renderCompare(state) {
   Plotly.react("compare-plot", data, {
     margin: { l: 60, r: 10, t: 10, b: 45 },
     xaxis: { title: { text: "round" }, dtick: rounds.size <= 12 ? 1 : undefined, tickformat: "d" },
-    yaxis: { title: { text: `server ${quality}` } }, legend: { orientation: "h", y: -0.25 },
+    yaxis: { title: { text: plain(`server ${quality}`) } }, legend: { orientation: "h", y: -0.25 },
     uirevision: "compare",
   }, PLOT_CONFIG);
 }
