@@ -103,6 +103,8 @@ def test_finished_runs_side_by_side_with_their_final_accuracy_rounds_and_plots(t
         "status": "failed", "error": "RuntimeError: site 2 sent <b>NaN</b>"})
     config = json.loads((done / "config.json").read_text())
     (done / "config.json").write_text(json.dumps({**config, "dp-target-epsilon": 2.0}))
+    with (done / "metrics.jsonl").open("a") as metrics:  # a copy of the run still under way
+        metrics.write('{"round": 4, "server": {"accur')
     before = [files_under(done), files_under(failed)]
     dashboard = Dashboard([done, failed], port=0)
     dashboard.start()
@@ -110,7 +112,7 @@ def test_finished_runs_side_by_side_with_their_final_accuracy_rounds_and_plots(t
         browser.call("Page.navigate", url=dashboard.url)
         browser.wait_for("document.querySelectorAll('#run-0 .main-svg').length > 0")
 
-        assert browser.evaluate(run_text(0, ".progress")) == "round 3 of 3"
+        assert browser.evaluate(run_text(0, ".progress")) == "round 3 of 3"  # the whole rounds
         assert browser.evaluate(run_text(0, ".status")) == "completed"
         summary = browser.evaluate(run_text(0, ".part.summary"))
         assert "final (round 3)" in summary and fmt(FINAL_ACCURACY) in summary
