@@ -9,8 +9,9 @@ It only reads the run directories it was given, by their fixed file names: no re
 file. Everything the page loads (Plotly included) is served from memory by this process, so it
 works offline. On 127.0.0.1 (the default) requests must name a loopback host (no DNS
 rebinding); on any other address every request needs the access token printed at start (a
-`?token=` link sets a cookie, scripts may send `Authorization: Bearer`), else 401. A path with
-`..`, `//` or a backslash, or a query value that is a path, is a 404 whatever it asks for.
+`?token=` link sets a cookie, scripts may send `Authorization: Bearer`), else 401; with
+--tls-cert/--tls-key it speaks HTTPS. A path with `..`, `//` or a backslash, or a query value
+that is a path, is a 404 whatever it asks for.
 """
 
 from __future__ import annotations
@@ -181,8 +182,9 @@ def _host_name(host_header: str) -> str:
     return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
 
 
-def make_app(paths: list[Path], token: str | None):
-    """The ASGI app. `token`: required of every request when not None."""
+def make_app(paths: list[Path], token: str | None, secure: bool = False):
+    """The ASGI app. `token`: required of every request when not None; `secure`: served over
+    HTTPS (the token's cookie is then never sent over plain HTTP)."""
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.middleware.gzip import GZipMiddleware
@@ -223,7 +225,8 @@ def make_app(paths: list[Path], token: str | None):
         if token is not None and "token" in request.query_params:
             # The token leaves the address bar (and the history) for a cookie.
             response = RedirectResponse("./", status_code=303)
-            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict",
+                                secure=secure)
             return response
         return Response(assets["index.html"], media_type="text/html; charset=utf-8",
                         headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-store",
@@ -278,10 +281,12 @@ class Dashboard:
     then `serve()` in the foreground or `start()` / `stop()` on a thread."""
 
     def __init__(self, run_dirs: list[str | Path], host: str = "127.0.0.1",
-                 port: int = DEFAULT_PORT) -> None:
+                 port: int = DEFAULT_PORT, tls_cert: str | Path | None = None,
+                 tls_key: str | Path | None = None) -> None:
         self.paths = check_run_dirs(run_dirs)
         self.host = host
         self.token = None if is_loopback(host) else secrets.token_urlsafe(24)
+        self.tls = check_tls(tls_cert, tls_key)
         self.socket = _bind(host, port)
         self.port = self.socket.getsockname()[1]
         self._server = None
@@ -293,13 +298,16 @@ class Dashboard:
         name, which a browser elsewhere can reach."""
         host = socket.gethostname() if self.host in ("0.0.0.0", "::", "") else self.host
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.port}/" + (f"?token={self.token}" if self.token else "")
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{host}:{self.port}/" + (f"?token={self.token}" if self.token else "")
 
     def _uvicorn(self):
         import uvicorn
 
-        config = uvicorn.Config(make_app(self.paths, self.token), log_level="warning",
-                                access_log=False, lifespan="off", server_header=False)
+        cert, key = self.tls or (None, None)
+        config = uvicorn.Config(make_app(self.paths, self.token, secure=bool(self.tls)),
+                                log_level="warning", access_log=False, lifespan="off",
+                                server_header=False, ssl_certfile=cert, ssl_keyfile=key)
         self._server = uvicorn.Server(config)
         return self._server
 
@@ -321,6 +329,28 @@ class Dashboard:
         if self._thread is not None:
             self._thread.join(10)
         self.socket.close()
+
+
+def check_tls(cert: str | Path | None, key: str | Path | None) -> tuple[str, str] | None:
+    """The certificate and key to serve HTTPS with (both, or neither); FedLoraError naming
+    what is wrong with them."""
+    import ssl
+
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise FedLoraError("dashboard: --tls-cert and --tls-key go together (a PEM certificate "
+                           "and its private key, e.g. server.crt and server.key of fedlora certs)")
+    for option, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if not Path(path).is_file():
+            raise FedLoraError(f"dashboard: {option} {path} is not a file")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (ssl.SSLError, ValueError) as err:
+        raise FedLoraError(f"dashboard: --tls-cert {cert} and --tls-key {key} are not a PEM "
+                           f"certificate and its key ({getattr(err, 'reason', None) or err})"
+                           ) from None
+    return str(cert), str(key)
 
 
 def _bind(host: str, port: int) -> socket.socket:

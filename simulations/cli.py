@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "the access token printed at start")
     dashboard.add_argument("--port", type=int, default=8765,
                            help="the port (default 8765; 0: any free one)")
+    dashboard.add_argument("--tls-cert", metavar="PEM",
+                           help="serve HTTPS with this certificate (e.g. the coordinator's "
+                                "server.crt from fedlora certs); with --tls-key")
+    dashboard.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
 
     export = commands.add_parser(
         "export", help="the final adapter of a run: merged into the base model, or alone")
@@ -295,11 +299,13 @@ def dashboard_command(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise FedLoraError(f"dashboard: --port {args.port} is not a port (0-65535)")
-    dashboard = Dashboard(args.run_dirs, host=args.host, port=args.port)
+    dashboard = Dashboard(args.run_dirs, host=args.host, port=args.port,
+                          tls_cert=args.tls_cert, tls_key=args.tls_key)
     print(f"fedlora dashboard of {len(dashboard.paths)} run(s): {dashboard.url}", flush=True)
     if dashboard.token:
         print("Anyone with this link (it holds the access token) sees the runs: share it like a "
-              "password; plain HTTP, so across networks use an SSH tunnel.", flush=True)
+              "password" + ("." if dashboard.tls else "; this is plain HTTP: across networks add "
+                            "--tls-cert/--tls-key, or use an SSH tunnel."), flush=True)
     dashboard.serve()
     return 0
 

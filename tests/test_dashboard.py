@@ -281,6 +281,37 @@ def test_another_address_needs_the_token_and_no_request_reads_outside_the_runs(t
         dashboard.stop()
 
 
+def test_with_a_certificate_it_serves_https_and_its_token_cookie_is_https_only(tmp_path):
+    import ssl
+
+    from common.certs import write_ca_and_server_cert
+
+    write_ca_and_server_cert(tmp_path / "certs", ["coordinator.example"])
+    dashboard = Dashboard([make_run(tmp_path / "run")], host="0.0.0.0", port=0,
+                          tls_cert=tmp_path / "certs/server.crt",
+                          tls_key=tmp_path / "certs/server.key")
+    dashboard.start()
+    try:
+        assert dashboard.url.startswith("https://")
+        trusted = ssl.create_default_context(cafile=str(tmp_path / "certs/ca.crt"))
+        connection = http.client.HTTPSConnection("127.0.0.1", dashboard.port, timeout=10,
+                                                 context=trusted)  # verified: in its SANs
+        connection.request("GET", f"/?token={dashboard.token}")
+        reply = connection.getresponse()
+        assert reply.status == 303 and "Secure" in reply.getheader("set-cookie")
+        reply.read()
+        connection.request("GET", "/api/state",
+                           headers={"Authorization": f"Bearer {dashboard.token}"})
+        reply = connection.getresponse()
+        assert reply.status == 200 and json.loads(reply.read())["runs"][0]["status"] == \
+            "completed"
+        connection.close()
+        with pytest.raises((http.client.HTTPException, ConnectionError)):
+            request(dashboard, "/api/state")  # plain HTTP gets no answer from it
+    finally:
+        dashboard.stop()
+
+
 def test_loopback_needs_no_token_but_a_loopback_host_name(tmp_path):
     dashboard = Dashboard([make_run(tmp_path / "run")], port=0)
     dashboard.start()
@@ -304,7 +335,13 @@ def test_bad_input_gets_one_line(tmp_path, capsys):
     taken.bind(("127.0.0.1", 0))
     taken.listen(1)
     port = taken.getsockname()[1]
+    (tmp_path / "cert.pem").write_text("-----BEGIN CERTIFICATE-----\nnot one\n")
     cases = [([str(plain)], "is not a run directory (no metrics.jsonl)"),
+             ([str(run), "--tls-cert", str(tmp_path / "cert.pem")], "go together"),
+             ([str(run), "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key",
+               str(tmp_path / "cert.pem")], "are not a PEM certificate and its key"),
+             ([str(run), "--tls-cert", str(tmp_path / "none.pem"), "--tls-key",
+               str(tmp_path / "cert.pem")], "--tls-cert " + str(tmp_path / "none.pem")),
              ([str(tmp_path / "missing")], "does not exist"),
              ([str(run), str(run)], "a run directory is named twice"),
              ([str(run), "--port", str(port)], f"port {port} on 127.0.0.1 is in use"),
