@@ -106,7 +106,11 @@ def finish_estimate(run: Run) -> float | None:
     if not run.rounds or total is None or not seconds:
         return None
     left = max(0.0, total - run.rounds[-1]["round"])
-    return run.path.joinpath("metrics.jsonl").stat().st_mtime + left * sum(seconds) / len(seconds)
+    try:
+        recorded = run.path.joinpath("metrics.jsonl").stat().st_mtime
+    except OSError:  # replaced or removed since it was read
+        return None
+    return recorded + left * sum(seconds) / len(seconds)
 
 
 def compare_section(states: list[dict]) -> str:

@@ -228,6 +228,18 @@ def test_a_half_written_last_line_is_left_out_without_an_error(tmp_path):
     assert server["panels"][0]["series"][0]["rounds"] == [0, 1, 2, 3]
 
 
+def test_the_eta_is_the_rounds_left_at_the_mean_training_round_from_the_last_record(tmp_path):
+    run = make_run(tmp_path / "run", rounds=2, summary={"status": "running"})
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records[2]["seconds"] = 100.0  # round 1: 116.1 s; round 0 (no training) does not count
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    recorded = (run / "metrics.jsonl").stat().st_mtime
+
+    state = dashboard_state([run])["runs"][0]
+    assert state["round"] == 2 and state["rounds"] == 3
+    assert state["finish-estimate"] == pytest.approx(recorded + 1 * (116.1 + 100.0) / 2)
+
+
 # -- over HTTP ---------------------------------------------------------------------------------
 
 
