@@ -217,7 +217,9 @@ def test_two_authenticated_sites_train_over_tls(federation):
     assert abs(secure[0]["server"]["accuracy"] - rounds[0]["server"]["accuracy"]) <= 0.01
     assert secure[1]["clients"]["train-clients-aggregated"] == 2
     assert secure[1]["train"]["num-examples"] == 270
-    assert abs(secure[1]["server"]["accuracy"] - rounds[1]["server"]["accuracy"]) <= 0.01
+    # At most one of the coordinator's 100 test rows apart (0.99 - 1.0 is 0.010000000000000009).
+    gap = abs(secure[1]["server"]["accuracy"] - rounds[1]["server"]["accuracy"])
+    assert round(gap * 100) <= 1
     # site-b's runtime answered every message of both runs from the model it loaded once; the
     # site's readiness is one line.
     status = subprocess.run([str(BIN / "fedlora"), "site-status", "--socket",
