@@ -17,7 +17,9 @@ Each process's output is kept in the run's `-processes` folder, every line behin
 time.time() it was printed at (the SuperNode's "Receiving"/"Sent", the runtime's "answered in",
 `flwr run`'s lines): where a message's seconds go.
 Mode exec-poll: each SuperNode's SuperExec asks for ClientApps to start every 0.05 s
-(FLWR_SUPEREXEC_TASK_POLL_INTERVAL) instead of Flower's 1 s.
+(FLWR_SUPEREXEC_TASK_POLL_INTERVAL) instead of Flower's 1 s. Mode fedlora-supernode: each site
+runs `fedlora supernode` (Flower's SuperNode looking for messages every --poll-interval s, and
+its SuperExec as often) instead of `flower-supernode` (3 s, 1 s).
 With --model causal-lm, bench/causal_lm.py's ~100M-parameter Llama-style model (random weights)
 learns BANKING77's intent names as responses to the queries.
 Resumable. Writes deployment.json and deployment.md under --out.
@@ -49,11 +51,12 @@ BIN = Path(sys.executable).parent
 # exec-poll: the runtime with each SuperNode's SuperExec looking for messages to start a ClientApp
 # for every 0.05 s instead of Flower's 1 s (FLWR_SUPEREXEC_TASK_POLL_INTERVAL, a Flower setting).
 MODES = ("simulation", "deployment", "deployment+runtime", "deployment+runtime+3s-poll",
-         "deployment+runtime+exec-poll")
+         "deployment+runtime+exec-poll", "deployment+runtime+fedlora-supernode")
 SUPEREXEC_POLL_SECONDS = "0.05"
 # Which kind of process a command line is: the first pattern it contains.
 KINDS = [("flwr-clientapp", "ClientApp"), ("flwr-serverapp", "ServerApp"),
          ("superexec", "SuperExec"), ("flower-supernode", "SuperNode"),
+         (" supernode ", "SuperNode"),
          ("flower-superlink", "SuperLink"), (" site ", "site runtime"),
          ("ray::", "Ray worker"), ("raylet", "Ray (raylet, GCS)"), ("gcs_server",
          "Ray (raylet, GCS)"), ("simulate", "simulation driver")]
@@ -190,7 +193,8 @@ def simulation(args, sites: int, folder: Path, out: Path) -> dict:
 
 
 def deployment(args, sites: int, folder: Path, out: Path, with_runtime: bool,
-               flower_poll: bool = False, exec_poll: bool = False) -> dict:
+               flower_poll: bool = False, exec_poll: bool = False,
+               fedlora_supernode: bool = False) -> dict:
     work = out.parent / f"{out.name}-processes"
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, FLWR_HOME=str(work / "flwr_home"),
@@ -240,7 +244,9 @@ def deployment(args, sites: int, folder: Path, out: Path, with_runtime: bool,
                         raise SystemExit(f"{name}'s runtime did not start")
                     time.sleep(0.2)
                 node_config = f"site-runtime='{sock}'"
-            procs.start(name, "flower-supernode", "--superlink", f"127.0.0.1:{port}",
+            supernode = ["fedlora", "supernode", "--poll-interval", str(args.poll_interval)] \
+                if fedlora_supernode else ["flower-supernode"]
+            procs.start(name, *supernode, "--superlink", f"127.0.0.1:{port}",
                         "--root-certificates", str(certs / "ca.crt"),
                         "--auth-supernode-private-key", str(work / "keys" / f"{name}.key"),
                         "--node-config", node_config, "--port", str(free_port()))
@@ -282,6 +288,8 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=500)
     parser.add_argument("--model", choices=["default", "causal-lm"], default="default")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--poll-interval", type=float, default=0.5,
+                        help="fedlora supernode's --poll-interval (mode fedlora-supernode)")
     args = parser.parse_args()
     out = Path(args.out)
     _, results = load_results(out, "deployment.json")
@@ -301,7 +309,8 @@ def main() -> None:
                 extra = simulation(args, sites, folder, run_dir)
             else:
                 extra = deployment(args, sites, folder, run_dir, "runtime" in mode,
-                                   mode.endswith("3s-poll"), mode.endswith("exec-poll"))
+                                   mode.endswith("3s-poll"), mode.endswith("exec-poll"),
+                                   mode.endswith("fedlora-supernode"))
             results[key] = {"model": args.model, "sites": sites, "mode": mode,
                             **measure(run_dir), **extra}
             if mode != "simulation":

@@ -145,3 +145,37 @@ def actor_pool_adds_with(add_actors: Callable[[Any, int], None]) -> Iterator[Non
         yield
     finally:
         BasicActorPool.add_actors_to_pool = flowers
+
+
+LOCAL_WAIT_SECONDS = 0.05  # a SuperNode's wait on its own state: no request leaves the machine
+
+
+def run_supernode(argv: list[str], poll_seconds: float) -> None:
+    """Flower's `flower-supernode` with `argv`, its loop paced: when a look at the SuperLink
+    found no message it looks again after `poll_seconds`, not 3 s, and its waits on its own
+    state (a ClientApp's reply, an object's bytes: 0.5 s each) last at most 0.05 s. All are
+    literal `time.sleep` calls in 1.41/1.42's `flwr.supernode.start_client_internal`, with no
+    setting. Its SuperExec (FLWR_SUPEREXEC_TASK_POLL_INTERVAL, unless set) looks for
+    ClientApps to start every 0.1 s at most instead of 1 s: that look stays on the machine."""
+    import os
+    import time
+    import types
+
+    from flwr.supernode import start_client_internal as loop
+    from flwr.supernode.cli import flower_supernode
+
+    from common.errors import FedLoraError
+
+    if not isinstance(getattr(loop, "time", None), types.ModuleType):
+        raise FedLoraError("this Flower's SuperNode loop has no `time` to pace; "
+                           "run flower-supernode itself")
+    real_sleep = time.sleep
+    paced = types.ModuleType("time")
+    paced.__dict__.update({k: v for k, v in vars(time).items() if not k.startswith("__")})
+    paced.sleep = lambda seconds: real_sleep(
+        min(seconds, poll_seconds if seconds >= 1 else min(poll_seconds, LOCAL_WAIT_SECONDS)))
+    loop.time = paced
+    os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL",
+                          str(min(max(poll_seconds, 0.01), 0.1)))
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()

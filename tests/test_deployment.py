@@ -140,9 +140,10 @@ def federation(banking77_dir, tmp_path_factory):
 
 
 def _supernode(fed, name: str, key: str | None, ca: Path | None, data: str,
-               insecure: bool = False, node_config: str | None = None
+               insecure: bool = False, node_config: str | None = None,
+               command: tuple[str, ...] = ("flower-supernode",)
                ) -> tuple[subprocess.Popen, int]:
-    args = ["flower-supernode", "--superlink", f"127.0.0.1:{fed['port']}", "--node-config",
+    args = [*command, "--superlink", f"127.0.0.1:{fed['port']}", "--node-config",
             node_config or f"data-path='{data}'", "--port", str(port := free_port()),
             "--max-retries", "2", "--max-wait-time", "15"]
     if insecure:
@@ -168,13 +169,15 @@ def _site_runtime(fed, name: str, data: Path) -> Path:
 
 def test_two_authenticated_sites_train_over_tls(federation):
     """site-a's SuperNode runs the ClientApp in its own process for every message; site-b's
-    forwards each to the site's resident runtime (`fedlora site`), SecAgg+ stages included."""
+    forwards each to the site's resident runtime (`fedlora site`), SecAgg+ stages included,
+    and is `fedlora supernode` (Flower's, looking for messages every 0.2 s)."""
     fed, root = federation, federation["root"]
     ca = root / "certs" / "ca.crt"
     runtime_socket = _site_runtime(fed, "site-b-runtime", root / "site-b.csv")
     sites = [_supernode(fed, "site-a", "site-a", ca, str(root / "site-a.csv")),
              _supernode(fed, "site-b", "site-b", ca, "",
-                        node_config=f"site-runtime='{runtime_socket}'")]
+                        node_config=f"site-runtime='{runtime_socket}'",
+                        command=("fedlora", "supernode", "--poll-interval", "0.2"))]
     out = root / "run"
     overrides = (f"eval-data='{root / 'coordinator-test.csv'}' label-column='category' "
                  f"num-rounds=1 learning-rate=0.01 local-steps=12 fraction-evaluate=0 "

@@ -63,3 +63,48 @@ def test_the_cli_stops_with_that_line_under_an_unsupported_flower():
     assert result.stderr.strip().splitlines() == [
         "fedlora: error: flwr 1.43.0 is installed; fedlora supports flwr 1.41 and 1.42 "
         "(pip install 'flwr[simulation,dp]>=1.41,<1.43')"]
+
+
+def test_fedlora_supernode_paces_flowers_loop_and_passes_flowers_arguments(monkeypatch, capsys):
+    """Flower's SuperNode loop sleeps 3 s after each look at the SuperLink that found nothing;
+    under `fedlora supernode` no sleep of that loop lasts longer than --poll-interval, its
+    clock is otherwise the real one, and flower-supernode gets its arguments as given."""
+    import importlib
+    import os
+    import time
+
+    from simulations.cli import main
+
+    loop = importlib.import_module("flwr.supernode.start_client_internal")
+    cli = importlib.import_module("flwr.supernode.cli")
+    monkeypatch.setattr(loop, "time", loop.time)  # put back after the test
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.delenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", raising=False)
+    seen = {}
+
+    def flower_supernode():  # stands in for Flower's CLI: what its loop would do when idle
+        seen["argv"] = list(sys.argv)
+        started = time.monotonic()
+        loop.time.sleep(3)  # the empty look's wait in 1.41/1.42
+        seen["slept"] = time.monotonic() - started
+        started = time.monotonic()
+        loop.time.sleep(0.5)  # its wait for the ClientApp's reply
+        seen["waited"] = time.monotonic() - started
+        seen["clock"] = loop.time.time() - time.time()
+
+    monkeypatch.setattr(cli, "flower_supernode", flower_supernode)
+    flower_args = ["--superlink", "127.0.0.1:9092", "--insecure", "--port", "9095"]
+    assert main(["supernode", "--poll-interval", "0.2", *flower_args]) == 0
+    assert seen["argv"] == ["flower-supernode", *flower_args]
+    assert 0.15 < seen["slept"] < 1.0 and 0.04 < seen["waited"] < 0.3, seen
+    assert abs(seen["clock"]) < 1.0
+    assert os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.1"
+
+    seen.clear()
+    for bad in ("0", "5", "nan"):
+        assert main(["supernode", "--poll-interval", bad, *flower_args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("fedlora: error: supernode: --poll-interval") and "\n" not in err
+    assert main(["report", "runs/x", "--superlink", "a"]) == 2  # not passed on elsewhere
+    assert "unrecognized arguments: --superlink a" in capsys.readouterr().err
+    assert seen == {}
