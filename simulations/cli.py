@@ -19,7 +19,6 @@ from simulations.inspect import add_inspect_parser, inspect_command
 from simulations.shared_pool import Rows, SharedPool
 from simulations.tune import add_tune_parser
 
-
 # Each look at the SuperLink is one HTTPS request; 0.5 s keeps 100 idle sites under 200 a second.
 SUPERNODE_POLL_SECONDS = 0.5
 SUPERNODE_POLL_MIN, SUPERNODE_POLL_MAX = 0.01, 3.0
