@@ -19,7 +19,8 @@ time.time() it was printed at (the SuperNode's "Receiving"/"Sent", the runtime's
 Mode exec-poll: each SuperNode's SuperExec asks for ClientApps to start every 0.05 s
 (FLWR_SUPEREXEC_TASK_POLL_INTERVAL) instead of Flower's 1 s. Mode fedlora-supernode: each site
 runs `fedlora supernode` (Flower's SuperNode looking for messages every --poll-interval s, and
-its SuperExec as often) instead of `flower-supernode` (3 s, 1 s).
+its SuperExec every 0.1 s) instead of `flower-supernode` (3 s, 1 s). Mode unpacked: the run
+sends each array as objects of its own (packed-arrays=false), as before fedlora packed them.
 With --model causal-lm, bench/causal_lm.py's ~100M-parameter Llama-style model (random weights)
 learns BANKING77's intent names as responses to the queries.
 Resumable. Writes deployment.json and deployment.md under --out.
@@ -51,7 +52,8 @@ BIN = Path(sys.executable).parent
 # exec-poll: the runtime with each SuperNode's SuperExec looking for messages to start a ClientApp
 # for every 0.05 s instead of Flower's 1 s (FLWR_SUPEREXEC_TASK_POLL_INTERVAL, a Flower setting).
 MODES = ("simulation", "deployment", "deployment+runtime", "deployment+runtime+3s-poll",
-         "deployment+runtime+exec-poll", "deployment+runtime+fedlora-supernode")
+         "deployment+runtime+exec-poll", "deployment+runtime+fedlora-supernode",
+         "deployment+runtime+fedlora-supernode+unpacked")
 SUPEREXEC_POLL_SECONDS = "0.05"
 # Which kind of process a command line is: the first pattern it contains.
 KINDS = [("flwr-clientapp", "ClientApp"), ("flwr-serverapp", "ServerApp"),
@@ -194,7 +196,7 @@ def simulation(args, sites: int, folder: Path, out: Path) -> dict:
 
 def deployment(args, sites: int, folder: Path, out: Path, with_runtime: bool,
                flower_poll: bool = False, exec_poll: bool = False,
-               fedlora_supernode: bool = False) -> dict:
+               fedlora_supernode: bool = False, unpacked: bool = False) -> dict:
     work = out.parent / f"{out.name}-processes"
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, FLWR_HOME=str(work / "flwr_home"),
@@ -252,7 +254,8 @@ def deployment(args, sites: int, folder: Path, out: Path, with_runtime: bool,
                         "--node-config", node_config, "--port", str(free_port()))
         overrides = (f"{run_config(args, folder)} eval-data='{folder / 'test.csv'}' "
                      f"num-rounds={args.rounds} out-dir='{out}'"
-                     f"{' reply-poll-interval=0' if flower_poll else ''}")
+                     f"{' reply-poll-interval=0' if flower_poll else ''}"
+                     f"{' packed-arrays=false' if unpacked else ''}")
         started = time.time()
         procs.start("flwr-run", "flwr", "run", ".", "bench", "--stream", "--run-config",
                     overrides).wait(timeout=3600)
@@ -310,7 +313,7 @@ def main() -> None:
             else:
                 extra = deployment(args, sites, folder, run_dir, "runtime" in mode,
                                    mode.endswith("3s-poll"), mode.endswith("exec-poll"),
-                                   mode.endswith("fedlora-supernode"))
+                                   "fedlora-supernode" in mode, mode.endswith("unpacked"))
             results[key] = {"model": args.model, "sites": sites, "mode": mode,
                             **measure(run_dir), **extra}
             if mode != "simulation":

@@ -102,7 +102,7 @@ def resident_sites() -> list[dict]:
 # Keys that say how the server runs a run, not what a site loads: runs that differ only in
 # these (another out-dir, more rounds, a resume) keep a process's model and data.
 SERVER_ONLY_KEYS = {"out-dir", "num-rounds", "resume", "round-timeout", "round-retries",
-                    "reply-poll-interval",
+                    "reply-poll-interval", "packed-arrays",
                     "tensorboard", "early-stopping-patience", "early-stopping-min-delta",
                     "min-train-clients", "min-evaluate-clients", "min-available-clients",
                     "personal-head", "personal-mu", "personal-steps"}

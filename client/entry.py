@@ -26,6 +26,7 @@ from client.site_link import (
 )
 from common.errors import FedLoraError
 from common.message_types import HEAD_ACTION
+from common.packed_records import is_packed, pack, unpack
 
 app = ClientApp()
 # A runtime that accepted the message answers when the handler is done: training may take long.
@@ -33,12 +34,21 @@ CONNECT_TIMEOUT_SECONDS = 10.0
 
 
 def handle(msg: Message, context: Context) -> Message:
+    """The reply to `msg`, its arrays packed as the server packed the message's (one object
+    each on the wire: common/packed_records.py); the handlers and mods see them unpacked."""
+    packed = msg.has_content() and is_packed(msg.content)
+    if packed:
+        msg.content = unpack(msg.content)
     path = context.node_config.get(RUNTIME_KEY)
     if path is None:
         from client.app import app as handlers
 
-        return handlers(msg, context)
-    return forward(Path(str(path)), msg, context)
+        reply = handlers(msg, context)
+    else:
+        reply = forward(Path(str(path)), msg, context)
+    if packed and reply.has_content():
+        reply.content = pack(reply.content)
+    return reply
 
 
 def forward(path: Path, msg: Message, context: Context) -> Message:

@@ -97,6 +97,7 @@ class FedLoraConfig:
     round_timeout: float = 3600.0  # seconds to wait for replies; late clients are left out
     round_retries: int = 1  # a round with fewer usable replies than min-train-clients is retried
     reply_poll_interval: float = 0.1  # server checks for replies every N s; 0 = Flower's pace (3 s)
+    packed_arrays: bool = True  # each message's arrays travel as one (an object is a request each)
     # Model selection: the best round by the server's evaluation, and early stopping
     selection_metric: str = "auto"  # auto = accuracy (classification) or loss (causal-lm)
     early_stopping_patience: int = 0  # stop after this many rounds without improvement; 0 = never
@@ -558,7 +559,7 @@ def _coerce(key: str, raw: Any, type_name: Any) -> Any:
 # Keys a resumed run may change; every other key must equal the interrupted run's.
 RESUMABLE_CHANGES = {"num-rounds", "resume", "round-timeout", "round-retries", "out-dir",
                      "personal-head", "personal-mu", "personal-steps",
-                     "reply-poll-interval",
+                     "reply-poll-interval", "packed-arrays",
                      "gradient-checkpointing", "cpu-bf16", "tensorboard", "early-stopping-patience",
                      "early-stopping-min-delta",
                      "client-num-cpus",

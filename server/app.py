@@ -25,6 +25,7 @@ from server.evaluation import GlobalEvaluator
 from server.federation_loop import Exchange, FederationLoop, plain_exchange
 from server.head_round import HeadRound
 from server.outputs import RunDirectory
+from server.packed_grid import PackedGrid
 from server.prompt_grid import PromptGrid
 from server.rounds import RoundRecorder
 from server.secure_aggregation import SecAggPlusRound
@@ -38,8 +39,9 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = FedLoraConfig.from_run_config(context.run_config)
-    run_federation(PromptGrid(grid, cfg.reply_poll_interval) if cfg.reply_poll_interval
-                   else grid, cfg)
+    if cfg.reply_poll_interval:
+        grid = PromptGrid(grid, cfg.reply_poll_interval)
+    run_federation(PackedGrid(grid) if cfg.packed_arrays else grid, cfg)
 
 
 def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:

@@ -9,8 +9,8 @@
   runs the Ray path), except the scaling guide's commands, which run on a real Ray head.
 - `make run` runs the Makefile's own command the same way; `make test` is what CI runs.
 - Flower's own commands (`flwr`, `flower-superlink`, `flower-supernode`), `fedlora gateway`,
-  `fedlora site` and `fedlora site-status` (servers, or clients of one) are run by
-  tests/test_deployment.py and tests/test_simulation.py with local addresses: here every
+  `fedlora site`, `fedlora supernode` and `fedlora site-status` (servers, or clients of one)
+  are run by tests/test_deployment.py and tests/test_simulation.py with local addresses: here every
   option a document shows must be one those tests pass, and every run-config key must exist.
 - docs/benchmarks.md records how its figures were made (minutes to hours each): its commands
   must name an existing script and options that script defines; they are not run here.
@@ -133,7 +133,7 @@ def test_every_command_of_the_guide_runs(doc, scratch, banking_subset, monkeypat
     for words in commands:
         program = _program(words)
         # These serve until stopped, or ask what serves: tests/test_deployment.py runs them.
-        if program == "fedlora" and words[1] in ("gateway", "site", "site-status"):
+        if program == "fedlora" and words[1] in ("gateway", "site", "site-status", "supernode"):
             check_flower_command(words)
         elif program == "fedlora":
             run_fedlora(words, banking_subset, monkeypatch)

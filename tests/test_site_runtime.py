@@ -26,6 +26,7 @@ from common.data import load_splits, resolve_labels
 from common.errors import FedLoraError
 from common.flower_compat import set_task_identity
 from common.model import build_lora_model
+from common.packed_records import is_packed, pack, unpack
 from common.records import record_to_adapter
 from tests.conftest import REPO, assert_python_runs, site_message
 
@@ -94,9 +95,16 @@ def test_the_runtime_replies_as_the_clientapp_in_process_bit_for_bit(site, runti
     monkeypatch.setattr(client_app, "_CACHE", None)
     for kind in ("train", "evaluate", "train"):
         local = handle(*_message(cfg, labels, state, {"data-path": str(data)}, kind))
-        remote = handle(*_message(cfg, labels, state,
-                                  {site_link.RUNTIME_KEY: str(sock)}, kind))
+        # The runtime's message comes packed, as the server's PackedGrid sends it: the
+        # forwarding ClientApp unpacks it, and packs the runtime's reply the same way.
+        msg, context = _message(cfg, labels, state, {site_link.RUNTIME_KEY: str(sock)}, kind)
+        msg.content = pack(msg.content)
+        assert len(msg.content["arrays"]) == 1
+        remote = handle(msg, context)
         assert not remote.has_error(), remote.error
+        if kind == "train":
+            assert is_packed(remote.content) and len(remote.content["arrays"]) == 1
+        remote.content = unpack(remote.content)
         local_metrics = dict(local.content["metrics"])
         remote_metrics = dict(remote.content["metrics"])
         assert {k: v for k, v in remote_metrics.items() if k not in TIMING} == \
