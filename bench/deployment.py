@@ -21,6 +21,8 @@ Mode exec-poll: each SuperNode's SuperExec asks for ClientApps to start every 0.
 runs `fedlora supernode` (Flower's SuperNode looking for messages every --poll-interval s, and
 its SuperExec every 0.1 s) instead of `flower-supernode` (3 s, 1 s). Mode unpacked: the run
 sends each array as objects of its own (packed-arrays=false), as before fedlora packed them.
+Mode in-process: `fedlora supernode --in-process`, whose own thread runs each message's
+ClientApp (which forwards it to the runtime) instead of a new process per message.
 With --model causal-lm, bench/causal_lm.py's ~100M-parameter Llama-style model (random weights)
 learns BANKING77's intent names as responses to the queries.
 Resumable. Writes deployment.json and deployment.md under --out.
@@ -53,7 +55,8 @@ BIN = Path(sys.executable).parent
 # for every 0.05 s instead of Flower's 1 s (FLWR_SUPEREXEC_TASK_POLL_INTERVAL, a Flower setting).
 MODES = ("simulation", "deployment", "deployment+runtime", "deployment+runtime+3s-poll",
          "deployment+runtime+exec-poll", "deployment+runtime+fedlora-supernode",
-         "deployment+runtime+fedlora-supernode+unpacked")
+         "deployment+runtime+fedlora-supernode+unpacked",
+         "deployment+runtime+fedlora-supernode+in-process")
 SUPEREXEC_POLL_SECONDS = "0.05"
 # Which kind of process a command line is: the first pattern it contains.
 KINDS = [("flwr-clientapp", "ClientApp"), ("flwr-serverapp", "ServerApp"),
@@ -196,7 +199,8 @@ def simulation(args, sites: int, folder: Path, out: Path) -> dict:
 
 def deployment(args, sites: int, folder: Path, out: Path, with_runtime: bool,
                flower_poll: bool = False, exec_poll: bool = False,
-               fedlora_supernode: bool = False, unpacked: bool = False) -> dict:
+               fedlora_supernode: bool = False, unpacked: bool = False,
+               in_process: bool = False) -> dict:
     work = out.parent / f"{out.name}-processes"
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, FLWR_HOME=str(work / "flwr_home"),
@@ -246,7 +250,8 @@ def deployment(args, sites: int, folder: Path, out: Path, with_runtime: bool,
                         raise SystemExit(f"{name}'s runtime did not start")
                     time.sleep(0.2)
                 node_config = f"site-runtime='{sock}'"
-            supernode = ["fedlora", "supernode", "--poll-interval", str(args.poll_interval)] \
+            supernode = ["fedlora", "supernode", "--poll-interval", str(args.poll_interval),
+                         *(["--in-process"] if in_process else [])] \
                 if fedlora_supernode else ["flower-supernode"]
             procs.start(name, *supernode, "--superlink", f"127.0.0.1:{port}",
                         "--root-certificates", str(certs / "ca.crt"),
@@ -313,7 +318,8 @@ def main() -> None:
             else:
                 extra = deployment(args, sites, folder, run_dir, "runtime" in mode,
                                    mode.endswith("3s-poll"), mode.endswith("exec-poll"),
-                                   "fedlora-supernode" in mode, mode.endswith("unpacked"))
+                                   "fedlora-supernode" in mode, mode.endswith("unpacked"),
+                                   mode.endswith("in-process"))
             results[key] = {"model": args.model, "sites": sites, "mode": mode,
                             **measure(run_dir), **extra}
             if mode != "simulation":
@@ -354,8 +360,10 @@ def message_timeline(work: Path, sites: int) -> dict[str, float]:
                    if (m := re.search(r"train message .* answered in ([\d.]+) s", line))]
         starts = [i for i, (_, line) in enumerate(log) if "Receiving: train" in line]
         for k, first in enumerate(starts[1:len(pushed)], start=1):  # round 1 loads; skip it
-            marks = {name: next(t for t, line in log[first:] if text in line)
+            marks = {name: next((t for t, line in log[first:] if text in line), None)
                      for name, text in PHASES if text is not None}
+            if marks["ClientApp process started"] is None:  # --in-process: no process
+                marks["ClientApp process started"] = marks["message pulled by the SuperNode"]
             started = marks["ClientApp process started"]
             if k < len(answers):
                 answered, handler = answers[k]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
@@ -150,14 +151,19 @@ def actor_pool_adds_with(add_actors: Callable[[Any, int], None]) -> Iterator[Non
 LOCAL_WAIT_SECONDS = 0.05  # a SuperNode's wait on its own state: no request leaves the machine
 
 
-def run_supernode(argv: list[str], poll_seconds: float) -> None:
+def run_supernode(argv: list[str], poll_seconds: float, clientapp: Any = None,
+                  app_name: str = "fedlora") -> None:
     """Flower's `flower-supernode` with `argv`, its loop paced: when a look at the SuperLink
     found no message it looks again after `poll_seconds`, not 3 s, and its waits on its own
     state (a ClientApp's reply, an object's bytes: 0.5 s each) last at most 0.05 s. All are
     literal `time.sleep` calls in 1.41/1.42's `flwr.supernode.start_client_internal`, with no
     setting. Its SuperExec (FLWR_SUPEREXEC_TASK_POLL_INTERVAL, unless set) looks for
-    ClientApps to start every 0.1 s at most instead of 1 s: that look stays on the machine."""
+    ClientApps to start every 0.1 s at most instead of 1 s: that look stays on the machine.
+    With `clientapp`, the SuperNode starts no SuperExec (`--isolation process`): a thread of
+    this process is its executor and runs every message with `clientapp`
+    (`serve_clientapp_tasks`), so no message waits for a process to start."""
     import os
+    import threading
     import time
     import types
 
@@ -169,6 +175,16 @@ def run_supernode(argv: list[str], poll_seconds: float) -> None:
     if not isinstance(getattr(loop, "time", None), types.ModuleType):
         raise FedLoraError("this Flower's SuperNode loop has no `time` to pace; "
                            "run flower-supernode itself")
+    if clientapp is not None:
+        if any(arg.split("=")[0] in ("--isolation", "--ssl-certfile", "--appio-ssl-certfile")
+               for arg in argv):
+            raise FedLoraError("supernode: --in-process runs the ClientApp itself; leave out "
+                               "--isolation and the runtime API's --ssl-* options")
+        address = f"{_flag(argv, '--host', '127.0.0.1')}:{_flag(argv, '--port', '9094')}"
+        argv = [*argv, "--isolation", "process"]
+        threading.Thread(target=serve_clientapp_tasks, name="fedlora-clientapp-executor",
+                         args=(address, clientapp, app_name, threading.Event()),
+                         daemon=True).start()
     real_sleep = time.sleep
     paced = types.ModuleType("time")
     paced.__dict__.update({k: v for k, v in vars(time).items() if not k.startswith("__")})
@@ -179,3 +195,104 @@ def run_supernode(argv: list[str], poll_seconds: float) -> None:
                           str(min(max(poll_seconds, 0.01), 0.1)))
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()
+
+
+def _flag(argv: list[str], name: str, default: str) -> str:
+    """The value of `name` in a command line (`--port 9094` or `--port=9094`), else default."""
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return default
+
+
+def serve_clientapp_tasks(runtime_api_address: str, clientapp: Any, app_name: str,
+                          stop: Any, poll_seconds: float = LOCAL_WAIT_SECONDS) -> None:
+    """Be the SuperExec of a SuperNode started with `--isolation process`: take each ClientApp
+    task it has and run it here with `clientapp`, not in a new `flwr-clientapp` process, until
+    `stop` (a threading.Event) is set. As Flower's `run_clientapp` does for one task: pull the
+    message and context, send heartbeats meanwhile, push the reply and the task's outcome. A run
+    of another app than `app_name` gets an error reply (this process holds fedlora's code only,
+    not the run's FAB). Flower's own heartbeat function interrupts its process when the task is
+    gone; a SuperNode must outlive a run, so here it only stops beating."""
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode as FlowerErrorCode
+    from flwr.common.constant import SubStatus
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.heartbeat import HeartbeatSender
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor,
+        RuntimeVersionHttpInterceptor,
+    )
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supernode.runtime.run_clientapp import (
+        pull_task_input,
+        push_message,
+        push_task_output,
+    )
+
+    def runtime_client(component: str, token: str | None = None) -> Any:
+        interceptors = [RuntimeVersionHttpInterceptor(component_name=component)]
+        if token is not None:
+            interceptors.append(RuntimeTokenHttpInterceptor(token))
+        return RuntimeHttpClient.from_server_address(
+            server_address=runtime_api_address, insecure=True, root_certificates=None,
+            interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+
+    def run_task(token: str) -> None:
+        client = runtime_client("flwr-clientapp", token)
+        beat = SendTaskHeartbeatRequest()
+
+        def heartbeat() -> bool:
+            try:
+                client.SendTaskHeartbeat(beat)
+            except Exception:  # noqa: BLE001 - a missed beat is retried by the sender
+                return False
+            return True
+
+        heart = HeartbeatSender(heartbeat)
+        heart.start()
+        context, status, details = None, SubStatus.FAILED, "ClientApp task failed"
+        try:
+            message, context, run, _fab = pull_task_input(client)
+            if run.fab_id.split("/")[-1] != app_name:
+                details = (f"this SuperNode runs {app_name}'s ClientApp in its own process; "
+                           f"run {run.fab_id} under flower-supernode")
+                reply = Message(Error(code=FlowerErrorCode.LOAD_CLIENT_APP_EXCEPTION,
+                                      reason=details), reply_to=message)
+            else:
+                try:
+                    reply = clientapp(message=message, context=context)
+                    status, details = SubStatus.COMPLETED, ""
+                except Exception as ex:  # noqa: BLE001 - as run_clientapp: the error is the reply
+                    details = str(type(ex)) + ":<'" + str(ex) + "'>"
+                    reply = Message(Error(code=FlowerErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                          reason=details), reply_to=message)
+            push_message(client, reply, context)
+        finally:
+            try:
+                push_task_output(client=client, context=context, sub_status=status,
+                                 details=details)
+            finally:
+                heart.stop()
+                client.close()
+
+    executor = runtime_client("SuperExec")
+    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    log = logging.getLogger("fedlora")
+    while not stop.is_set():
+        try:
+            acquired = executor.AcquireTask(request)
+        except Exception:  # noqa: BLE001 - the SuperNode's API is not up yet, or restarting
+            stop.wait(0.5)
+            continue
+        if acquired.HasField("task") and acquired.token:
+            try:
+                run_task(acquired.token)
+            except Exception as err:  # noqa: BLE001 - one task's failure ends that task only
+                log.error("fedlora supernode: a ClientApp task failed: %s", err)
+            continue
+        stop.wait(poll_seconds)

@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                            metavar="S", help="seconds between looks at the SuperLink while no "
                            f"message waits, and for the reply (default {SUPERNODE_POLL_SECONDS}; "
                            "Flower's: 3)")
+    supernode.add_argument("--in-process", action="store_true",
+                           help="run each message's ClientApp in this process (fedlora runs "
+                                "only) instead of a new process per message")
     status = commands.add_parser(
         "site-status", help="one line: are this site's SuperNode, runtime and data ready?")
     status.add_argument("--socket", default=None, metavar="PATH",
@@ -172,7 +175,10 @@ def supernode_command(args: argparse.Namespace, flower_args: list[str]) -> int:
     if not SUPERNODE_POLL_MIN <= args.poll_interval <= SUPERNODE_POLL_MAX:  # NaN fails too
         raise FedLoraError(f"supernode: --poll-interval must be between {SUPERNODE_POLL_MIN} "
                            f"and {SUPERNODE_POLL_MAX} seconds, not {args.poll_interval}")
-    run_supernode(flower_args, args.poll_interval)
+    clientapp = None
+    if args.in_process:
+        from client.entry import app as clientapp
+    run_supernode(flower_args, args.poll_interval, clientapp)
     return 0
 
 

@@ -168,16 +168,19 @@ def _site_runtime(fed, name: str, data: Path) -> Path:
 
 
 def test_two_authenticated_sites_train_over_tls(federation):
-    """site-a's SuperNode runs the ClientApp in its own process for every message; site-b's
-    forwards each to the site's resident runtime (`fedlora site`), SecAgg+ stages included,
-    and is `fedlora supernode` (Flower's, looking for messages every 0.2 s)."""
+    """Both sites run `fedlora supernode` (Flower's SuperNode, looking for messages every
+    0.2 s). site-a's starts a ClientApp process for every message, which trains; site-b's
+    runs each message's ClientApp in its own process (`--in-process`), which forwards it to
+    the site's resident runtime (`fedlora site`), SecAgg+ stages included."""
     fed, root = federation, federation["root"]
     ca = root / "certs" / "ca.crt"
     runtime_socket = _site_runtime(fed, "site-b-runtime", root / "site-b.csv")
-    sites = [_supernode(fed, "site-a", "site-a", ca, str(root / "site-a.csv")),
+    supernode = ("fedlora", "supernode", "--poll-interval", "0.2")
+    sites = [_supernode(fed, "site-a", "site-a", ca, str(root / "site-a.csv"),
+                        command=supernode),
              _supernode(fed, "site-b", "site-b", ca, "",
                         node_config=f"site-runtime='{runtime_socket}'",
-                        command=("fedlora", "supernode", "--poll-interval", "0.2"))]
+                        command=(*supernode, "--in-process"))]
     out = root / "run"
     overrides = (f"eval-data='{root / 'coordinator-test.csv'}' label-column='category' "
                  f"num-rounds=1 learning-rate=0.01 local-steps=12 fraction-evaluate=0 "
@@ -234,6 +237,9 @@ def test_two_authenticated_sites_train_over_tls(federation):
     assert runtime_log.count("answered in") >= 2 + 8, runtime_log[-3000:]  # 4 SecAgg+ stages
     assert "failed in" not in runtime_log, runtime_log[-3000:]
     assert re.search(r"holds \S+ with 135\+15 rows", status.stdout), status.stdout
+    # site-a's SuperNode started a ClientApp process for each message; site-b's none.
+    assert "Start `flwr-clientapp` process" in fed["procs"].log("site-a")
+    assert "flwr-clientapp" not in fed["procs"].log("site-b"), fed["procs"].log("site-b")
     # Stopping a SuperNode frees its port (the fixture checks the SuperLink's).
     fed["procs"].stop([proc for proc, _ in sites])
     not_ready = subprocess.run([str(BIN / "fedlora"), "site-status", "--socket",

@@ -105,6 +105,9 @@ def test_fedlora_supernode_paces_flowers_loop_and_passes_flowers_arguments(monke
         assert main(["supernode", "--poll-interval", bad, *flower_args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("fedlora: error: supernode: --poll-interval") and "\n" not in err
+    assert main(["supernode", "--in-process", "--isolation=subprocess", *flower_args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--in-process runs the ClientApp itself" in err and "\n" not in err
     assert main(["report", "runs/x", "--superlink", "a"]) == 2  # not passed on elsewhere
     assert "unrecognized arguments: --superlink a" in capsys.readouterr().err
     assert seen == {}
