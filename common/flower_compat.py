@@ -228,11 +228,7 @@ def serve_clientapp_tasks(runtime_api_address: str, clientapp: Any, app_name: st
     )
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supernode.runtime.run_clientapp import (
-        pull_task_input,
-        push_message,
-        push_task_output,
-    )
+    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
     def runtime_client(component: str, token: str | None = None) -> Any:
         interceptors = [RuntimeVersionHttpInterceptor(component_name=component)]
@@ -257,7 +253,7 @@ def serve_clientapp_tasks(runtime_api_address: str, clientapp: Any, app_name: st
         heart.start()
         context, status, details = None, SubStatus.FAILED, "ClientApp task failed"
         try:
-            message, context, run, _fab = pull_task_input(client)
+            message, context, run = _pull_task_input(client)
             if run.fab_id.split("/")[-1] != app_name:
                 details = (f"this SuperNode runs {app_name}'s ClientApp in its own process; "
                            f"run {run.fab_id} under flower-supernode")
@@ -296,3 +292,35 @@ def serve_clientapp_tasks(runtime_api_address: str, clientapp: Any, app_name: st
                 log.error("fedlora supernode: a ClientApp task failed: %s", err)
             continue
         stop.wait(poll_seconds)
+
+
+def _pull_task_input(client: Any) -> tuple[Any, Any, Any]:
+    """The task's message, context and run, as Flower's `run_clientapp.pull_task_input` pulls
+    them but for the wait on an object the SuperNode is still storing: an executor that takes
+    the task at once asks before the message's objects are all in, and Flower's first retry
+    comes after 1 s (PULL_INITIAL_BACKOFF); here after 0.05 s, from the same machine."""
+    from flwr.app import Message
+    from flwr.common.serde import context_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+
+    task = client.PullTaskInput(PullTaskInputRequest())
+    set_task_identity(run_id=task.run.run_id, task_id=task.task_id,
+                      node_id=task.context.node_id)
+    context, run = context_from_proto(task.context), run_from_proto(task.run)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("the SuperNode's task holds no message")
+    node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node,
+                                                  context.run_id),
+        return_type=Message, initial_backoff=LOCAL_WAIT_SECONDS, backoff_cap=1.0)
+    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower's pull sets it
+    return message, context, run
