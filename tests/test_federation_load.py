@@ -1,8 +1,9 @@
 """A federation under load and faults on loopback: a TLS SuperLink with SuperNode
-authentication, 20 registered SuperNodes (17 of them forwarding to resident site runtimes), a
-tiny causal LM, 5 rounds. In one run: a SuperNode killed (SIGKILL) mid-round and restarted, a
-site runtime killed mid-round and restarted, then the SuperLink and its ServerApp killed
-mid-run, restarted, the sites registered again and the run resumed. Bounded in time; every
+authentication, 20 registered SuperNodes (17 of them forwarding to resident site runtimes, 3
+of those as `fedlora supernode --in-process`), a tiny causal LM, 5 rounds. In one run: a
+SuperNode killed (SIGKILL) mid-round and restarted, a site runtime killed mid-round and
+restarted, then the SuperLink and its ServerApp killed mid-run, restarted, the sites
+registered again and the run resumed. Bounded in time; every
 process is stopped at the end.
 
 The sites run at a lower priority (nice), as if on machines of their own: on 2 cores, 20
@@ -40,6 +41,9 @@ from tests.test_site_runtime import site_link_answers
 SITES, WITH_RUNTIME, ROUNDS = 20, 17, 5
 SITE_NICENESS = 15  # the sites yield the CPU to the coordinator, as if on machines of their own
 KILLED_SUPERNODE, KILLED_RUNTIME = 19, 0  # a site without runtime, a site with one
+# Sites whose SuperNode is `fedlora supernode --in-process` (the killed runtime's among them):
+# no process per message, the ClientApp runs in the SuperNode's executor thread.
+IN_PROCESS_SITES = 3
 FAULT_ROUND = 2  # both stall in this round (a sleep), so that the kills land mid-round
 DEADLINE_SECONDS = 720  # the whole test; it fails, and stops everything, past it
 
@@ -109,6 +113,7 @@ def test_twenty_sites_survive_killed_supernodes_runtimes_and_superlink(
                     for name in names}
 
         node_ids = register()
+        in_process = set(names[KILLED_RUNTIME:KILLED_RUNTIME + IN_PROCESS_SITES])
         site_id = {name: node % 2**31 for name, node in node_ids.items()}
 
         def stall(name):  # the fault, by the id the site's ClientApp knows itself by
@@ -126,7 +131,9 @@ def test_twenty_sites_survive_killed_supernodes_runtimes_and_superlink(
         def start_supernode(name, sock, suffix=""):
             node_config = (f"site-runtime='{sock}'" if sock else
                            f"data-path='{tmp_path / f'{name}.jsonl'}'")
-            proc = procs.start(f"{name}{suffix}", "flower-supernode", "--superlink",
+            command = (("fedlora", "supernode", "--in-process") if name in in_process
+                       else ("flower-supernode",))
+            proc = procs.start(f"{name}{suffix}", *command, "--superlink",
                                f"127.0.0.1:{port}", "--root-certificates", str(certs / "ca.crt"),
                                "--auth-supernode-private-key",
                                str(tmp_path / "keys" / f"{name}.key"), "--node-config",
