@@ -176,11 +176,15 @@ def run_supernode(argv: list[str], poll_seconds: float, clientapp: Any = None,
         raise FedLoraError("this Flower's SuperNode loop has no `time` to pace; "
                            "run flower-supernode itself")
     if clientapp is not None:
-        if any(arg.split("=")[0] in ("--isolation", "--ssl-certfile", "--appio-ssl-certfile")
-               for arg in argv):
+        from flwr.supercore.constant import SUPERNODE_UVICORN_DEFAULT_PORT, UVICORN_DEFAULT_HOST
+
+        if any(arg.split("=")[0] in ("--isolation", "--ssl-certfile", "--appio-ssl-certfile",
+                                     "--clientappio-api-address") for arg in argv):
             raise FedLoraError("supernode: --in-process runs the ClientApp itself; leave out "
-                               "--isolation and the runtime API's --ssl-* options")
-        address = f"{_flag(argv, '--host', '127.0.0.1')}:{_flag(argv, '--port', '9094')}"
+                               "--isolation, --clientappio-api-address and the runtime API's "
+                               "--ssl-* options")
+        address = (f"{_flag(argv, '--host', UVICORN_DEFAULT_HOST)}:"
+                   f"{_flag(argv, '--port', str(SUPERNODE_UVICORN_DEFAULT_PORT))}")
         argv = [*argv, "--isolation", "process"]
         threading.Thread(target=serve_clientapp_tasks, name="fedlora-clientapp-executor",
                          args=(address, clientapp, app_name, threading.Event()),
