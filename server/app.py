@@ -95,7 +95,8 @@ def run_federation(grid: Grid, cfg: FedLoraConfig) -> RunDirectory:
             stop_sources.append(lambda: client_dp.budget_stop)
         final = loop.run(grid, adapter_to_record(initial, "float32"), train_config=client_config,
                          evaluate_config=client_config, evaluate_fn=recorder,
-                         first_round=first_round, stop_sources=stop_sources)
+                         first_round=first_round, stop_sources=stop_sources,
+                         score_ahead=recorder.score_ahead)
         recorder.wait()
         if scalars is not None:
             scalars.close()

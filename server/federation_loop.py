@@ -83,9 +83,12 @@ class FederationLoop:
 
     def run(self, grid: Grid, initial: ArrayRecord, train_config: ConfigRecord,
             evaluate_config: ConfigRecord, evaluate_fn: EvaluateFn, first_round: int = 0,
-            stop_sources: Sequence[Callable[[], Stop | None]] = ()) -> ArrayRecord:
+            stop_sources: Sequence[Callable[[], Stop | None]] = (),
+            score_ahead: Callable[[int, ArrayRecord], None] | None = None) -> ArrayRecord:
         """The global adapter the run ends with; `stop_sources` are asked, after each training
-        exchange and each evaluation, whether the run must end."""
+        exchange and each evaluation, whether the run must end. `score_ahead`, if given, is
+        told a round's global adapter before the sites evaluate it (the server may score it
+        meanwhile; evaluate_fn records the round after the exchange)."""
         strategy, timeout, arrays = self.strategy, self.cfg.round_timeout, initial
         if first_round == 0:
             if self.refine is not None:
@@ -102,6 +105,8 @@ class FederationLoop:
                 arrays = new_arrays
                 if self.refine is not None:
                     arrays = self.refine(grid, server_round, arrays, train_config, timeout)
+            if score_ahead is not None:
+                score_ahead(server_round, arrays)
             replies = grid.send_and_receive(
                 messages=strategy.configure_evaluate(server_round, arrays, evaluate_config,
                                                      grid), timeout=timeout)

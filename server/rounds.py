@@ -62,9 +62,43 @@ class RoundRecorder:
         self._round_started = time.time()
         self._background: threading.Thread | None = None
         self._background_error: BaseException | None = None
+        # A round's global adapter scored while the sites evaluate it (score_ahead).
+        self._ahead: tuple[int, ArrayRecord, threading.Thread, dict] | None = None
+
+    def score_ahead(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Start scoring round `server_round`'s global adapter in a thread, now: the loop calls
+        this before the sites' evaluation exchange, which it does not depend on, and the
+        round's `__call__` then records that score. In a deployment the exchange is mostly
+        waiting on the network; in a simulation the sites' evaluation shares the cores."""
+        self.wait()
+        self.evaluator.lora.set_base_offsets(self.strategy.base_offsets())
+        scored: dict = {}
+
+        def score() -> None:
+            try:
+                scored["metrics"] = self.evaluator(arrays)
+            except BaseException as err:  # raised in the run's thread by __call__ or wait()
+                scored["error"] = err
+
+        thread = threading.Thread(target=score, daemon=True,
+                                  name=f"fedlora-round-{server_round}-evaluation")
+        self._ahead = (server_round, arrays, thread, scored)
+        thread.start()
+
+    def _scored_ahead(self, server_round: int, arrays: ArrayRecord) -> dict[str, float] | None:
+        """The metrics score_ahead computed for this round and adapter (None if it did not)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        round_, scored_arrays, thread, scored = ahead
+        thread.join()
+        if "error" in scored:
+            raise scored["error"]
+        return scored["metrics"] if round_ == server_round and scored_arrays is arrays else None
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         self.wait()
+        scored = self._scored_ahead(server_round, arrays)
         # The evaluator reads the strategy's base offsets (exact's residual) as of this round.
         self.evaluator.lora.set_base_offsets(self.strategy.base_offsets())
         pending = self._snapshot(server_round, arrays)
@@ -74,10 +108,14 @@ class RoundRecorder:
                                                 name="fedlora-round-0-evaluation")
             self._background.start()
             return None
-        return MetricRecord(self._record(pending))
+        return MetricRecord(self._record(pending, scored))
 
     def wait(self, reraise: bool = True) -> None:
-        """Wait for round 0's evaluation; raise what it raised (unless reraise=False)."""
+        """Wait for round 0's evaluation and a score_ahead still running; raise what round 0's
+        raised (unless reraise=False)."""
+        if self._ahead is not None and not reraise:  # a failed run on its way out
+            self._ahead[2].join()
+            self._ahead = None
         if self._background is not None:
             self._background.join()
             self._background = None
@@ -120,8 +158,9 @@ class RoundRecorder:
         except BaseException as err:  # raised in the run's thread by wait()
             self._background_error = err
 
-    def _record(self, pending: PendingRound) -> dict[str, float]:
-        server_metrics = self.evaluator(pending.arrays)
+    def _record(self, pending: PendingRound, scored: dict[str, float] | None = None
+                ) -> dict[str, float]:
+        server_metrics = scored if scored is not None else self.evaluator(pending.arrays)
         record = pending.stats.line(
             pending.round, server_metrics,
             # Round 0: set-up and the initial evaluation. Round r: from round r-1's end (round

@@ -115,6 +115,68 @@ def test_a_failed_round_zero_evaluation_is_raised_in_the_run(run_dir):
     assert run_dir.read_rounds() == []
 
 
+def test_a_rounds_score_taken_while_the_sites_evaluate_is_the_one_recorded(run_dir):
+    strategy, evaluator = _Strategy(), _BlockingEvaluator()
+    recorder = RoundRecorder(run_dir, evaluator, strategy, FedLoraConfig())
+    arrays = _arrays(3.0)
+    recorder.score_ahead(1, arrays)
+    assert evaluator.started.wait(30)  # scoring while the loop's exchange runs
+    assert run_dir.read_rounds() == []
+    evaluator.started.clear()
+    evaluator.release.set()
+    assert recorder(1, arrays)["accuracy"] == 6.0
+    assert not evaluator.started.is_set()  # not scored a second time
+    assert [r["round"] for r in run_dir.read_rounds()] == [1]
+    # A score for another adapter than the one recorded is not used.
+    recorder.score_ahead(2, _arrays(1.0))
+    assert recorder(2, _arrays(5.0))["accuracy"] == 10.0
+    # What the scoring raised is raised in the run.
+    evaluator.fail = True
+    recorder.score_ahead(3, arrays)
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        recorder(3, arrays)
+
+
+def test_the_server_scores_each_round_before_the_sites_have_evaluated_it(tmp_path, task_identity,
+                                                                         monkeypatch):
+    """A grid that lets the evaluate exchange go only once the server's evaluation of that
+    round has begun (waiting up to 60 s for it): scored after the exchange, it never has."""
+    from flwr.app import MessageType
+
+    from server.app import run_federation
+    from server.evaluation import GlobalEvaluator
+    from simulations.inprocess import InProcessGrid
+
+    scorings = threading.Semaphore(0)  # one release each time the server begins to score
+    score = GlobalEvaluator.__call__
+
+    def scored(self, arrays):
+        scorings.release()
+        return score(self, arrays)
+
+    monkeypatch.setattr(GlobalEvaluator, "__call__", scored)
+    waited = []
+
+    class EvaluateAfterScoring(InProcessGrid):
+        def send_and_receive(self, messages, timeout=None):
+            messages = list(messages)
+            if messages and messages[0].metadata.message_type == MessageType.EVALUATE:
+                # Round r's own scoring must have begun (round 1's: round 0's too).
+                needed = 1 if waited else 2
+                waited.append(all(scorings.acquire(timeout=60) for _ in range(needed)))
+            return super().send_and_receive(messages, timeout)
+
+    path = tmp_path / "d.csv"
+    pd.DataFrame({"text": [f"query number {i}" for i in range(40)],
+                  "label": ["a", "b", "c", "d"] * 10}).to_csv(path, index=False)
+    cfg = FedLoraConfig(data=str(path), out_dir=str(tmp_path / "run"), num_clients=2,
+                        num_rounds=2, local_steps=1, head_mode="train")
+    run = run_federation(EvaluateAfterScoring(cfg, 2), cfg)
+    assert waited == [True, True]
+    assert [r["round"] for r in run.read_rounds()] == [0, 1, 2]
+    assert all(0 <= r["server"]["accuracy"] <= 1 for r in run.read_rounds())
+
+
 @pytest.fixture
 def small_csv(tmp_path):
     path = tmp_path / "d.csv"
