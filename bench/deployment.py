@@ -197,10 +197,11 @@ def simulation(args, sites: int, folder: Path, out: Path) -> dict:
     return {"peak-mib": memory.stop()}
 
 
-def deployment(args, sites: int, folder: Path, out: Path, with_runtime: bool,
-               flower_poll: bool = False, exec_poll: bool = False,
-               fedlora_supernode: bool = False, unpacked: bool = False,
-               in_process: bool = False) -> dict:
+def deployment(args, sites: int, folder: Path, out: Path, mode: str) -> dict:
+    """One of MODES but the simulation; the mode's parts say what differs (see the top)."""
+    with_runtime, fedlora_supernode = "runtime" in mode, "fedlora-supernode" in mode
+    flower_poll, exec_poll = mode.endswith("3s-poll"), mode.endswith("exec-poll")
+    unpacked, in_process = mode.endswith("unpacked"), mode.endswith("in-process")
     work = out.parent / f"{out.name}-processes"
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, FLWR_HOME=str(work / "flwr_home"),
@@ -316,10 +317,7 @@ def main() -> None:
             if mode == "simulation":
                 extra = simulation(args, sites, folder, run_dir)
             else:
-                extra = deployment(args, sites, folder, run_dir, "runtime" in mode,
-                                   mode.endswith("3s-poll"), mode.endswith("exec-poll"),
-                                   "fedlora-supernode" in mode, mode.endswith("unpacked"),
-                                   mode.endswith("in-process"))
+                extra = deployment(args, sites, folder, run_dir, mode)
             results[key] = {"model": args.model, "sites": sites, "mode": mode,
                             **measure(run_dir), **extra}
             if mode != "simulation":

@@ -177,11 +177,9 @@ class SiteRuntime:
             return self._answer(msg, context)
 
     def _answer(self, msg, context):
-        from flwr.app import Error, Message
-
         from client.app import app as handlers
         from common.config import FedLoraConfig
-        from common.flower_compat import ErrorCode
+        from common.flower_compat import exception_reply
 
         started = time.perf_counter()
         context.node_config = dict(self.node_config)
@@ -193,8 +191,7 @@ class SiteRuntime:
                                    f"--model {cfg.model})")
             reply = handlers(msg, context)
         except Exception as err:  # as Flower's SuperNode reports a ClientApp's exception
-            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                  reason=f"{type(err)}:<'{err}'>"), reply_to=msg)
+            reply = exception_reply(msg, err)
         self.answered += 1
         log.info("fedlora site: %s message of run %s %s in %.1f s", msg.metadata.message_type,
                  msg.metadata.run_id, "failed" if reply.has_error() else "answered",

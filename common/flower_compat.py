@@ -126,6 +126,16 @@ def set_task_identity(run_id: int, task_id: int, node_id: int) -> None:
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, task_id, node_id
 
 
+def exception_reply(msg: Any, err: BaseException) -> Any:
+    """The reply Flower's runtime sends for a ClientApp that raised `err` on `msg` (its error
+    code and its wording of the reason), for the places that run a ClientApp themselves."""
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode as FlowerErrorCode
+
+    return Message(Error(code=FlowerErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                         reason=str(type(err)) + ":<'" + str(err) + "'>"), reply_to=msg)
+
+
 def stamp_message_id(msg: Any) -> str:
     """Give a message its id as Flower's grids do when they push it (its content's object id):
     replies then name it in reply_to_message_id. For the in-process grid."""
@@ -187,7 +197,7 @@ def run_supernode(argv: list[str], poll_seconds: float, clientapp: Any = None,
                    f"{_flag(argv, '--port', str(SUPERNODE_UVICORN_DEFAULT_PORT))}")
         argv = [*argv, "--isolation", "process"]
         threading.Thread(target=serve_clientapp_tasks, name="fedlora-clientapp-executor",
-                         args=(address, clientapp, app_name, threading.Event()),
+                         args=(address, clientapp, app_name),
                          daemon=True).start()
     real_sleep = time.sleep
     paced = types.ModuleType("time")
@@ -212,14 +222,17 @@ def _flag(argv: list[str], name: str, default: str) -> str:
 
 
 def serve_clientapp_tasks(runtime_api_address: str, clientapp: Any, app_name: str,
-                          stop: Any, poll_seconds: float = LOCAL_WAIT_SECONDS) -> None:
+                          poll_seconds: float = LOCAL_WAIT_SECONDS) -> None:
     """Be the SuperExec of a SuperNode started with `--isolation process`: take each ClientApp
-    task it has and run it here with `clientapp`, not in a new `flwr-clientapp` process, until
-    `stop` (a threading.Event) is set. As Flower's `run_clientapp` does for one task: pull the
-    message and context, send heartbeats meanwhile, push the reply and the task's outcome. A run
-    of another app than `app_name` gets an error reply (this process holds fedlora's code only,
-    not the run's FAB). Flower's own heartbeat function interrupts its process when the task is
-    gone; a SuperNode must outlive a run, so here it only stops beating."""
+    task it has and run it here with `clientapp`, not in a new `flwr-clientapp` process, for
+    as long as the process lives (a daemon thread of the SuperNode's). As Flower's
+    `run_clientapp` does for one task: pull the message and context, send heartbeats
+    meanwhile, push the reply and the task's outcome. A run of another app than `app_name`
+    gets an error reply (this process holds fedlora's code only, not the run's FAB). Flower's
+    own heartbeat function interrupts its process when the task is gone; a SuperNode must
+    outlive a run, so here a failed beat is only retried."""
+    import time
+
     from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode as FlowerErrorCode
     from flwr.common.constant import SubStatus
@@ -268,9 +281,8 @@ def serve_clientapp_tasks(runtime_api_address: str, clientapp: Any, app_name: st
                     reply = clientapp(message=message, context=context)
                     status, details = SubStatus.COMPLETED, ""
                 except Exception as ex:  # noqa: BLE001 - as run_clientapp: the error is the reply
-                    details = str(type(ex)) + ":<'" + str(ex) + "'>"
-                    reply = Message(Error(code=FlowerErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                          reason=details), reply_to=message)
+                    reply = exception_reply(message, ex)
+                    details = reply.error.reason
             push_message(client, reply, context)
         finally:
             try:
@@ -283,11 +295,11 @@ def serve_clientapp_tasks(runtime_api_address: str, clientapp: Any, app_name: st
     executor = runtime_client("SuperExec")
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     log = logging.getLogger("fedlora")
-    while not stop.is_set():
+    while True:
         try:
             acquired = executor.AcquireTask(request)
         except Exception:  # noqa: BLE001 - the SuperNode's API is not up yet, or restarting
-            stop.wait(0.5)
+            time.sleep(0.5)
             continue
         if acquired.HasField("task") and acquired.token:
             try:
@@ -295,7 +307,7 @@ def serve_clientapp_tasks(runtime_api_address: str, clientapp: Any, app_name: st
             except Exception as err:  # noqa: BLE001 - one task's failure ends that task only
                 log.error("fedlora supernode: a ClientApp task failed: %s", err)
             continue
-        stop.wait(poll_seconds)
+        time.sleep(poll_seconds)
 
 
 def _pull_task_input(client: Any) -> tuple[Any, Any, Any]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import Error, Message
+from flwr.app import Error, Message, RecordDict
 
 from common.errors import FedLoraError
 from common.flower_compat import ErrorCode
@@ -22,9 +22,14 @@ class PackedGrid:
                          timeout: float | None = None) -> list[Message]:
         messages = list(messages)
         originals = [m.content if m.has_content() else None for m in messages]
+        # A strategy gives every site the same content: packed once, not once a site (a
+        # large adapter times a thousand sites would be copied a thousand times).
+        packed: dict[int, RecordDict] = {}
         for message, content in zip(messages, originals):
             if content is not None:
-                message.content = pack(content)
+                if id(content) not in packed:  # `originals` keeps each id's object alive
+                    packed[id(content)] = pack(content)
+                message.content = packed[id(content)]
         try:
             replies = self.grid.send_and_receive(messages, timeout=timeout)
         finally:  # the sender's messages as it made them (their ids stay those pushed)

@@ -112,10 +112,9 @@ class RoundRecorder:
 
     def wait(self, reraise: bool = True) -> None:
         """Wait for round 0's evaluation and a score_ahead still running; raise what round 0's
-        raised (unless reraise=False)."""
-        if self._ahead is not None and not reraise:  # a failed run on its way out
+        raised (unless reraise=False). What score_ahead scored stays for its round's call."""
+        if self._ahead is not None:
             self._ahead[2].join()
-            self._ahead = None
         if self._background is not None:
             self._background.join()
             self._background = None

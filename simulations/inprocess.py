@@ -5,12 +5,12 @@ stepping through a round in a debugger."""
 
 from __future__ import annotations
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from common.config import FedLoraConfig
 from common.flower_compat import (
-    ErrorCode,
+    exception_reply,
     message_from_proto,
     message_to_proto,
     stamp_message_id,
@@ -44,9 +44,7 @@ class InProcessGrid:
         try:
             return self.app(message=msg, context=self.contexts[msg.metadata.dst_node_id])
         except Exception as ex:  # as the SuperNode's runtime answers for a ClientApp that raised
-            reason = str(type(ex)) + ":<'" + str(ex) + "'>"
-            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
-                           reply_to=msg)
+            return exception_reply(msg, ex)
 
 
 def over_the_wire(message: Message) -> Message:

@@ -45,6 +45,8 @@ def test_packed_arrays_come_back_bit_for_bit(dtype):
     assert back["arrays"].object_id == content["arrays"].object_id  # names, order, bytes
     assert dict(back["metrics"]) == {"num-examples": 12}
     assert unpack(content) is content
+    with pytest.raises(FedLoraError, match="fedlora's own"):  # a key of ours is not data
+        pack(packed)
 
 
 def _corrupt(how: str) -> RecordDict:
@@ -95,10 +97,11 @@ class EchoGrid:
 
 def test_the_grid_packs_what_it_sends_and_a_bad_packed_reply_is_its_sites_error(task_identity):
     grid = EchoGrid()
-    messages = [Message(RecordDict({"arrays": adapter_to_record(_adapter())}),
-                        dst_node_id=node, message_type="train") for node in (1, 2, 3)]
+    content = RecordDict({"arrays": adapter_to_record(_adapter())})  # as a strategy shares it
+    messages = [Message(content, dst_node_id=node, message_type="train") for node in (1, 2, 3)]
     replies = PackedGrid(grid).send_and_receive(messages, timeout=10)
     assert all(list(sent["arrays"]) == [PACKED_ARRAY] for sent in grid.sent)
+    assert grid.sent[0] is grid.sent[1] is grid.sent[2]  # packed once for all three sites
     assert all(list(m.content["arrays"]) != [PACKED_ARRAY] for m in messages)  # as made
     good = [r for r in replies if not r.has_error()]
     assert [r.metadata.src_node_id for r in good] == [1, 2]
