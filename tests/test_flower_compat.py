@@ -65,6 +65,22 @@ def test_the_cli_stops_with_that_line_under_an_unsupported_flower():
         "(pip install 'flwr[simulation,dp]>=1.41,<1.43')"]
 
 
+def not_stored_at_first():
+    """A pull_object_fn whose object is missing at the first ask and there at the second."""
+    import importlib
+
+    unavailable = importlib.import_module(
+        "flwr.supercore.inflatable.inflatable_utils").ObjectUnavailableError
+    asked = []
+
+    def pull_object(object_id: str) -> bytes:
+        asked.append(object_id)
+        if len(asked) == 1:
+            raise unavailable(object_id)
+        return b"bytes"
+    return pull_object
+
+
 def test_fedlora_supernode_paces_flowers_loop_and_passes_flowers_arguments(monkeypatch, capsys):
     """Flower's SuperNode loop sleeps 3 s after each look at the SuperLink that found nothing;
     under `fedlora supernode` no sleep of that loop lasts longer than --poll-interval, its
@@ -78,6 +94,7 @@ def test_fedlora_supernode_paces_flowers_loop_and_passes_flowers_arguments(monke
     loop = importlib.import_module("flwr.supernode.start_client_internal")
     cli = importlib.import_module("flwr.supernode.cli")
     monkeypatch.setattr(loop, "time", loop.time)  # put back after the test
+    monkeypatch.setattr(loop, "pull_objects", loop.pull_objects)
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     monkeypatch.delenv("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", raising=False)
     seen = {}
@@ -91,6 +108,9 @@ def test_fedlora_supernode_paces_flowers_loop_and_passes_flowers_arguments(monke
         loop.time.sleep(0.5)  # its wait for the ClientApp's reply
         seen["waited"] = time.monotonic() - started
         seen["clock"] = loop.time.time() - time.time()
+        started = time.monotonic()
+        seen["pulled"] = loop.pull_objects(["object"], pull_object_fn=not_stored_at_first())
+        seen["retried"] = time.monotonic() - started
 
     monkeypatch.setattr(cli, "flower_supernode", flower_supernode)
     flower_args = ["--superlink", "127.0.0.1:9092", "--insecure", "--port", "9095"]
@@ -98,6 +118,8 @@ def test_fedlora_supernode_paces_flowers_loop_and_passes_flowers_arguments(monke
     assert seen["argv"] == ["flower-supernode", *flower_args]
     assert 0.15 < seen["slept"] < 1.0 and 0.04 < seen["waited"] < 0.3, seen
     assert abs(seen["clock"]) < 1.0
+    # An object the SuperLink does not hold yet is asked for again within 0.05 s (Flower: 1 s)
+    assert seen["pulled"] == {"object": b"bytes"} and seen["retried"] < 0.5, seen
     assert os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.1"
 
     seen.clear()

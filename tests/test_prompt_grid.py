@@ -48,3 +48,21 @@ def test_a_missing_reply_ends_the_exchange_at_the_timeout_with_the_others():
 
 def test_everything_else_is_the_wrapped_grids():
     assert PromptGrid(ScriptedGrid({}), 0.1).get_node_ids() == [1, 2, 3]
+
+
+def test_a_reply_pulled_before_its_objects_are_in_is_asked_for_again_within_0_05_s(monkeypatch):
+    """The deployment grid's pull of a reply whose sender has pushed the message but not yet
+    all its objects: Flower's first retry comes after 1 s; under a PromptGrid after 0.05 s."""
+    import importlib
+    import time
+
+    from tests.test_flower_compat import not_stored_at_first
+
+    http_grid = importlib.import_module("flwr.superlink.grid.http_grid")
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)
+    PromptGrid(ScriptedGrid({}), 0.1)
+    PromptGrid(ScriptedGrid({}), 0.1)  # a second grid of the same process changes nothing more
+    started = time.monotonic()
+    pulled = http_grid.pull_objects(["reply"], pull_object_fn=not_stored_at_first())
+    assert pulled == {"reply": b"bytes"}
+    assert time.monotonic() - started < 0.5
