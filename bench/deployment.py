@@ -74,11 +74,14 @@ def free_port() -> int:
 
 
 class PeakMemory:
-    """Samples the resident memory of every process under some roots, by kind of process."""
+    """Samples the resident memory of every process under some roots, by kind of process, and
+    the CPU seconds each has used (as last sampled: a process that lives less than the 0.5 s
+    between samples, or its last 0.5 s, is missed)."""
 
     def __init__(self) -> None:
         self.roots: list[int] = []
         self.peaks: dict[str, float] = {}
+        self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds so far)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -97,16 +100,25 @@ class PeakMemory:
                     try:
                         command = " ".join(proc.cmdline())
                         rss = proc.memory_info().rss / 2**20
+                        times = proc.cpu_times()
                     except psutil.Error:
                         continue
                     kind = next((k for pattern, k in KINDS if pattern in command), None)
                     if kind:
                         self.peaks[kind] = max(self.peaks.get(kind, 0.0), rss)
+                        self.cpu[proc.pid] = (kind, times.user + times.system)
 
     def stop(self) -> dict[str, float]:
         self._stop.set()
         self._thread.join()
         return {k: round(v) for k, v in sorted(self.peaks.items())}
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds by kind of process, all of its processes together."""
+        totals: dict[str, float] = {}
+        for kind, seconds in self.cpu.values():
+            totals[kind] = totals.get(kind, 0.0) + seconds
+        return {k: round(v, 1) for k, v in sorted(totals.items())}
 
 
 class Processes:
@@ -194,7 +206,7 @@ def simulation(args, sites: int, folder: Path, out: Path) -> dict:
     memory.roots.append(proc.pid)
     if proc.wait():
         raise SystemExit(f"fedlora simulate failed ({out})")
-    return {"peak-mib": memory.stop()}
+    return {"peak-mib": memory.stop(), "cpu-seconds": memory.cpu_seconds()}
 
 
 def deployment(args, sites: int, folder: Path, out: Path, mode: str) -> dict:
@@ -271,7 +283,8 @@ def deployment(args, sites: int, folder: Path, out: Path, mode: str) -> dict:
     status = RunDirectory(out).read_summary()["status"]
     if status != "completed":
         raise SystemExit(f"the {out.name} run ended {status}")
-    return {"peak-mib": memory.stop(), "flwr-run-seconds": elapsed}
+    return {"peak-mib": memory.stop(), "cpu-seconds": memory.cpu_seconds(),
+            "flwr-run-seconds": elapsed}
 
 
 def measure(out: Path) -> dict:
@@ -401,7 +414,11 @@ def table(results: dict) -> str:
           *(f"{r['train-message-phases'].get(name, 0):.2f}" for name, _ in PHASES)]
          for r in timed])
     caption = "A train message's seconds, median over rounds 2 on and the sites:"
-    return f"{main_table}\n\n{caption}\n\n{phases}"
+    cpu = markdown_table(["model", "sites", "run as", "CPU seconds by process, whole run"],
+                         [[r["model"], str(r["sites"]), r["mode"], ", ".join(
+                             f"{k} {v}" for k, v in r.get("cpu-seconds", {}).items())]
+                          for r in results.values()])
+    return f"{main_table}\n\n{caption}\n\n{phases}\n\n{cpu}"
 
 
 if __name__ == "__main__":

@@ -133,3 +133,47 @@ def test_fedlora_supernode_paces_flowers_loop_and_passes_flowers_arguments(monke
     assert main(["report", "runs/x", "--superlink", "a"]) == 2  # not passed on elsewhere
     assert "unrecognized arguments: --superlink a" in capsys.readouterr().err
     assert seen == {}
+
+
+def test_the_in_process_executor_asks_for_tasks_when_the_supernode_stores_a_message(
+        monkeypatch):
+    """`fedlora supernode --in-process`: the SuperNode's loop, in the same process, tells its
+    executor thread when it has stored a message; idle, the executor asks the SuperNode's API
+    once a second (EXECUTOR_IDLE_SECONDS), not every 0.05 s."""
+    import importlib
+    import threading
+    import time
+    import types
+
+    from common import flower_compat
+
+    runtime = importlib.import_module("flwr.supercore.runtime")
+    asks, finished = [], threading.Event()
+
+    class SuperNodeAPI:  # answers AcquireTask with "no task"
+        def AcquireTask(self, request):  # noqa: N802 - Flower's name
+            if finished.is_set():
+                threading.Event().wait()  # the daemon thread parks once the test is over
+            asks.append(time.monotonic())
+            return types.SimpleNamespace(HasField=lambda name: False, token="")
+
+    monkeypatch.setattr(runtime.RuntimeHttpClient, "from_server_address",
+                        classmethod(lambda cls, **kwargs: SuperNodeAPI()))
+    loop = types.ModuleType("loop")
+    loop._pull_and_store_message = lambda message: message  # the run id, or None: none stored
+    stored = flower_compat._signal_stored_messages(loop)
+    try:
+        threading.Thread(target=flower_compat.serve_clientapp_tasks, daemon=True,
+                         args=("127.0.0.1:1", None, "fedlora"),
+                         kwargs={"poll_seconds": 0.05, "stored": stored}).start()
+        time.sleep(0.6)
+        assert len(asks) == 1  # the first ask; the next after 1 s, or when told
+        assert loop._pull_and_store_message(None) is None  # an empty look at the SuperLink
+        time.sleep(0.2)
+        assert len(asks) == 1
+        told = time.monotonic()
+        assert loop._pull_and_store_message(7) == 7  # a message of run 7 stored
+        time.sleep(0.2)
+        assert len(asks) == 2 and asks[1] - told < 0.15
+    finally:
+        finished.set()
