@@ -4,7 +4,9 @@ For each Dirichlet alpha: one `fedlora simulate` run with personal-head=true (ev
 the global model, its personal head and its local-only closed-form head on its own validation
 rows at every evaluation), and the local-only baseline (simulations/baselines.py: each site
 trains LoRA and its head alone on its partition for all rounds' local training), scored on the
-same validation rows. Sites are matched by partition id. Writes, under --out, personal.json
+same validation rows. Sites are matched by partition id. With `--site-eval-rows test` every
+site scores, instead of its validation rows, its share of the data's test split dealt by its
+share of each label (site-eval-rows=test; ~10x the rows). Writes, under --out, personal.json
 and personal.md (the table for docs/benchmarks.md).
 
     .venv/bin/python bench/personal.py --data ../shared/data/banking77
@@ -32,7 +34,7 @@ MODELS = {"global": "eval-accuracy", "personal": "eval-personal-accuracy",
           "local-only head (base features)": "eval-local-head-accuracy"}
 
 
-def federation(args, alpha: float, run_dir: Path, steps: int) -> list[dict]:
+def federation(args, alpha: float, run_dir: Path, steps: int, extra: str) -> list[dict]:
     """The last round's per-site evaluation of a run with personal heads."""
     if not (run_dir / "summary.json").is_file() or \
             json.loads((run_dir / "summary.json").read_text()).get("status") != "completed":
@@ -40,7 +42,7 @@ def federation(args, alpha: float, run_dir: Path, steps: int) -> list[dict]:
                         "--num-clients", str(args.clients), "--rounds", str(args.rounds),
                         "--partition", "dirichlet", "--alpha", str(alpha), "--out",
                         str(run_dir), "--run-config",
-                        f"{args.run_config} personal-head=true personal-steps={steps}"],
+                        f"{args.run_config} personal-head=true personal-steps={steps}{extra}"],
                        check=True, cwd=ROOT)
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return rounds[-1]["evaluate-per-client"]
@@ -51,25 +53,33 @@ def main() -> None:
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.1, 1.0])
     parser.add_argument("--personal-steps", type=int, default=0,
                         help="also train a personal adapter this many steps after the last round")
+    parser.add_argument("--site-eval-rows", choices=["validation", "test"], default="validation",
+                        help="what each site scores: its validation rows, or its share of the "
+                             "test split (site-eval-rows=test)")
     parser.set_defaults(rounds=3, run_config="label-column=category local-epochs=1")
     args = parser.parse_args()
     out = Path(args.out)
     _, results = load_results(out, "personal.json")
+    test_rows = args.site_eval_rows == "test"
+    extra = " site-eval-rows=test" if test_rows else ""
     for alpha in args.alphas:
         steps = args.personal_steps
         suffix = f" personal-steps={steps}" if steps else ""
-        entry = results.setdefault(f"alpha={alpha}{suffix}", {"alpha": alpha})
+        entry = results.setdefault(f"alpha={alpha}{extra}{suffix}", {"alpha": alpha})
         if "sites" not in entry:
-            run_dir = out / (f"alpha{alpha}-steps{steps}" if steps else f"alpha{alpha}")
-            entry["sites"] = federation(args, alpha, run_dir, steps)
+            run_dir = out / (f"alpha{alpha}{'-test' if test_rows else ''}"
+                             f"{f'-steps{steps}' if steps else ''}")
+            entry["sites"] = federation(args, alpha, run_dir, steps, extra)
             store_results(out, "personal.json", results)
-        alone = results.get(f"alpha={alpha}", {}).get("local-only")  # the same without steps
+        # the same without steps
+        alone = results.get(f"alpha={alpha}{extra}", {}).get("local-only")
         if "local-only" not in entry and alone is not None:
             entry["local-only"] = alone
         if "local-only" not in entry:
             cfg = FedLoraConfig.from_run_config({
                 **_overrides(args.run_config), "data": args.data, "num-clients": args.clients,
-                "num-rounds": args.rounds, "partition": "dirichlet", "alpha": alpha})
+                "num-rounds": args.rounds, "partition": "dirichlet", "alpha": alpha,
+                "site-eval-rows": args.site_eval_rows})
             entry["local-only"] = local_only_sites(cfg)
             store_results(out, "personal.json", results)
     (out / "personal.md").write_text(table(results))

@@ -34,6 +34,7 @@ from client.training import frozen, train_adapter
 from common.config import FedLoraConfig, SiteConfig
 from common.data import (
     DataSplits,
+    columns,
     load_site_rows,
     load_splits,
     resolve_labels,
@@ -59,14 +60,16 @@ app = ClientApp()
 
 @dataclass
 class SiteState:
-    """What one site keeps between messages: the model, its tokenised train/val examples and
-    the data checks' report on its rows."""
+    """What one site keeps between messages: the model, its tokenised train/val examples, the
+    examples it reports its evaluation on (its val examples, or its share of the test split
+    under site-eval-rows=test) and the data checks' report on its rows."""
 
     lora: LoraModel
     train_examples: list[dict]
     val_examples: list[dict]
     site_id: int
     data_report: DataReport
+    eval_examples: list[dict]
     # personal-head's local-only reference (client/personal.py): computed once, then kept.
     local_head_accuracy: float | None = None
 
@@ -82,6 +85,8 @@ class ProcessCache:
     pool: object | None = None
     pool_is_dataset: bool = False  # the partitioners take only a Dataset
     partitions: list[list[int]] | None = None
+    # site-eval-rows=test: the test split and each partition's share of it (row indices)
+    dealt_test: tuple[object, list[list[int]]] | None = None
     sites: dict[int, SiteState] = field(default_factory=dict)
     refused: dict[int, FedLoraError] = field(default_factory=dict)  # sites a data check refused
 
@@ -171,6 +176,9 @@ def _site_state(cfg: FedLoraConfig, site: SiteConfig | None, context: Context,
     cache = _process_cache(cfg, labels)
     node = context.node_config
     if site is not None:  # deployment: this site's own data, nothing partitioned
+        if cfg.site_eval_rows == "test":
+            raise FedLoraError("site-eval-rows=test deals the data set's test split out to "
+                               "simulated sites; a deployed site scores its validation rows")
         site_id = int(context.node_id) % (2**31)
         rank = site.lora_r or cfg.global_lora_rank
         if site_id not in cache.sites and site_id not in cache.refused:
@@ -197,12 +205,29 @@ def _site_state(cfg: FedLoraConfig, site: SiteConfig | None, context: Context,
             raise
         train_rows, val_rows = train_val_split(list(range(len(rows))), cfg.val_fraction,
                                                cfg.seed + site_id)
+        val_examples = tokenize(rows.select(val_rows), lora.tokenizer, cfg, labels)
         cache.sites[site_id] = SiteState(
             lora=lora,
             train_examples=tokenize(rows.select(train_rows), lora.tokenizer, cfg, labels),
-            val_examples=tokenize(rows.select(val_rows), lora.tokenizer, cfg, labels),
-            site_id=site_id, data_report=report)
+            val_examples=val_examples, site_id=site_id, data_report=report,
+            eval_examples=(tokenize(_dealt_test_rows(cache, cfg, site_id), lora.tokenizer, cfg,
+                                    labels) if cfg.site_eval_rows == "test" else val_examples))
     return cache.sites[site_id]
+
+
+def _dealt_test_rows(cache: ProcessCache, cfg: FedLoraConfig, site_id: int):
+    """A simulated site's share of the test split (site-eval-rows=test: common/partitioning.py
+    `deal_by_label`), dealt once per process for all sites."""
+    if cache.dealt_test is None:
+        from common.partitioning import deal_by_label
+
+        (pool_labels,) = columns(cache.pool, "target")
+        test = load_splits(cfg).test
+        cache.dealt_test = (test, deal_by_label(
+            [[pool_labels[i] for i in partition] for partition in cache.partitions],
+            columns(test, "target")[0], cfg.seed))
+    test, dealt = cache.dealt_test
+    return test.select(dealt[site_id])
 
 
 def _prepare(msg: Message, context: Context) -> tuple[FedLoraConfig, SiteState]:
@@ -298,7 +323,7 @@ def _head_statistics(msg: Message, cfg: FedLoraConfig, site: SiteState) -> Messa
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, site = _prepare(msg, context)
     started = time.perf_counter()
-    examples = site.val_examples
+    examples = site.eval_examples
     result = evaluate_examples(site.lora.model, examples, batch_size=cfg.batch_size,
                                pad_id=site.lora.tokenizer.pad_token_id,
                                device=site.lora.device,
@@ -319,10 +344,10 @@ def _personal_head(msg: Message, context: Context, cfg: FedLoraConfig, site: Sit
     the global head, and kept in the site's folder; its accuracies, never the head, go back."""
     seed = cfg.seed + site.site_id
     fit = personal_fit(site.lora, site.train_examples, cfg, seed)
-    metrics = personal_metrics(site.lora, fit, site.val_examples, cfg)
+    metrics = personal_metrics(site.lora, fit, site.eval_examples, cfg)
     if site.local_head_accuracy is None:
         site.local_head_accuracy = local_head_accuracy(site.lora, site.train_examples,
-                                                       site.val_examples, cfg, seed)
+                                                       site.eval_examples, cfg, seed)
     if site.local_head_accuracy is not None:
         metrics["eval-local-head-accuracy"] = site.local_head_accuracy
     site_config = SiteConfig.from_node_config(context.node_config)
@@ -334,7 +359,7 @@ def _personal_head(msg: Message, context: Context, cfg: FedLoraConfig, site: Sit
     if cfg.personal_steps and server_round >= cfg.num_rounds:  # the last round's model
         config = msg.content["config"]
         labels = json.loads(str(config["labels"])) if "labels" in config else None
-        adapted = personal_adapter(site.lora, fit, site.train_examples, site.val_examples, cfg,
+        adapted = personal_adapter(site.lora, fit, site.train_examples, site.eval_examples, cfg,
                                    labels=labels, folder=folder, seed=seed)
         if adapted is not None:
             metrics["eval-personal-adapter-accuracy"] = adapted

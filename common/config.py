@@ -20,6 +20,7 @@ from common.strategy_registry import strategy_names, strategy_spec
 
 TASKS = ("classification", "causal-lm")
 PARTITIONS = ("iid", "dirichlet", "quantity")
+SITE_EVAL_ROWS = ("validation", "test")
 TRANSFER_DTYPES = ("float32", "float16", "int8")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 CLIENT_DP_CLIPPING = ("client", "server")
@@ -74,6 +75,10 @@ class FedLoraConfig:
     labels: str = ""  # the shared label set: comma list or JSON file; empty = every label in data
     test_fraction: float = 0.1  # held back for server evaluation when the data has no test split
     val_fraction: float = 0.1  # of each client's partition, for client-side evaluation
+    site_eval_rows: str = "validation"  # what a simulated site scores at evaluation:
+                                        # validation (its val-fraction) or test (the data's
+                                        # test split dealt to the sites by their share of
+                                        # each label: more rows of its own distribution)
     max_train_examples: int = 0  # use a random subset of this many training examples; 0 = all
     max_eval_examples: int = 0  # use a random subset of this many evaluation examples; 0 = all
     # Data checks: each site checks its training rows before its first round and reports the
@@ -164,6 +169,7 @@ class FedLoraConfig:
                 raise FedLoraError(f"config {_key(f.name)} must be a finite number, got {value}")
         _check_choice("task", self.task, TASKS)
         _check_choice("partition", self.partition, PARTITIONS)
+        _check_choice("site-eval-rows", self.site_eval_rows, SITE_EVAL_ROWS)
         _check_choice("transfer-dtype", self.transfer_dtype, TRANSFER_DTYPES)
         _check_choice("device", self.device, DEVICES)
         _check_choice("strategy", self.strategy, STRATEGIES)

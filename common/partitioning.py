@@ -53,6 +53,36 @@ def partition_indices(dataset, cfg: FedLoraConfig) -> list[list[int]]:
                            f"{cfg.partition} alpha={cfg.alpha}: {err}") from None
 
 
+def deal_by_label(site_labels: list[list], rows_labels: list, seed: int) -> list[list[int]]:
+    """Rows (by their labels) dealt out to sites in proportion to each site's share of each
+    label in `site_labels` (the labels of each site's training rows): held-out rows from each
+    site's own distribution. Each row goes to one site at most; a label no site trains on is
+    dealt to none. Per label the shares are apportioned by largest remainder, the rows drawn
+    in an order fixed by `seed`."""
+    counts: dict = {}
+    for site, labels in enumerate(site_labels):
+        for label in labels:
+            counts.setdefault(label, np.zeros(len(site_labels)))[site] += 1
+    by_label: dict = {}
+    for row, label in enumerate(rows_labels):
+        by_label.setdefault(label, []).append(row)
+    rng = np.random.default_rng(seed)
+    dealt: list[list[int]] = [[] for _ in site_labels]
+    for label in sorted(by_label, key=str):
+        if label not in counts:
+            continue
+        rows = [by_label[label][i] for i in rng.permutation(len(by_label[label]))]
+        exact = counts[label] / counts[label].sum() * len(rows)
+        shares = np.floor(exact).astype(int)
+        for site in np.argsort(-(exact - shares), kind="stable")[:len(rows) - shares.sum()]:
+            shares[site] += 1
+        start = 0
+        for site, share in enumerate(shares):
+            dealt[site] += rows[start:start + share]
+            start += share
+    return [sorted(rows) for rows in dealt]
+
+
 def _dirichlet_sizes(n: int, k: int, alpha: float, seed: int) -> list[int]:
     """Site sizes summing to n, each at least MIN_EXAMPLES_PER_SITE, proportional to a draw."""
     shares = np.random.default_rng(seed).dirichlet(np.full(k, alpha))

@@ -4,7 +4,8 @@
   as the whole federation does (rounds x sites x local steps x batch size);
 - local-only: each site trains alone on its own partition for all rounds' local training; the
   score is the mean of the sites' accuracies on the global test set (local_only_sites: each
-  on its own validation rows).
+  on the rows a federated site reports its evaluation on: its validation rows, or its share of
+  the test split under site-eval-rows=test).
 
 Both make their head as the federation would (head-mode): with a fit mode, from the statistics
 of the rows they train on (centralized: the pooled rows; local-only: the site's own), frozen
@@ -18,12 +19,12 @@ import numpy as np
 from client.head_statistics import feature_statistics
 from client.training import frozen, planned_steps, train_adapter
 from common.config import FedLoraConfig
-from common.data import load_splits, resolve_labels, tokenize, train_val_split
+from common.data import columns, load_splits, resolve_labels, tokenize, train_val_split
 from common.data_checks import check_site_rows
 from common.head import head_state, solve_head
 from common.metrics import evaluate_examples
 from common.model import LoraModel, build_lora_model
-from common.partitioning import partition_indices
+from common.partitioning import deal_by_label, partition_indices
 from server.strategies import resolve_head_mode
 
 
@@ -74,12 +75,18 @@ def centralized(cfg: FedLoraConfig) -> dict:
 
 def _each_site_alone(cfg: FedLoraConfig):
     """Each site trained alone on its own partition for all rounds' local training; yields
-    (partition id, its model, its validation examples, the global test examples)."""
+    (partition id, its model, the examples a federated site reports its evaluation on, the
+    global test examples)."""
     splits, labels = _setup(cfg)
     lora = build_lora_model(cfg, labels)
     initial = {n: t.clone() for n, t in lora.trainable_state().items()}
     test = tokenize(splits.test, lora.tokenizer, cfg, labels)
-    for site, partition in enumerate(partition_indices(splits.train, cfg)):
+    partitions = partition_indices(splits.train, cfg)
+    if cfg.site_eval_rows == "test":  # as client/app.py deals them
+        (pool_labels,) = columns(splits.train, "target")
+        dealt = deal_by_label([[pool_labels[i] for i in p] for p in partitions],
+                              columns(splits.test, "target")[0], cfg.seed)
+    for site, partition in enumerate(partitions):
         # What the site trains on in a federation (client/app.py): its checked rows, less
         # its validation share.
         rows, _ = check_site_rows(splits.train.select(partition), lora.tokenizer, cfg, labels)
@@ -87,6 +94,8 @@ def _each_site_alone(cfg: FedLoraConfig):
         lora.load_trainable_state(initial)
         steps = cfg.num_rounds * planned_steps(len(train), cfg)
         _train(lora, train, val, cfg, labels, steps, cfg.seed + site)
+        if cfg.site_eval_rows == "test":
+            val = tokenize(splits.test.select(dealt[site]), lora.tokenizer, cfg, labels)
         yield site, lora, val, test
 
 
@@ -98,7 +107,7 @@ def local_only(cfg: FedLoraConfig) -> dict:
 
 
 def local_only_sites(cfg: FedLoraConfig) -> list[dict]:
-    """Each alone-trained site scored on its own validation rows (the rows a federated site
-    reports its eval-* metrics on), with its partition id."""
+    """Each alone-trained site scored on the rows a federated site reports its eval-* metrics
+    on (site-eval-rows), with its partition id."""
     return [{"partition-id": site, "num-examples": len(val), **_score(lora, val, cfg)}
             for site, lora, val, _ in _each_site_alone(cfg) if val]

@@ -55,3 +55,21 @@ def test_site_train_val_split_is_disjoint_and_seeded():
     assert sorted(train + val) == rows and len(val) == 10
     assert train_val_split(rows, 0.2, seed=3) == (train, val)
     assert train_val_split([4, 9], 0.1, seed=0)[1] != []  # at least one validation example
+
+
+def test_test_rows_are_dealt_by_each_sites_share_of_each_label_and_seeded():
+    from common.partitioning import deal_by_label
+
+    site_labels = [["a"] * 6 + ["b"] * 2, ["b"] * 6 + ["c"] * 1, ["a"] * 2]
+    rows = ["a"] * 8 + ["b"] * 16 + ["c"] * 3 + ["d"] * 5
+    dealt = deal_by_label(site_labels, rows, seed=3)
+    counts = [{label: sum(rows[i] == label for i in d) for label in "abcd"} for d in dealt]
+    # a: 6:0:2 of 8 rows; b: 2:6:0 of 16; c: only site 1 trains on it; d: nobody does
+    assert counts == [{"a": 6, "b": 4, "c": 0, "d": 0}, {"a": 0, "b": 12, "c": 3, "d": 0},
+                      {"a": 2, "b": 0, "c": 0, "d": 0}]
+    flat = [i for d in dealt for i in d]
+    assert len(flat) == len(set(flat)) == 27  # each row once at most, every label-d row out
+    assert deal_by_label(site_labels, rows, seed=3) == dealt
+    assert deal_by_label(site_labels, rows, seed=4) != dealt
+    # Largest remainder: 3 rows of a label shared 1:1 between two sites go 2 and 1, not 1 and 1
+    assert sorted(len(d) for d in deal_by_label([["x"], ["x"]], ["x"] * 3, 0)) == [1, 2]

@@ -239,3 +239,48 @@ def test_a_site_keeps_its_head_in_its_own_folder(tmp_path, monkeypatch):
     # `flwr run` without an out-dir: the site does not know the server's run directory.
     assert personal_folder(FedLoraConfig(), None, 7, 3) == \
         tmp_path / "home/.fedlora/personal/run-7/site-3"
+
+
+def test_with_site_eval_rows_test_each_site_scores_its_share_of_the_test_split(
+        banking_subset, tmp_path, monkeypatch):
+    """site-eval-rows=test: a simulated site evaluates (global, personal and local-only head)
+    on the test rows dealt to it by its share of each label, the local-only baseline on the
+    same rows; a deployed site and a bad value get one line each."""
+    from common.data import columns
+    from common.partitioning import deal_by_label, partition_indices
+    from simulations.baselines import local_only_sites
+
+    set_task_identity(run_id=1, task_id=1, node_id=0)
+    monkeypatch.setattr(client_app, "_CACHE", None)
+    cfg = FedLoraConfig(data=str(banking_subset), label_column="category", num_clients=3,
+                        num_rounds=1, local_steps=2, personal_head=True, partition="dirichlet",
+                        alpha=0.5, site_eval_rows="test", out_dir=str(tmp_path / "run"))
+    splits = load_splits(cfg)
+    labels = resolve_labels(cfg, splits)
+    (train_labels,) = columns(splits.train, "target")
+    expected = deal_by_label([[train_labels[i] for i in p]
+                              for p in partition_indices(splits.train, cfg)],
+                             columns(splits.test, "target")[0], cfg.seed)
+    assert sum(map(len, expected)) > 3 * 10  # more than the 10% validation rows would be
+    state = build_lora_model(cfg, labels).trainable_state()
+    scored = {}
+    for site in range(3):
+        metrics = client_app.evaluate(*site_message(cfg, labels, state, "evaluate", 1,
+                                                    partition=site)).content["metrics"]
+        scored[site] = int(metrics["num-examples"])
+        assert scored[site] == len(expected[site])
+        for key in ("eval-accuracy", "eval-personal-accuracy", "eval-local-head-accuracy"):
+            assert math.isclose(metrics[key] * scored[site], round(metrics[key] * scored[site]),
+                                abs_tol=1e-6)  # a count of those rows
+    alone = {s["partition-id"]: int(s["num-examples"]) for s in local_only_sites(cfg)}
+    assert alone == scored
+
+    monkeypatch.setattr(client_app, "_CACHE", None)
+    msg, context = site_message(cfg, labels, state, "evaluate", 1)
+    context.node_config = {"data-path": str(banking_subset)}
+    with pytest.raises(FedLoraError, match="site-eval-rows=test deals the data set's test "
+                                           "split out to simulated sites"):
+        client_app.evaluate(msg, context)
+    with pytest.raises(FedLoraError, match="config site-eval-rows must be one of "
+                                           "validation, test; got 'val'"):
+        FedLoraConfig(site_eval_rows="val")
