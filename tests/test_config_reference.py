@@ -22,7 +22,7 @@ CHOICES = {"task": config.TASKS, "partition": config.PARTITIONS,
            "transfer-dtype": config.TRANSFER_DTYPES, "device": config.DEVICES,
            "strategy": config.STRATEGIES, "client-dp-clipping": config.CLIENT_DP_CLIPPING,
            "selection-metric": config.SELECTION_METRICS, "pooling": config.POOLINGS,
-           "head-mode": config.HEAD_MODES,
+           "head-mode": config.HEAD_MODES, "site-eval-rows": config.SITE_EVAL_ROWS,
            **dict.fromkeys(("check-empty", "check-duplicates", "check-too-long",
                             "check-unknown-labels"), config.DATA_CHECK_POLICIES)}
 TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}
