@@ -246,7 +246,6 @@ def run_supernode(argv: list[str], poll_seconds: float, clientapp: Any = None,
 def _signal_stored_messages(loop: types.ModuleType) -> threading.Event | None:
     """An event set each time the SuperNode's loop (same process) has stored a message from the
     SuperLink, its ClientApp task made; None where this Flower's loop has no such step."""
-
     store = getattr(loop, "_pull_and_store_message", None)
     if not callable(store):
         return None
