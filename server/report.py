@@ -61,6 +61,12 @@ class Run:
         return "perplexity" if self.is_causal_lm else "accuracy"
 
     @property
+    def site_rows(self) -> str:
+        """What the sites scored their evaluation on (config site-eval-rows)."""
+        return ("share of the test split" if self.config.get("site-eval-rows") == "test"
+                else "validation rows")
+
+    @property
     def local_quality(self) -> str:
         """What a client reports of its local evaluation, plotted per client."""
         return "eval-loss" if self.is_causal_lm else "eval-accuracy"
@@ -261,7 +267,7 @@ def sites_plot(run: Run) -> Plot:
                 median.add(record["round"], spread[1])
         if key == metric or worst.values:
             series += [worst, median]
-    return Plot("sites", "Sites on their own validation rows: worst and median",
+    return Plot("sites", f"Sites on their own {run.site_rows}: worst and median",
                 [Panel(metric, series)],
                 caption="A federation's model is only as useful as it is to its worst site.")
 
@@ -520,7 +526,7 @@ def sites_section(run: Run, clients: dict[int, str]) -> str:
                 for node in sorted({*train, *evaluate, *dropped})]
         if rows:
             parts.append(html_table(["site", "node", "training rows", "train loss",
-                                     "validation rows", f"local {local}", "dropped"], rows))
+                                     run.site_rows, f"local {local}", "dropped"], rows))
     checks = data_check_totals(run)
     if checks:
         rows = [[name, fmt(checks[name])] for name in
@@ -556,7 +562,7 @@ def personal_section(run: Run) -> str:
             rows.append([name, str(len(values)), fmt(min(values)),
                          fmt(statistics.median(values)), fmt(max(values)),
                          fmt(statistics.fmean(values))])
-    return (f"<h2>Sites by head (round {last['round']})</h2>\n"
+    return (f"<h2>Sites by head on their own {run.site_rows} (round {last['round']})</h2>\n"
             + html_table(["head", "sites", "worst", "median", "best", "mean"], rows))
 
 

@@ -210,6 +210,16 @@ def test_the_sites_plot_shows_the_worst_and_the_median_site_of_each_round(tmp_pa
     assert median.values == pytest.approx([4.2 - 0.3 * r for r in (1, 2, 3)])
 
 
+def test_the_sites_plot_names_the_rows_the_sites_scored(tmp_path):
+    import dataclasses
+
+    run = read_run(make_run(tmp_path / "run"))
+    assert sites_plot(run).title == "Sites on their own validation rows: worst and median"
+    dealt = dataclasses.replace(run, config={**run.config, "site-eval-rows": "test"})
+    assert sites_plot(dealt).title == \
+        "Sites on their own share of the test split: worst and median"
+
+
 def test_client_level_dp_gets_an_epsilon_plot(tmp_path):
     run = make_run(tmp_path / "run", client_dp=True)
 
@@ -337,7 +347,8 @@ def test_personal_heads_get_their_sites_in_the_plot_and_a_table_of_the_last_roun
                       "personal head, median site", "local-only head, worst site",
                       "local-only head, median site"]
     page = Path(write_report(path)).read_text()
-    table = page[page.index("Sites by head (round 3)"):page.index("Configuration")]
+    table = page[page.index("Sites by head on their own validation rows (round 3)"):
+                 page.index("Configuration")]
     cells = re.findall(r"<td>([^<]*)</td>", table)
     # Round 3's sites: global 0.3, 0.35, 0.4; personal 0.2 more; local-only 0, 0.05, 0.1.
     assert cells[:6] == ["global model", "3", "0.3", "0.35", "0.4", "0.35"]
