@@ -73,8 +73,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class PeakMemory:
-    """Samples the resident memory of every process under some roots, by kind of process, and
+class ProcessMeter:
+    """Samples every process under some roots, by kind of process: its peak resident memory and
     the CPU seconds each has used (as last sampled: a process that lives less than the 0.5 s
     between samples, or its last 0.5 s, is missed)."""
 
@@ -124,8 +124,8 @@ class PeakMemory:
 class Processes:
     """Started in their own sessions; stop_all() ends them and whatever they spawned."""
 
-    def __init__(self, env: dict, logs: Path, memory: PeakMemory) -> None:
-        self.env, self.logs, self.memory, self.started = env, logs, memory, []
+    def __init__(self, env: dict, logs: Path, meter: ProcessMeter) -> None:
+        self.env, self.logs, self.meter, self.started = env, logs, meter, []
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
         """Its output in NAME.log, each line behind the time.time() it was read at: where a
@@ -136,7 +136,7 @@ class Processes:
                                 start_new_session=True)
         threading.Thread(target=stamp_lines, args=(proc.stdout, log), daemon=True).start()
         self.started.append((proc, log))
-        self.memory.roots.append(proc.pid)
+        self.meter.roots.append(proc.pid)
         return proc
 
     def stop_all(self) -> None:
@@ -198,15 +198,15 @@ def run_config(args, folder: Path) -> str:
 
 
 def simulation(args, sites: int, folder: Path, out: Path) -> dict:
-    memory = PeakMemory()
+    meter = ProcessMeter()
     proc = subprocess.Popen([str(BIN / "fedlora"), "simulate", "--data", str(folder),
                              "--num-clients", str(sites), "--rounds", str(args.rounds),
                              "--partition", "iid", "--out", str(out), "--run-config",
                              run_config(args, folder)], cwd=ROOT, stdout=subprocess.DEVNULL)
-    memory.roots.append(proc.pid)
+    meter.roots.append(proc.pid)
     if proc.wait():
         raise SystemExit(f"fedlora simulate failed ({out})")
-    return {"peak-mib": memory.stop(), "cpu-seconds": memory.cpu_seconds()}
+    return {"peak-mib": meter.stop(), "cpu-seconds": meter.cpu_seconds()}
 
 
 def deployment(args, sites: int, folder: Path, out: Path, mode: str) -> dict:
@@ -226,8 +226,8 @@ def deployment(args, sites: int, folder: Path, out: Path, mode: str) -> dict:
         run(env, "fedlora", "certs", "--out", str(work / "certs"), "--san", "127.0.0.1")
         run(env, "fedlora", "certs", "--out", str(work / "keys"),
             *[a for n in names for a in ("--site", n)])
-    memory = PeakMemory()
-    procs = Processes(env, work, memory)
+    meter = ProcessMeter()
+    procs = Processes(env, work, meter)
     port = free_port()
     certs = work / "certs"
     try:
@@ -283,7 +283,7 @@ def deployment(args, sites: int, folder: Path, out: Path, mode: str) -> dict:
     status = RunDirectory(out).read_summary()["status"]
     if status != "completed":
         raise SystemExit(f"the {out.name} run ended {status}")
-    return {"peak-mib": memory.stop(), "cpu-seconds": memory.cpu_seconds(),
+    return {"peak-mib": meter.stop(), "cpu-seconds": meter.cpu_seconds(),
             "flwr-run-seconds": elapsed}
 
 

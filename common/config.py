@@ -76,9 +76,10 @@ class FedLoraConfig:
     test_fraction: float = 0.1  # held back for server evaluation when the data has no test split
     val_fraction: float = 0.1  # of each client's partition, for client-side evaluation
     site_eval_rows: str = "validation"  # what a simulated site scores at evaluation:
-                                        # validation (its val-fraction) or test (the data's
-                                        # test split dealt to the sites by their share of
-                                        # each label: more rows of its own distribution)
+                                        # validation (its val-fraction) or test
+                                        # (classification: the data's test split dealt to the
+                                        # sites by their share of each label: more rows of
+                                        # its own distribution)
     max_train_examples: int = 0  # use a random subset of this many training examples; 0 = all
     max_eval_examples: int = 0  # use a random subset of this many evaluation examples; 0 = all
     # Data checks: each site checks its training rows before its first round and reports the
@@ -277,6 +278,9 @@ class FedLoraConfig:
         if self.personal_head:
             raise FedLoraError("config personal-head applies to classification; task causal-lm "
                                "has no head to personalise")
+        if self.site_eval_rows == "test":
+            raise FedLoraError("config site-eval-rows=test deals test rows out by label; task "
+                               "causal-lm has no labels: use site-eval-rows=validation")
         if self.pooling != "auto":
             raise FedLoraError(f"config pooling={self.pooling} applies to classification; "
                                f"task causal-lm predicts every token and pools nothing")

@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from flwr.app import ArrayRecord, MetricRecord
@@ -32,6 +33,15 @@ class PendingRound:
     started: float  # when the round began (time.time())
     state: RunState  # its best round still to be chosen
     offsets: dict[str, torch.Tensor]  # what the global model adds to the base (exact)
+
+
+class Ahead(NamedTuple):
+    """A round's global adapter being scored in a thread (RoundRecorder.score_ahead)."""
+
+    round: int
+    arrays: ArrayRecord
+    thread: threading.Thread
+    scored: dict  # "metrics" or "error", once the thread is done
 
 
 class RoundRecorder:
@@ -63,7 +73,7 @@ class RoundRecorder:
         self._background: threading.Thread | None = None
         self._background_error: BaseException | None = None
         # A round's global adapter scored while the sites evaluate it (score_ahead).
-        self._ahead: tuple[int, ArrayRecord, threading.Thread, dict] | None = None
+        self._ahead: Ahead | None = None
 
     def score_ahead(self, server_round: int, arrays: ArrayRecord) -> None:
         """Start scoring round `server_round`'s global adapter in a thread, now: the loop calls
@@ -82,7 +92,7 @@ class RoundRecorder:
 
         thread = threading.Thread(target=score, daemon=True,
                                   name=f"fedlora-round-{server_round}-evaluation")
-        self._ahead = (server_round, arrays, thread, scored)
+        self._ahead = Ahead(server_round, arrays, thread, scored)
         thread.start()
 
     def _scored_ahead(self, server_round: int, arrays: ArrayRecord) -> dict[str, float] | None:
@@ -90,11 +100,11 @@ class RoundRecorder:
         ahead, self._ahead = self._ahead, None
         if ahead is None:
             return None
-        round_, scored_arrays, thread, scored = ahead
-        thread.join()
-        if "error" in scored:
-            raise scored["error"]
-        return scored["metrics"] if round_ == server_round and scored_arrays is arrays else None
+        ahead.thread.join()
+        if "error" in ahead.scored:
+            raise ahead.scored["error"]
+        same = ahead.round == server_round and ahead.arrays is arrays
+        return ahead.scored["metrics"] if same else None
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         self.wait()
@@ -114,7 +124,7 @@ class RoundRecorder:
         """Wait for round 0's evaluation and a score_ahead still running; raise what round 0's
         raised (unless reraise=False). What score_ahead scored stays for its round's call."""
         if self._ahead is not None:
-            self._ahead[2].join()
+            self._ahead.thread.join()
         if self._background is not None:
             self._background.join()
             self._background = None

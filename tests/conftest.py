@@ -185,3 +185,19 @@ def tiny_llama_dir(banking77_dir, tmp_path_factory) -> Path:
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     LlamaForCausalLM(config).save_pretrained(out)
     return out
+
+
+def not_stored_at_first():
+    """A pull_object_fn whose object is missing at the first ask and there at the second."""
+    import importlib
+
+    unavailable = importlib.import_module(
+        "flwr.supercore.inflatable.inflatable_utils").ObjectUnavailableError
+    asked = []
+
+    def pull_object(object_id: str) -> bytes:
+        asked.append(object_id)
+        if len(asked) == 1:
+            raise unavailable(object_id)
+        return b"bytes"
+    return pull_object

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from common.flower_compat import _NAMES, check_flower_version
-from tests.conftest import REPO
+from tests.conftest import REPO, not_stored_at_first
 
 # Flower's public API: the Message API packages, and the legacy packages SecAgg+ lives in.
 PUBLIC = ("flwr.app", "flwr.clientapp", "flwr.serverapp", "flwr.serverapp.strategy",
@@ -63,22 +63,6 @@ def test_the_cli_stops_with_that_line_under_an_unsupported_flower():
     assert result.stderr.strip().splitlines() == [
         "fedlora: error: flwr 1.43.0 is installed; fedlora supports flwr 1.41 and 1.42 "
         "(pip install 'flwr[simulation,dp]>=1.41,<1.43')"]
-
-
-def not_stored_at_first():
-    """A pull_object_fn whose object is missing at the first ask and there at the second."""
-    import importlib
-
-    unavailable = importlib.import_module(
-        "flwr.supercore.inflatable.inflatable_utils").ObjectUnavailableError
-    asked = []
-
-    def pull_object(object_id: str) -> bytes:
-        asked.append(object_id)
-        if len(asked) == 1:
-            raise unavailable(object_id)
-        return b"bytes"
-    return pull_object
 
 
 def test_fedlora_supernode_paces_flowers_loop_and_passes_flowers_arguments(monkeypatch, capsys):

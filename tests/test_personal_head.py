@@ -150,6 +150,9 @@ def test_bad_personalisation_settings_get_one_line_each(tiny_llama_dir):
         FedLoraConfig(task="causal-lm", model=str(tiny_llama_dir), personal_head=True)
     assert "personal-head applies to classification" in str(err.value)
     assert "\n" not in str(err.value)
+    with pytest.raises(FedLoraError, match="site-eval-rows=test deals test rows out by label; "
+                                           "task causal-lm has no labels"):
+        FedLoraConfig(task="causal-lm", model=str(tiny_llama_dir), site_eval_rows="test")
 
 
 @pytest.fixture

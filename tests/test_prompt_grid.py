@@ -56,7 +56,7 @@ def test_a_reply_pulled_before_its_objects_are_in_is_asked_for_again_within_0_05
     import importlib
     import time
 
-    from tests.test_flower_compat import not_stored_at_first
+    from tests.conftest import not_stored_at_first
 
     http_grid = importlib.import_module("flwr.superlink.grid.http_grid")
     monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)
