@@ -110,7 +110,7 @@ SERVER_ONLY_KEYS = {"out-dir", "num-rounds", "resume", "round-timeout", "round-r
                     "reply-poll-interval", "packed-arrays",
                     "tensorboard", "early-stopping-patience", "early-stopping-min-delta",
                     "min-train-clients", "min-evaluate-clients", "min-available-clients",
-                    "personal-head", "personal-mu", "personal-steps"}
+                    "personal-head", "personal-mu", "personal-steps", "personal-learning-rate"}
 
 
 def _process_cache(cfg: FedLoraConfig, labels: list[str] | None) -> ProcessCache:

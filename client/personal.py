@@ -107,9 +107,9 @@ def personal_adapter(lora: LoraModel, fit: PersonalFit, train_examples: list[dic
                      val_examples: list[dict], cfg: FedLoraConfig, *, labels: list[str],
                      folder: Path, seed: int) -> float | None:
     """The global adapter with the personal head, trained personal-steps steps on the site's
-    own rows and kept in `folder` as a PEFT adapter (`fedlora evaluate --adapter FOLDER`); its
-    accuracy on the validation rows (None without any). The model is left as it was: the
-    personal adapter is never in what the site sends."""
+    own rows at personal-learning-rate and kept in `folder` as a PEFT adapter (`fedlora
+    evaluate --adapter FOLDER`); its accuracy on the evaluation rows (None without any). The
+    model is left as it was: the personal adapter is never in what the site sends."""
     from client.training import train_adapter
     from common.adapters import save_adapter_folder
     from common.metrics import evaluate_examples
@@ -119,7 +119,9 @@ def personal_adapter(lora: LoraModel, fit: PersonalFit, train_examples: list[dic
             for name in lora.head_names()}
     try:
         lora.load_trainable_state(head)
-        train_adapter(lora.model, train_examples, cfg.replace(local_steps=cfg.personal_steps),
+        train_adapter(lora.model, train_examples,
+                      cfg.replace(local_steps=cfg.personal_steps,
+                                  learning_rate=cfg.effective_personal_lr()),
                       seed=seed, pad_id=lora.tokenizer.pad_token_id, device=lora.device)
         save_adapter_folder(lora, labels, folder / PERSONAL_ADAPTER_FOLDER)
         if not val_examples:

@@ -30,6 +30,9 @@ POOLINGS = ("auto", "mean", "cls")
 HEAD_MODES = ("auto", "fit", "train", "fit-then-train")
 STRATEGIES = strategy_names()
 DATA_ENV_VAR = "FEDLORA_DATA"
+# A personal adapter starts from the trained global one: at the sites' full learning rate its
+# few steps on a site's rows undid more than they added on some sites (docs/benchmarks.md).
+PERSONAL_LR_FRACTION = 5
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class FedLoraConfig:
     personal_steps: int = 0  # with personal-head: after the last round each site also trains
                              # the global adapter with its personal head this many steps on its
                              # rows and keeps it as its personal adapter; 0 = none
+    personal_learning_rate: float = 0.0  # the personal adapter's learning rate; 0 = a fifth
+                                         # of learning-rate (it starts from a trained model)
     # Data
     data: str = ""  # file, folder or hub data set; empty falls back to $FEDLORA_DATA
     eval_data: str = ""  # the server's evaluation set (deployment); empty = data's test split
@@ -194,7 +199,7 @@ class FedLoraConfig:
                        "max-examples-ratio", "max-update-norm-ratio", "reply-poll-interval",
                        "dp-noise-multiplier", "dp-target-epsilon", "client-dp-noise-multiplier",
                        "client-dp-target-epsilon", "head-refit-every", "num-rounds",
-                       "head-dp-noise-multiplier", "personal-steps"),
+                       "head-dp-noise-multiplier", "personal-steps", "personal-learning-rate"),
                       lambda v: v >= 0, "not be negative")
         self._require(("lora-dropout", "test-fraction", "val-fraction", "server-beta1",
                        "server-beta2"), lambda v: 0 <= v < 1, "be in [0, 1)")
@@ -391,6 +396,9 @@ class FedLoraConfig:
     def effective_server_lr(self) -> float:
         return self.server_learning_rate or strategy_spec(self.strategy).default_server_lr
 
+    def effective_personal_lr(self) -> float:
+        return self.personal_learning_rate or self.learning_rate / PERSONAL_LR_FRACTION
+
     @property
     def differential_privacy(self) -> bool:
         return self.dp_noise_multiplier > 0
@@ -568,7 +576,7 @@ def _coerce(key: str, raw: Any, type_name: Any) -> Any:
 
 # Keys a resumed run may change; every other key must equal the interrupted run's.
 RESUMABLE_CHANGES = {"num-rounds", "resume", "round-timeout", "round-retries", "out-dir",
-                     "personal-head", "personal-mu", "personal-steps",
+                     "personal-head", "personal-mu", "personal-steps", "personal-learning-rate",
                      "reply-poll-interval", "packed-arrays",
                      "gradient-checkpointing", "cpu-bf16", "tensorboard", "early-stopping-patience",
                      "early-stopping-min-delta",

@@ -220,6 +220,10 @@ def test_after_the_last_round_a_site_keeps_a_personal_adapter_it_never_sends(per
     personal = load_file(folder + "/adapter_model.safetensors")
     trained_lora = [t for n, t in personal.items() if "lora_B" in n]
     assert trained_lora and any(t.abs().sum() > 0 for t in trained_lora)  # B starts at zero
+    # Adam moves a tensor by at most ~lr a step in its first steps (the first by exactly lr):
+    # B, from zero, stayed within 3 steps of a fifth of the sites' learning rate.
+    assert cfg.effective_personal_lr() == cfg.learning_rate / 5
+    assert max(float(t.abs().max()) for t in trained_lora) <= 1.5 * 3 * cfg.learning_rate / 5
     sent = recorddict_to_proto(reply.content).SerializeToString()
     trained = client_app.train(*site_message(cfg, labels, state, "train", 3))
     sent += recorddict_to_proto(trained.content).SerializeToString()
