@@ -82,8 +82,9 @@ def main() -> None:
                 "site-eval-rows": args.site_eval_rows})
             entry["local-only"] = local_only_sites(cfg)
             store_results(out, "personal.json", results)
-    (out / "personal.md").write_text(table(results))
-    print(table(results))
+    report = table(results) + "\n" + site_lines(results)
+    (out / "personal.md").write_text(report)
+    print(report)
 
 
 def per_site(entry: dict) -> list[dict]:
@@ -103,6 +104,7 @@ def per_site(entry: dict) -> list[dict]:
 
 def table(results: dict) -> str:
     names = [*MODELS, "local-only (LoRA + head, trained alone)"]
+    adapter = "personal adapter (personal-steps)"
     rows = []
     for key, entry in results.items():
         sites = per_site(entry)
@@ -110,14 +112,37 @@ def table(results: dict) -> str:
             values = [s[name] for s in sites if s.get(name) is not None]
             if not values:
                 continue
-            gain = [s["personal"] - s[name] for s in sites if s.get(name) is not None]
             rows.append([key.removeprefix("alpha="), name, str(len(values)),
                          f"{statistics.mean(values):.4f}", f"{min(values):.4f}",
                          f"{statistics.median(values):.4f}", f"{max(values):.4f}",
-                         "" if name == "personal" else
-                         f"{statistics.mean(gain):+.4f} / {min(gain):+.4f}"])
+                         *(gain(sites, mine, name) for mine in ("personal", adapter))])
     return markdown_table(["alpha (run)", "model", "sites", "mean", "worst", "median", "best",
-                           "personal minus it: mean / worst site"], rows)
+                           "personal head minus it: mean / worst site",
+                           "personal adapter minus it: mean / worst site"], rows)
+
+
+def site_lines(results: dict) -> str:
+    """Each run's sites, in partition order: rows, then each model's accuracy."""
+    short = {"global": "g", "personal": "p", "personal adapter (personal-steps)": "a",
+             "local-only (LoRA + head, trained alone)": "L"}
+    lines = []
+    for key, entry in results.items():
+        sites = per_site(entry)
+        lines.append(f"{key.removeprefix('alpha=')}: rows " +
+                     " ".join(str(s["rows"]) for s in sites) + ";")
+        for name, letter in short.items():
+            if all(s.get(name) is not None for s in sites):
+                lines.append(f"{letter} " + " ".join(f"{s[name]:.3f}" for s in sites) + ";")
+    return "\n".join(lines) + "\n"
+
+
+def gain(sites: list[dict], mine: str, name: str) -> str:
+    """How much model `mine` beats model `name` by on the mean site and on its worst site."""
+    gains = [s[mine] - s[name] for s in sites
+             if s.get(name) is not None and s.get(mine) is not None]
+    if name == mine or not gains:
+        return ""
+    return f"{statistics.mean(gains):+.4f} / {min(gains):+.4f}"
 
 
 if __name__ == "__main__":
