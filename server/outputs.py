@@ -206,6 +206,25 @@ class RunDirectory:
             return []
         return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line]
 
+    @property
+    def local_only_file(self) -> Path:
+        """Each site trained alone, scored on its own rows (`fedlora simulate --local-only`)."""
+        return self.path / "local_only.json"
+
+    def write_local_only(self, sites: list[dict]) -> None:
+        atomic_write_text(self.local_only_file, json.dumps({"sites": sites}, indent=2) + "\n")
+
+    def read_local_only(self) -> list[dict] | None:
+        """The sites of local_only.json; None without one; ValueError where it holds no list
+        of sites."""
+        if not self.local_only_file.is_file():
+            return None
+        held = json.loads(self.local_only_file.read_text())
+        sites = held.get("sites") if isinstance(held, dict) else None
+        if not isinstance(sites, list) or not all(isinstance(s, dict) for s in sites):
+            raise ValueError("no list of sites under 'sites'")
+        return sites
+
     def write_summary(self, summary: dict) -> None:
         atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
 

@@ -35,6 +35,9 @@ from server.round_record import (
     number as _number,
 )
 
+# local_only.json's row: each site's LoRA and head trained on its rows alone, for as many
+# epochs as the federation's rounds gave it (simulations/baselines.py).
+LOCAL_ONLY_TRAINING = "local-only training (each site alone)"
 MAX_LEGEND_ENTRIES = 20  # beyond this the legend hides the plot; the caption still names all
 MAX_ROUND_TICKS = 12
 MB = 1e6
@@ -50,6 +53,7 @@ class Run:
     summary: dict
     rounds: list[dict]  # sorted by round number
     class_labels: list | None  # labels.json (classification)
+    local_only: list[dict] | None = None  # local_only.json: each site trained alone
 
     @property
     def is_causal_lm(self) -> bool:
@@ -93,7 +97,12 @@ def read_run(run_dir: str | Path, command: str = "report", wait_for_rounds: bool
     class_labels = (_read_json(command, labels_file, lambda: json.loads(labels_file.read_text()),
                                list) if labels_file.is_file() else None)
     rounds = _read_rounds(command, run.metrics_file) if run.metrics_file.is_file() else []
-    return Run(run.path, config, summary, rounds, class_labels)
+    try:
+        local_only = run.read_local_only()
+    except ValueError as err:
+        raise FedLoraError(f"{command}: {run.local_only_file} is not what `fedlora simulate "
+                           f"--local-only` writes ({_json_problem(err)})") from None
+    return Run(run.path, config, summary, rounds, class_labels, local_only)
 
 
 def _read_json(command: str, path: Path, read, expected: type = dict):
@@ -546,24 +555,29 @@ def data_check_totals(run: Run) -> dict:
 
 
 def personal_section(run: Run) -> str:
-    """Under personal-head: how the sites fare on their own validation rows with each head, in
-    the last round they were evaluated: worst, median, best and mean site."""
+    """Under personal-head or beside local-only training (`fedlora simulate --local-only`): how
+    the sites fare on their own rows with each model, in the last round they were evaluated:
+    worst, median, best and mean site."""
     heads = {"eval-accuracy": "global model", **PERSONAL_METRICS}
-    last = next((r for r in reversed(run.rounds) if any(
-        "eval-personal-accuracy" in e for e in _part(r, "evaluate-per-client", list)
-        if isinstance(e, dict))), None)
+    evaluated = [r for r in run.rounds if any(
+        isinstance(e, dict) and "eval-accuracy" in e
+        for e in _part(r, "evaluate-per-client", list))]
+    personal = [r for r in evaluated if any(
+        isinstance(e, dict) and "eval-personal-accuracy" in e
+        for e in _part(r, "evaluate-per-client", list))]
+    last = (personal or (evaluated if run.local_only else []) or [None])[-1]
     if last is None:
         return ""
-    rows = []
-    for key, name in heads.items():
-        values = [v for e in _part(last, "evaluate-per-client", list) if isinstance(e, dict)
-                  and (v := _number(e.get(key))) is not None]
-        if values:
-            rows.append([name, str(len(values)), fmt(min(values)),
-                         fmt(statistics.median(values)), fmt(max(values)),
-                         fmt(statistics.fmean(values))])
-    return (f"<h2>Sites by head on their own {run.site_rows} (round {last['round']})</h2>\n"
-            + html_table(["head", "sites", "worst", "median", "best", "mean"], rows))
+    columns = {name: [v for e in _part(last, "evaluate-per-client", list) if isinstance(e, dict)
+                      and (v := _number(e.get(key))) is not None]
+               for key, name in heads.items()}
+    columns[LOCAL_ONLY_TRAINING] = [v for s in run.local_only or []
+                                    if (v := _number(s.get("accuracy"))) is not None]
+    rows = [[name, str(len(values)), fmt(min(values)), fmt(statistics.median(values)),
+             fmt(max(values)), fmt(statistics.fmean(values))]
+            for name, values in columns.items() if values]
+    return (f"<h2>Sites by model on their own {run.site_rows} (round {last['round']})</h2>\n"
+            + html_table(["model", "sites", "worst", "median", "best", "mean"], rows))
 
 
 def config_section(run: Run) -> str:

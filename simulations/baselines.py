@@ -14,6 +14,8 @@ while LoRA trains under fit.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from client.head_statistics import feature_statistics
@@ -109,5 +111,11 @@ def local_only(cfg: FedLoraConfig) -> dict:
 def local_only_sites(cfg: FedLoraConfig) -> list[dict]:
     """Each alone-trained site scored on the rows a federated site reports its eval-* metrics
     on (site-eval-rows), with its partition id."""
-    return [{"partition-id": site, "num-examples": len(val), **_score(lora, val, cfg)}
-            for site, lora, val, _ in _each_site_alone(cfg) if val]
+    return list(each_local_only_site(cfg))
+
+
+def each_local_only_site(cfg: FedLoraConfig) -> Iterator[dict]:
+    """local_only_sites, one site at a time (for a progress bar)."""
+    for site, lora, val, _ in _each_site_alone(cfg):
+        if val:
+            yield {"partition-id": site, "num-examples": len(val), **_score(lora, val, cfg)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import sys
 import threading
 import time
@@ -53,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="any config key, as for flwr run --run-config; may be repeated (a "
                           "later value of a key wins)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's own logs")
+    sim.add_argument("--local-only", action="store_true",
+                     help="after the run, also train each site alone on its own rows (as many "
+                          "epochs as the rounds gave it) and score it on the rows the sites "
+                          "scored: the report's local-only row (classification)")
     sim.add_argument("--ray-address", metavar="ADDRESS",
                      help="run the simulated sites on an existing Ray cluster (HOST:PORT of its "
                           "head, or 'auto'); default: a Ray instance of this machine")
@@ -503,13 +508,17 @@ def preflight(cfg: FedLoraConfig) -> SharedPool:
     return SharedPool(Rows(*columns(splits.train, "text", "target")), labels, partitions)
 
 
-def simulate_command(cfg: FedLoraConfig, verbose: bool, ray_address: str | None = None) -> int:
+def simulate_command(cfg: FedLoraConfig, verbose: bool, ray_address: str | None = None,
+                     local_only: bool = False) -> int:
     from rich.console import Console
 
     from server.outputs import RunDirectory
     from simulations.progress import RoundProgress
     from simulations.runner import simulate, start_ray_during
 
+    if local_only and not cfg.is_classification:
+        raise FedLoraError("--local-only compares the sites' accuracy: classification only, "
+                           f"not task {cfg.task}")
     console = Console(stderr=False)
     # Ray starts while the input is checked (seconds each); bad input stops it again.
     start_ray_during(lambda: preflight(cfg), cfg, ray_address)
@@ -550,7 +559,32 @@ def simulate_command(cfg: FedLoraConfig, verbose: bool, ray_address: str | None 
     if summary.get("stopped-early"):
         console.print(f"[yellow]stopped after round {summary['rounds']}:[/] "
                       f"{summary['stopped-early']}", soft_wrap=True)
+    if local_only:
+        train_each_site_alone(cfg, run, console)
     return 0
+
+
+def train_each_site_alone(cfg: FedLoraConfig, run, console) -> None:
+    """--local-only: the sites trained alone, written to the run directory for the report."""
+    from rich.progress import Progress
+
+    from simulations.baselines import each_local_only_site
+
+    sites = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("local-only: each site trains alone", total=cfg.num_clients)
+        for site in each_local_only_site(cfg):
+            sites.append(site)
+            progress.advance(task)
+    run.write_local_only(sites)
+    accuracies = [s["accuracy"] for s in sites]
+    if not accuracies:
+        console.print("local-only: no site has rows to score", highlight=False)
+        return
+    console.print(f"local-only: worst site {min(accuracies):.4f}, median "
+                  f"{statistics.median(accuracies):.4f} (each site trained alone, on the rows "
+                  f"its evaluation scores), in {run.local_only_file}", highlight=False,
+                  soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -565,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
         if unread:
             raise FedLoraError(f"unrecognized arguments: {' '.join(unread)}")
         if args.command == "simulate":
-            return simulate_command(config_from_args(args), args.verbose, args.ray_address)
+            return simulate_command(config_from_args(args), args.verbose, args.ray_address,
+                                    local_only=args.local_only)
         commands = {"certs": certs_command, "connect": connect_command,
                     "gateway": gateway_command, "site": site_command,
                     "site-status": site_status_command,

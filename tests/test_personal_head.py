@@ -291,3 +291,42 @@ def test_with_site_eval_rows_test_each_site_scores_its_share_of_the_test_split(
     with pytest.raises(FedLoraError, match="config site-eval-rows must be one of "
                                            "validation, test; got 'val'"):
         FedLoraConfig(site_eval_rows="val")
+
+
+def test_simulate_local_only_trains_each_site_alone_for_the_report(banking_subset, tmp_path,
+                                                                   monkeypatch, capsys):
+    """`fedlora simulate --local-only`: after the federation each site trains alone and is
+    scored on the rows its evaluation scored; the report lists them. Not for causal LM."""
+    import json
+    from pathlib import Path
+
+    from server.outputs import RunDirectory
+    from server.report import write_report
+    from simulations import cli
+    from tests.conftest import simulate_without_ray
+
+    set_task_identity(run_id=1, task_id=1, node_id=0)
+    monkeypatch.setattr(client_app, "_CACHE", None)
+    simulate_without_ray(monkeypatch)
+    out = tmp_path / "run"
+    argv = ["simulate", "--data", str(banking_subset), "--num-clients", "2", "--rounds", "1",
+            "--out", str(out), "--local-only", "--run-config",
+            "label-column=category local-steps=2 max-eval-examples=30"]
+    assert cli.main(argv) == 0
+    sites = json.loads((out / "local_only.json").read_text())["sites"]
+    federated = RunDirectory(out).read_rounds()[-1]["evaluate-per-client"]
+    assert {s["partition-id"]: s["num-examples"] for s in sites} == \
+        {int(e["partition-id"]): int(e["num-examples"]) for e in federated}
+    accuracies = sorted(s["accuracy"] for s in sites)
+    assert len(accuracies) == 2 and all(0 <= a <= 1 for a in accuracies)
+    assert f"local-only: worst site {accuracies[0]:.4f}" in capsys.readouterr().out
+    page = Path(write_report(out)).read_text()
+    assert f"<td>local-only training (each site alone)</td><td>2</td><td>{accuracies[0]:.4g}" \
+        in page
+
+    capsys.readouterr()
+    assert cli.main(["simulate", "--task", "causal-lm", "--data", str(banking_subset),
+                     "--out", str(tmp_path / "lm"), "--local-only"]) == 2
+    assert capsys.readouterr().err.strip() == ("fedlora: error: --local-only compares the "
+                                               "sites' accuracy: classification only, not "
+                                               "task causal-lm")

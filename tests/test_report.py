@@ -266,6 +266,8 @@ def test_out_puts_the_page_elsewhere(tmp_path):
     ("not-a-round", "metrics.jsonl line 2 is not a round record"),
     ("bad-summary", "summary.json is not valid JSON"),
     ("config-list", "config.json is not a JSON object"),
+    ("local-only-list", "local_only.json is not what `fedlora simulate --local-only` writes "
+                        "(no list of sites under 'sites')"),
 ])
 def test_bad_input_raises_one_line_naming_the_problem(tmp_path, breakage, expected):
     run = make_run(tmp_path / "run")
@@ -284,6 +286,8 @@ def test_bad_input_raises_one_line_naming_the_problem(tmp_path, breakage, expect
         (run / "summary.json").write_text('{"status": ')
     elif breakage == "config-list":
         (run / "config.json").write_text("[1, 2]")
+    elif breakage == "local-only-list":
+        (run / "local_only.json").write_text('[{"accuracy": 0.5}]')
     if breakage in ("bad-line", "not-a-round"):
         (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
@@ -346,11 +350,17 @@ def test_personal_heads_get_their_sites_in_the_plot_and_a_table_of_the_last_roun
     assert labels == ["worst site", "median site", "personal head, worst site",
                       "personal head, median site", "local-only head, worst site",
                       "local-only head, median site"]
+    # `fedlora simulate --local-only`'s sites, each trained alone.
+    (path / "local_only.json").write_text(json.dumps({"sites": [
+        {"partition-id": i, "num-examples": 20, "accuracy": a}
+        for i, a in enumerate((0.25, 0.45, 0.2))]}))
     page = Path(write_report(path)).read_text()
-    table = page[page.index("Sites by head on their own validation rows (round 3)"):
+    table = page[page.index("Sites by model on their own validation rows (round 3)"):
                  page.index("Configuration")]
     cells = re.findall(r"<td>([^<]*)</td>", table)
     # Round 3's sites: global 0.3, 0.35, 0.4; personal 0.2 more; local-only 0, 0.05, 0.1.
     assert cells[:6] == ["global model", "3", "0.3", "0.35", "0.4", "0.35"]
     assert cells[6:12] == ["personal head", "3", "0.5", "0.55", "0.6", "0.55"]
     assert cells[13:16] == ["3", "0", "0.05"]
+    assert cells[18:24] == ["local-only training (each site alone)", "3", "0.2", "0.25", "0.45",
+                            "0.3"]
