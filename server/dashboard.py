@@ -80,7 +80,7 @@ def run_state(path: Path) -> dict:
                 "unreadable": str(err)}
     clients = client_names(run.rounds)
     last = run.rounds[-1]["round"] if run.rounds else None
-    status = str(run.summary.get("status", "unknown"))
+    status = run.status
     server = run.rounds[-1].get("server") if run.rounds else None
     return {
         "name": path.name, "path": str(path), "status": status,

@@ -8,7 +8,8 @@
                          base of the pooling its fedlora.json names (common.model's
                          load_base_model builds it)
     best_adapter/        the same, of the best round by the server's selection metric
-    summary.json         status (running/completed/failed), final metrics, timing
+    summary.json         status (running/completed/failed), final metrics, timing; "running"
+                         with .lock held by no process reads as interrupted (run_status)
     checkpoint/          the last complete round (server/checkpoint.py), for resuming
     tensorboard/         event files, when config tensorboard = true
     report.html, plots/  written by `fedlora report`
@@ -22,6 +23,7 @@ import fcntl
 import json
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,7 +84,47 @@ def _lock(path: Path) -> None:
     except FedLoraError:
         os.close(fd)
         raise
+    # Who holds it: only a process on the same machine can tell from /proc/locks whether the
+    # holder still lives (lock_held).
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{socket.gethostname()} {os.getpid()}\n".encode(), 0)
     _held_locks[key] = fd
+
+
+def lock_held(path: str | Path) -> bool | None:
+    """Whether a process holds ``path``'s lock now, read from Linux's /proc/locks: looking
+    takes no lock, so it never turns away a run that starts at that moment. None where it
+    cannot tell (no .lock, no /proc/locks, or a lock taken on another machine or container:
+    a run directory on a shared file system)."""
+    try:
+        lock = (Path(path) / LOCK_FILE).stat()
+        holder = (Path(path) / LOCK_FILE).read_text(errors="replace").split()
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    if not holder or holder[0] != socket.gethostname():
+        return None
+    wanted = (os.major(lock.st_dev), os.minor(lock.st_dev), lock.st_ino)
+    for line in table.splitlines():
+        fields = [f for f in line.split() if f != "->"]  # "->": a process waiting for it
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[0].endswith(":"):
+            try:
+                major, minor, inode = fields[5].split(":")
+                if (int(major, 16), int(minor, 16), int(inode)) == wanted:
+                    return True
+            except ValueError:
+                continue
+    return False
+
+
+def run_status(path: str | Path, summary: dict) -> str:
+    """The summary's status, but "interrupted" where it says running and no process holds
+    the run's lock: the process that ran it ended without finishing (killed, its machine
+    stopped); its checkpoint resumes it."""
+    status = str(summary.get("status", "unknown"))
+    if status == "running" and lock_held(path) is False:
+        return "interrupted"
+    return status
 
 
 def _release(path: Path) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from common.atomic import atomic_write_bytes, atomic_write_text
 from common.errors import FedLoraError
-from server.outputs import RunDirectory
+from server.outputs import RunDirectory, run_status
 from server.round_record import (
     PERSONAL_METRICS,
     client_level_epsilon,
@@ -54,6 +54,7 @@ class Run:
     rounds: list[dict]  # sorted by round number
     class_labels: list | None  # labels.json (classification)
     local_only: list[dict] | None = None  # local_only.json: each site trained alone
+    status: str = "unknown"  # the summary's, or interrupted (server/outputs.py run_status)
 
     @property
     def is_causal_lm(self) -> bool:
@@ -102,7 +103,8 @@ def read_run(run_dir: str | Path, command: str = "report", wait_for_rounds: bool
     except ValueError as err:
         raise FedLoraError(f"{command}: {run.local_only_file} is not what `fedlora simulate "
                            f"--local-only` writes ({_json_problem(err)})") from None
-    return Run(run.path, config, summary, rounds, class_labels, local_only)
+    return Run(run.path, config, summary, rounds, class_labels, local_only,
+               run_status(run.path, summary))
 
 
 def _read_json(command: str, path: Path, read, expected: type = dict):
@@ -380,6 +382,7 @@ th:first-child, td:first-child, table.config th, table.config td { text-align: l
 .status.completed { background: #d8f0dc; color: #14532d; }
 .status.failed { background: #f9d4d4; color: #7f1d1d; }
 .status.running { background: #fbefc4; color: #6b3d0b; }
+.status.interrupted { background: #e4e4f7; color: #2e2a6b; }
 .error { background: #fdecec; border-left: 4px solid #c62828; padding: 0.5rem 0.75rem; }
 .note { background: #f1f5fb; border-left: 4px solid #4a78b5; padding: 0.5rem 0.75rem; }
 figure { margin: 1.25rem 0; }
@@ -405,7 +408,7 @@ def render_page(run: Run, plots: list[tuple[Plot, bytes]], clients: dict[int, st
 
 
 def header_section(run: Run, clients: dict[int, str]) -> str:
-    status = str(run.summary.get("status", "unknown"))
+    status = run.status
     configured = run.config.get("num-clients")
     clients = f"{len(clients)} reported" + (f" ({configured} configured)" if configured else "")
     last_round = run.rounds[-1]["round"] if run.rounds else None
@@ -431,9 +434,15 @@ def summary_section(run: Run) -> str:
         if summary.get("traceback"):
             parts.append(f"<details><summary>traceback</summary>"
                          f"<pre>{escape(str(summary['traceback']))}</pre></details>")
-    elif summary.get("status") == "running":
-        parts.append('<p class="note">The run has not finished (or was stopped without a '
-                     "summary): this shows the rounds recorded so far.</p>")
+    elif run.status == "running":
+        parts.append('<p class="note">The run has not finished: this shows the rounds recorded '
+                     "so far.</p>")
+    elif run.status == "interrupted":
+        parts.append('<p class="note"><strong>Interrupted:</strong> the process that ran it '
+                     "ended before it finished (killed, or its machine stopped). This shows the "
+                     "rounds recorded until then; <code>fedlora simulate --resume RUN_DIR</code> "
+                     "(or <code>resume=true</code> under <code>flwr run</code>) continues it "
+                     "from its last checkpoint.</p>")
     if summary.get("stopped-early"):
         parts.append(f'<p class="note"><strong>Stopped early:</strong> '
                      f'{escape(fmt(summary["stopped-early"]))}</p>')

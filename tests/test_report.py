@@ -364,3 +364,36 @@ def test_personal_heads_get_their_sites_in_the_plot_and_a_table_of_the_last_roun
     assert cells[13:16] == ["3", "0", "0.05"]
     assert cells[18:24] == ["local-only training (each site alone)", "3", "0.2", "0.25", "0.45",
                             "0.3"]
+
+
+def test_a_running_run_whose_process_died_reads_as_interrupted(tmp_path):
+    """summary.json still says running after a SIGKILL; the report and the dashboard (both
+    through read_run) say interrupted once no process holds the run's lock."""
+    import signal
+    import sys
+
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from common.config import FedLoraConfig\n"
+         "from server.outputs import RunDirectory\n"
+         f"RunDirectory.create(FedLoraConfig(out_dir={str(run_dir)!r}), None)\n"
+         "print('ready', flush=True)\ntime.sleep(60)\n"],
+        cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        assert read_run(run_dir, wait_for_rounds=True).status == "running"
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    run = read_run(run_dir, wait_for_rounds=True)
+    assert run.summary["status"] == "running" and run.status == "interrupted"
+    (run_dir / "metrics.jsonl").write_text(json.dumps(_round("classification", 0, False, False))
+                                           + "\n")  # round 0, recorded before the kill
+    page = Path(write_report(run_dir)).read_text()
+    assert '<span class="status interrupted">interrupted</span>' in page
+    assert "fedlora simulate --resume RUN_DIR</code>" in page
+
+    # A lock taken on another machine (a shared file system): no telling, so as summary says.
+    (run_dir / ".lock").write_text("another-host 123\n")
+    assert read_run(run_dir, wait_for_rounds=True).status == "running"
