@@ -32,7 +32,7 @@ STRATEGIES = strategy_names()
 DATA_ENV_VAR = "FEDLORA_DATA"
 # A personal adapter starts from the trained global one: at the sites' full learning rate its
 # few steps on a site's rows undid more than they added on some sites (docs/benchmarks.md).
-PERSONAL_LR_FRACTION = 5
+PERSONAL_LR_DIVISOR = 5
 
 
 @dataclass(frozen=True)
@@ -278,6 +278,9 @@ class FedLoraConfig:
         if self.personal_steps and not self.personal_head:
             raise FedLoraError("personal-steps trains a personal adapter from the personal "
                                "head: set personal-head=true too")
+        if self.personal_learning_rate and not self.personal_steps:
+            raise FedLoraError("personal-learning-rate is the personal adapter's: set "
+                               "personal-steps too")
         if self.is_classification:
             return
         if self.personal_head:
@@ -397,7 +400,7 @@ class FedLoraConfig:
         return self.server_learning_rate or strategy_spec(self.strategy).default_server_lr
 
     def effective_personal_lr(self) -> float:
-        return self.personal_learning_rate or self.learning_rate / PERSONAL_LR_FRACTION
+        return self.personal_learning_rate or self.learning_rate / PERSONAL_LR_DIVISOR
 
     @property
     def differential_privacy(self) -> bool:

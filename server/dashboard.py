@@ -28,6 +28,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, unquote
 
 from common.errors import FedLoraError
+from server.outputs import lock_held
 from server.report import (
     CSS,
     Run,
@@ -142,12 +143,15 @@ def files_signature(paths: list[Path]) -> str:
     """Changes whenever a file the page reads changes: the ETag of api/state."""
     parts = []
     for path in paths:
-        for name in ("config.json", "summary.json", "metrics.jsonl", "labels.json"):
+        for name in ("config.json", "summary.json", "metrics.jsonl", "labels.json",
+                     "local_only.json"):
             try:
                 stat = (path / name).stat()
                 parts.append(f"{path}/{name}:{stat.st_mtime_ns}:{stat.st_size}")
             except OSError:
                 parts.append(f"{path}/{name}:-")
+        # A killed run changes no file: whether its process still holds the lock does.
+        parts.append(f"{path}:lock:{lock_held(path)}")
     return '"' + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32] + '"'
 
 

@@ -13,6 +13,7 @@
     checkpoint/          the last complete round (server/checkpoint.py), for resuming
     tensorboard/         event files, when config tensorboard = true
     report.html, plots/  written by `fedlora report`
+    local_only.json      `fedlora simulate --local-only`: each site trained alone, scored
     STOP                 made by a user or `fedlora tune`: the run ends after this round
     .lock                flock-ed by the process that runs in the folder, while it lives
 """
@@ -84,36 +85,43 @@ def _lock(path: Path) -> None:
     except FedLoraError:
         os.close(fd)
         raise
-    # Who holds it: only a process on the same machine can tell from /proc/locks whether the
-    # holder still lives (lock_held).
+    # Who holds it: only a process on the same machine, since the same boot, can tell from
+    # /proc/locks whether the holder still lives (lock_held).
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{socket.gethostname()} {os.getpid()}\n".encode(), 0)
+    os.pwrite(fd, f"{socket.gethostname()} {_boot_id()} {os.getpid()}\n".encode(), 0)
     _held_locks[key] = fd
 
 
-def lock_held(path: str | Path) -> bool | None:
-    """Whether a process holds ``path``'s lock now, read from Linux's /proc/locks: looking
-    takes no lock, so it never turns away a run that starts at that moment. None where it
-    cannot tell (no .lock, no /proc/locks, or a lock taken on another machine or container:
-    a run directory on a shared file system)."""
+def _boot_id() -> str:
     try:
-        lock = (Path(path) / LOCK_FILE).stat()
-        holder = (Path(path) / LOCK_FILE).read_text(errors="replace").split()
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or "-"
+    except OSError:
+        return "-"
+
+
+def lock_held(path: str | Path) -> bool | None:
+    """Whether the process named in ``path``'s .lock still holds it, read from Linux's
+    /proc/locks: looking takes no lock, so it never turns away a run that starts at that
+    moment. None where it cannot tell: no .lock or no name in it (an older run), no
+    /proc/locks, or a lock taken on another machine, container or boot (a run directory on a
+    shared file system)."""
+    lock_file = Path(path) / LOCK_FILE
+    try:
+        inode = lock_file.stat().st_ino
+        holder = lock_file.read_text(errors="replace").rsplit(None, 2)
         table = Path("/proc/locks").read_text()
     except OSError:
         return None
-    if not holder or holder[0] != socket.gethostname():
+    if len(holder) != 3 or holder[0] != socket.gethostname() or holder[1] != _boot_id() \
+            or _boot_id() == "-" or not holder[2].isdigit():
         return None
-    wanted = (os.major(lock.st_dev), os.minor(lock.st_dev), lock.st_ino)
     for line in table.splitlines():
         fields = [f for f in line.split() if f != "->"]  # "->": a process waiting for it
-        if len(fields) > 5 and fields[1] == "FLOCK" and fields[0].endswith(":"):
-            try:
-                major, minor, inode = fields[5].split(":")
-                if (int(major, 16), int(minor, 16), int(inode)) == wanted:
-                    return True
-            except ValueError:
-                continue
+        # "1: FLOCK ADVISORY WRITE <pid> <major>:<minor>:<inode> 0 EOF"; the device is left
+        # out: on btrfs and overlay file systems it need not be the one stat reports.
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[4] == holder[2] and \
+                fields[5].rsplit(":", 1)[-1] == str(inode):
+            return True
     return False
 
 
@@ -253,8 +261,10 @@ class RunDirectory:
         """Each site trained alone, scored on its own rows (`fedlora simulate --local-only`)."""
         return self.path / "local_only.json"
 
-    def write_local_only(self, sites: list[dict]) -> None:
-        atomic_write_text(self.local_only_file, json.dumps({"sites": sites}, indent=2) + "\n")
+    def write_local_only(self, sites: list[dict], rounds: int) -> None:
+        """`rounds`: the federation's rounds whose local training each site had alone."""
+        atomic_write_text(self.local_only_file,
+                          json.dumps({"rounds": rounds, "sites": sites}, indent=2) + "\n")
 
     def read_local_only(self) -> list[dict] | None:
         """The sites of local_only.json; None without one; ValueError where it holds no list

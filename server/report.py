@@ -435,8 +435,9 @@ def summary_section(run: Run) -> str:
             parts.append(f"<details><summary>traceback</summary>"
                          f"<pre>{escape(str(summary['traceback']))}</pre></details>")
     elif run.status == "running":
-        parts.append('<p class="note">The run has not finished: this shows the rounds recorded '
-                     "so far.</p>")
+        parts.append('<p class="note">The run has not finished (or was stopped where this '
+                     "cannot tell: another machine's run): this shows the rounds recorded so "
+                     "far.</p>")
     elif run.status == "interrupted":
         parts.append('<p class="note"><strong>Interrupted:</strong> the process that ran it '
                      "ended before it finished (killed, or its machine stopped). This shows the "

@@ -13,12 +13,18 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.config import STRATEGIES, FedLoraConfig, build_config
 from common.errors import FedLoraError
 from simulations.inspect import add_inspect_parser, inspect_command
 from simulations.shared_pool import Rows, SharedPool
 from simulations.tune import add_tune_parser
+
+if TYPE_CHECKING:  # rich and the server's modules are imported where a command needs them
+    from rich.console import Console
+
+    from server.outputs import RunDirectory
 
 # Each look at the SuperLink is one HTTPS request; 0.5 s keeps 100 idle sites under 200 a second.
 SUPERNODE_POLL_SECONDS = 0.5
@@ -560,11 +566,13 @@ def simulate_command(cfg: FedLoraConfig, verbose: bool, ray_address: str | None 
         console.print(f"[yellow]stopped after round {summary['rounds']}:[/] "
                       f"{summary['stopped-early']}", soft_wrap=True)
     if local_only:
-        train_each_site_alone(cfg, run, console)
+        # As many rounds' local training as the federation had (fewer if it stopped early).
+        rounds = int(summary.get("rounds") or cfg.num_rounds)
+        train_each_site_alone(cfg.replace(num_rounds=rounds), run, console)
     return 0
 
 
-def train_each_site_alone(cfg: FedLoraConfig, run, console) -> None:
+def train_each_site_alone(cfg: FedLoraConfig, run: RunDirectory, console: Console) -> None:
     """--local-only: the sites trained alone, written to the run directory for the report."""
     from rich.progress import Progress
 
@@ -576,7 +584,7 @@ def train_each_site_alone(cfg: FedLoraConfig, run, console) -> None:
         for site in each_local_only_site(cfg):
             sites.append(site)
             progress.advance(task)
-    run.write_local_only(sites)
+    run.write_local_only(sites, cfg.num_rounds)
     accuracies = [s["accuracy"] for s in sites]
     if not accuracies:
         console.print("local-only: no site has rows to score", highlight=False)

@@ -232,6 +232,11 @@ def test_after_the_last_round_a_site_keeps_a_personal_adapter_it_never_sends(per
 
     with pytest.raises(FedLoraError, match="set personal-head=true too"):
         FedLoraConfig(personal_steps=5)
+    assert FedLoraConfig(personal_head=True, personal_steps=5,
+                         personal_learning_rate=0.002).effective_personal_lr() == 0.002
+    with pytest.raises(FedLoraError, match="personal-learning-rate is the personal adapter's: "
+                                           "set personal-steps too"):
+        FedLoraConfig(personal_head=True, personal_learning_rate=0.002)
 
 
 def test_a_site_keeps_its_head_in_its_own_folder(tmp_path, monkeypatch):
@@ -313,7 +318,9 @@ def test_simulate_local_only_trains_each_site_alone_for_the_report(banking_subse
             "--out", str(out), "--local-only", "--run-config",
             "label-column=category local-steps=2 max-eval-examples=30"]
     assert cli.main(argv) == 0
-    sites = json.loads((out / "local_only.json").read_text())["sites"]
+    alone = json.loads((out / "local_only.json").read_text())
+    sites = alone["sites"]
+    assert alone["rounds"] == 1
     federated = RunDirectory(out).read_rounds()[-1]["evaluate-per-client"]
     assert {s["partition-id"]: s["num-examples"] for s in sites} == \
         {int(e["partition-id"]): int(e["num-examples"]) for e in federated}

@@ -366,11 +366,15 @@ def test_personal_heads_get_their_sites_in_the_plot_and_a_table_of_the_last_roun
                             "0.3"]
 
 
+@pytest.mark.skipif(not Path("/proc/locks").is_file(), reason="reads Linux's /proc/locks")
 def test_a_running_run_whose_process_died_reads_as_interrupted(tmp_path):
     """summary.json still says running after a SIGKILL; the report and the dashboard (both
-    through read_run) say interrupted once no process holds the run's lock."""
+    through read_run) say interrupted once no process holds the run's lock, and the
+    dashboard's signature of the run changes with it."""
     import signal
     import sys
+
+    from server.dashboard import files_signature
 
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
@@ -383,17 +387,22 @@ def test_a_running_run_whose_process_died_reads_as_interrupted(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "ready"
         assert read_run(run_dir, wait_for_rounds=True).status == "running"
+        alive = files_signature([run_dir])
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     run = read_run(run_dir, wait_for_rounds=True)
     assert run.summary["status"] == "running" and run.status == "interrupted"
+    assert files_signature([run_dir]) != alive
     (run_dir / "metrics.jsonl").write_text(json.dumps(_round("classification", 0, False, False))
                                            + "\n")  # round 0, recorded before the kill
     page = Path(write_report(run_dir)).read_text()
     assert '<span class="status interrupted">interrupted</span>' in page
     assert "fedlora simulate --resume RUN_DIR</code>" in page
 
-    # A lock taken on another machine (a shared file system): no telling, so as summary says.
-    (run_dir / ".lock").write_text("another-host 123\n")
-    assert read_run(run_dir, wait_for_rounds=True).status == "running"
+    # No telling, so as the summary says: a lock taken on another machine (a shared file
+    # system) or before the last boot, or one that names nobody (an older run's).
+    host, boot, pid = (run_dir / ".lock").read_text().rsplit(None, 2)
+    for holder_line in (f"another-host {boot} {pid}", f"{host} another-boot {pid}", ""):
+        (run_dir / ".lock").write_text(holder_line)
+        assert read_run(run_dir, wait_for_rounds=True).status == "running"
