@@ -34,7 +34,6 @@ from client.training import frozen, train_adapter
 from common.config import FedLoraConfig, SiteConfig
 from common.data import (
     DataSplits,
-    columns,
     load_site_rows,
     load_splits,
     resolve_labels,
@@ -219,13 +218,10 @@ def _dealt_test_rows(cache: ProcessCache, cfg: FedLoraConfig, site_id: int):
     """A simulated site's share of the test split (site-eval-rows=test: common/partitioning.py
     `deal_by_label`), dealt once per process for all sites."""
     if cache.dealt_test is None:
-        from common.partitioning import deal_by_label
+        from common.partitioning import deal_test_split
 
-        (pool_labels,) = columns(cache.pool, "target")
         test = load_splits(cfg).test
-        cache.dealt_test = (test, deal_by_label(
-            [[pool_labels[i] for i in partition] for partition in cache.partitions],
-            columns(test, "target")[0], cfg.seed))
+        cache.dealt_test = (test, deal_test_split(cache.pool, cache.partitions, test, cfg.seed))
     test, dealt = cache.dealt_test
     return test.select(dealt[site_id])
 

@@ -83,6 +83,16 @@ def deal_by_label(site_labels: list[list], rows_labels: list, seed: int) -> list
     return [sorted(rows) for rows in dealt]
 
 
+def deal_test_split(pool, partitions: list[list[int]], test, seed: int) -> list[list[int]]:
+    """site-eval-rows=test: each site's share of the `test` rows (their indices), dealt by
+    `deal_by_label` by the labels of its partition of `pool` ("target" columns). The sites and
+    the local-only baseline (simulations/baselines.py) deal with this one function, so both
+    score the same rows."""
+    (pool_labels,) = columns(pool, "target")
+    return deal_by_label([[pool_labels[i] for i in partition] for partition in partitions],
+                         columns(test, "target")[0], seed)
+
+
 def _dirichlet_sizes(n: int, k: int, alpha: float, seed: int) -> list[int]:
     """Site sizes summing to n, each at least MIN_EXAMPLES_PER_SITE, proportional to a draw."""
     shares = np.random.default_rng(seed).dirichlet(np.full(k, alpha))

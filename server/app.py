@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import FedLoraConfig, check_resumable
 from common.data import load_server_splits, resolve_labels, tokenize
+from common.flower_compat import retry_reply_objects_sooner
 from common.lora_math import factorize, lora_modules
 from common.model import LoraModel, build_lora_model
 from common.provenance import run_environment
@@ -39,6 +40,9 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = FedLoraConfig.from_run_config(context.run_config)
+    # A reply pulled before its sender has pushed all its objects is asked for again after
+    # 0.05 s, not Flower's 1 s: whichever grid the run talks through.
+    retry_reply_objects_sooner()
     if cfg.reply_poll_interval:
         grid = PromptGrid(grid, cfg.reply_poll_interval)
     run_federation(PackedGrid(grid) if cfg.packed_arrays else grid, cfg)

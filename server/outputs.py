@@ -112,8 +112,9 @@ def lock_held(path: str | Path) -> bool | None:
         table = Path("/proc/locks").read_text()
     except OSError:
         return None
-    if len(holder) != 3 or holder[0] != socket.gethostname() or holder[1] != _boot_id() \
-            or _boot_id() == "-" or not holder[2].isdigit():
+    boot = _boot_id()
+    if len(holder) != 3 or holder[0] != socket.gethostname() or boot == "-" or \
+            holder[1] != boot or not holder[2].isdigit():
         return None
     for line in table.splitlines():
         fields = [f for f in line.split() if f != "->"]  # "->": a process waiting for it

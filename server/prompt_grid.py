@@ -4,8 +4,7 @@ Flower's deployment Grid (flwr 1.41, 1.42) looks for replies every 3 s inside se
 so every exchange (a round has two, training and evaluation) waited up to 3 s after its last
 reply. This one sends with the Grid's public push_messages and asks pull_messages for the
 missing replies every `poll_seconds` (config reply-poll-interval); everything else is the
-wrapped grid's. A reply pulled before its sender has pushed all its objects is asked for again
-after 0.05 s, not Flower's 1 s (common/flower_compat.py `retry_reply_objects_sooner`).
+wrapped grid's.
 """
 
 from __future__ import annotations
@@ -16,13 +15,10 @@ from collections.abc import Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from common.flower_compat import retry_reply_objects_sooner
-
 
 class PromptGrid:
     def __init__(self, grid: Grid, poll_seconds: float) -> None:
         self.grid, self.poll_seconds = grid, poll_seconds
-        retry_reply_objects_sooner()
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> list[Message]:

@@ -21,12 +21,12 @@ import numpy as np
 from client.head_statistics import feature_statistics
 from client.training import frozen, planned_steps, train_adapter
 from common.config import FedLoraConfig
-from common.data import columns, load_splits, resolve_labels, tokenize, train_val_split
+from common.data import load_splits, resolve_labels, tokenize, train_val_split
 from common.data_checks import check_site_rows
 from common.head import head_state, solve_head
 from common.metrics import evaluate_examples
 from common.model import LoraModel, build_lora_model
-from common.partitioning import deal_by_label, partition_indices
+from common.partitioning import deal_test_split, partition_indices
 from server.strategies import resolve_head_mode
 
 
@@ -84,10 +84,8 @@ def _each_site_alone(cfg: FedLoraConfig):
     initial = {n: t.clone() for n, t in lora.trainable_state().items()}
     test = tokenize(splits.test, lora.tokenizer, cfg, labels)
     partitions = partition_indices(splits.train, cfg)
-    if cfg.site_eval_rows == "test":  # as client/app.py deals them
-        (pool_labels,) = columns(splits.train, "target")
-        dealt = deal_by_label([[pool_labels[i] for i in p] for p in partitions],
-                              columns(splits.test, "target")[0], cfg.seed)
+    if cfg.site_eval_rows == "test":  # the rows the federated sites score
+        dealt = deal_test_split(splits.train, partitions, splits.test, cfg.seed)
     for site, partition in enumerate(partitions):
         # What the site trains on in a federation (client/app.py): its checked rows, less
         # its validation share.

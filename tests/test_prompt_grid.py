@@ -50,18 +50,34 @@ def test_everything_else_is_the_wrapped_grids():
     assert PromptGrid(ScriptedGrid({}), 0.1).get_node_ids() == [1, 2, 3]
 
 
-def test_a_reply_pulled_before_its_objects_are_in_is_asked_for_again_within_0_05_s(monkeypatch):
+
+def test_the_serverapp_has_replies_pulled_before_their_objects_asked_for_within_0_05_s(
+        monkeypatch):
     """The deployment grid's pull of a reply whose sender has pushed the message but not yet
-    all its objects: Flower's first retry comes after 1 s; under a PromptGrid after 0.05 s."""
+    all its objects: Flower's first retry comes after 1 s; in fedlora's ServerApp, whatever
+    grid it talks through (reply-poll-interval=0 too), after 0.05 s."""
+    import functools
     import importlib
     import time
 
+    from flwr.app import Context, RecordDict
+
+    import server.app as server_app
+    from common.config import FedLoraConfig
     from tests.conftest import not_stored_at_first
 
     http_grid = importlib.import_module("flwr.superlink.grid.http_grid")
     monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)
-    PromptGrid(ScriptedGrid({}), 0.1)
-    PromptGrid(ScriptedGrid({}), 0.1)  # a second grid of the same process changes nothing more
+    flowers = http_grid.pull_objects
+    ran = []
+    monkeypatch.setattr(server_app, "run_federation", lambda grid, cfg: ran.append(grid))
+    run_config = FedLoraConfig(reply_poll_interval=0, packed_arrays=False).to_run_config()
+    for _ in range(2):  # a second run in the same process wraps nothing more
+        server_app.main(ScriptedGrid({}), Context(run_id=1, node_id=0, node_config={},
+                                                  state=RecordDict(), run_config=run_config))
+    assert len(ran) == 2 and isinstance(ran[0], ScriptedGrid)  # no PromptGrid at 0
+    assert http_grid.pull_objects.func is flowers
+    assert isinstance(http_grid.pull_objects, functools.partial)
     started = time.monotonic()
     pulled = http_grid.pull_objects(["reply"], pull_object_fn=not_stored_at_first())
     assert pulled == {"reply": b"bytes"}
