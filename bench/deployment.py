@@ -22,7 +22,9 @@ runs `fedlora supernode` (Flower's SuperNode looking for messages every --poll-i
 its SuperExec every 0.1 s) instead of `flower-supernode` (3 s, 1 s). Mode unpacked: the run
 sends each array as objects of its own (packed-arrays=false), as before fedlora packed them.
 Mode in-process: `fedlora supernode --in-process`, whose own thread runs each message's
-ClientApp (which forwards it to the runtime) instead of a new process per message.
+ClientApp (which forwards it to the runtime) instead of a new process per message. Mode
+memory-state: the SuperLink keeps its state in memory (Flower's default: no `--database`)
+instead of in an SQLite file.
 With --model causal-lm, bench/causal_lm.py's ~100M-parameter Llama-style model (random weights)
 learns BANKING77's intent names as responses to the queries.
 Resumable. Writes deployment.json and deployment.md under --out.
@@ -38,6 +40,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -56,10 +59,12 @@ BIN = Path(sys.executable).parent
 MODES = ("simulation", "deployment", "deployment+runtime", "deployment+runtime+3s-poll",
          "deployment+runtime+exec-poll", "deployment+runtime+fedlora-supernode",
          "deployment+runtime+fedlora-supernode+unpacked",
-         "deployment+runtime+fedlora-supernode+in-process")
+         "deployment+runtime+fedlora-supernode+in-process",
+         "deployment+runtime+fedlora-supernode+in-process+memory-state")
 SUPEREXEC_POLL_SECONDS = "0.05"
 # Which kind of process a command line is: the first pattern it contains.
-KINDS = [("flwr-clientapp", "ClientApp"), ("flwr-serverapp", "ServerApp"),
+KINDS = [("bin/flwr run ", "flwr run"), ("flwr-clientapp", "ClientApp"),
+         ("flwr-serverapp", "ServerApp"),
          ("superexec", "SuperExec"), ("flower-supernode", "SuperNode"),
          (" supernode ", "SuperNode"),
          ("flower-superlink", "SuperLink"), (" site ", "site runtime"),
@@ -82,6 +87,7 @@ class ProcessMeter:
         self.roots: list[int] = []
         self.peaks: dict[str, float] = {}
         self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds so far)
+        self.series: list[tuple[float, dict[str, float]]] = []  # (time, cpu_seconds()) a sample
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -107,11 +113,19 @@ class ProcessMeter:
                     if kind:
                         self.peaks[kind] = max(self.peaks.get(kind, 0.0), rss)
                         self.cpu[proc.pid] = (kind, times.user + times.system)
+            self.series.append((time.time(), self.cpu_seconds()))
 
     def stop(self) -> dict[str, float]:
         self._stop.set()
         self._thread.join()
         return {k: round(v) for k, v in sorted(self.peaks.items())}
+
+    def cpu_seconds_between(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds by kind of process from the last sample before `start` to the first
+        after `end` (at most 0.5 s more on each side)."""
+        first = next((c for t, c in reversed(self.series) if t <= start), {})
+        last = next((c for t, c in self.series if t >= end), self.series[-1][1])
+        return {k: round(v - first.get(k, 0.0), 1) for k, v in last.items()}
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds by kind of process, all of its processes together."""
@@ -206,14 +220,16 @@ def simulation(args, sites: int, folder: Path, out: Path) -> dict:
     meter.roots.append(proc.pid)
     if proc.wait():
         raise SystemExit(f"fedlora simulate failed ({out})")
-    return {"peak-mib": meter.stop(), "cpu-seconds": meter.cpu_seconds()}
+    return {"peak-mib": meter.stop(), "cpu-seconds": meter.cpu_seconds(),
+            "steady-round-cpu-seconds": steady_round_cpu(meter, out)}
 
 
 def deployment(args, sites: int, folder: Path, out: Path, mode: str) -> dict:
     """One of MODES but the simulation; the mode's parts say what differs (see the top)."""
     with_runtime, fedlora_supernode = "runtime" in mode, "fedlora-supernode" in mode
     flower_poll, exec_poll = mode.endswith("3s-poll"), mode.endswith("exec-poll")
-    unpacked, in_process = mode.endswith("unpacked"), mode.endswith("in-process")
+    unpacked, in_process = "+unpacked" in mode, "+in-process" in mode
+    memory_state = "+memory-state" in mode
     work = out.parent / f"{out.name}-processes"
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, FLWR_HOME=str(work / "flwr_home"),
@@ -233,8 +249,9 @@ def deployment(args, sites: int, folder: Path, out: Path, mode: str) -> dict:
     try:
         procs.start("superlink", "flower-superlink", "--ssl-ca-certfile", str(certs / "ca.crt"),
                     "--ssl-certfile", str(certs / "server.crt"), "--ssl-keyfile",
-                    str(certs / "server.key"), "--enable-supernode-auth", "--database",
-                    str(work / "superlink.db"), "--host", "127.0.0.1", "--port", str(port),
+                    str(certs / "server.key"), "--enable-supernode-auth",
+                    *([] if memory_state else ["--database", str(work / "superlink.db")]),
+                    "--host", "127.0.0.1", "--port", str(port),
                     "--disable-runtime-dependency-installation")
         deadline = time.time() + 60
         while True:
@@ -254,7 +271,8 @@ def deployment(args, sites: int, folder: Path, out: Path, mode: str) -> dict:
             data = folder / f"{name}.csv"
             node_config = f"data-path='{data}'"
             if with_runtime:
-                sock = work / name / "site.sock"
+                # AF_UNIX paths are short (108 bytes): a short folder, not the run's own
+                sock = Path(tempfile.mkdtemp(prefix="fedlora-bench-")) / f"{name}.sock"
                 procs.start(f"{name}-runtime", "fedlora", "site", "--data", str(data),
                             "--socket", str(sock), "--model", model_of(args, folder))
                 deadline = time.time() + 120
@@ -284,7 +302,16 @@ def deployment(args, sites: int, folder: Path, out: Path, mode: str) -> dict:
     if status != "completed":
         raise SystemExit(f"the {out.name} run ended {status}")
     return {"peak-mib": meter.stop(), "cpu-seconds": meter.cpu_seconds(),
-            "flwr-run-seconds": elapsed}
+            "steady-round-cpu-seconds": steady_round_cpu(meter, out), "flwr-run-seconds": elapsed}
+
+
+def steady_round_cpu(meter: ProcessMeter, out: Path) -> dict[str, float]:
+    """CPU seconds a steady round (rounds 2 on) by kind of process: the steady rounds end when
+    the last round's line is written (metrics.jsonl's time) and last as long as their lines say."""
+    rounds = RunDirectory(out).read_rounds()[2:]
+    end = (out / "metrics.jsonl").stat().st_mtime
+    used = meter.cpu_seconds_between(end - sum(r["seconds"] for r in rounds), end)
+    return {k: round(v / len(rounds), 2) for k, v in used.items()}
 
 
 def measure(out: Path) -> dict:
@@ -414,9 +441,12 @@ def table(results: dict) -> str:
           *(f"{r['train-message-phases'].get(name, 0):.2f}" for name, _ in PHASES)]
          for r in timed])
     caption = "A train message's seconds, median over rounds 2 on and the sites:"
-    cpu = markdown_table(["model", "sites", "run as", "CPU seconds by process, whole run"],
+    cpu = markdown_table(["model", "sites", "run as", "CPU seconds by process, whole run",
+                          "CPU seconds by process, a steady round"],
                          [[r["model"], str(r["sites"]), r["mode"], ", ".join(
-                             f"{k} {v}" for k, v in r.get("cpu-seconds", {}).items())]
+                             f"{k} {v}" for k, v in r.get("cpu-seconds", {}).items()),
+                           ", ".join(f"{k} {v}" for k, v in
+                                     r.get("steady-round-cpu-seconds", {}).items())]
                           for r in results.values()])
     return f"{main_table}\n\n{caption}\n\n{phases}\n\n{cpu}"
 
