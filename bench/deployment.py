@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -244,6 +245,7 @@ def deployment(args, sites: int, folder: Path, out: Path, mode: str) -> dict:
             *[a for n in names for a in ("--site", n)])
     meter = ProcessMeter()
     procs = Processes(env, work, meter)
+    sockets = tempfile.mkdtemp(prefix="fedlora-bench-")
     port = free_port()
     certs = work / "certs"
     try:
@@ -272,7 +274,7 @@ def deployment(args, sites: int, folder: Path, out: Path, mode: str) -> dict:
             node_config = f"data-path='{data}'"
             if with_runtime:
                 # AF_UNIX paths are short (108 bytes): a short folder, not the run's own
-                sock = Path(tempfile.mkdtemp(prefix="fedlora-bench-")) / f"{name}.sock"
+                sock = Path(sockets) / f"{name}.sock"
                 procs.start(f"{name}-runtime", "fedlora", "site", "--data", str(data),
                             "--socket", str(sock), "--model", model_of(args, folder))
                 deadline = time.time() + 120
@@ -298,6 +300,7 @@ def deployment(args, sites: int, folder: Path, out: Path, mode: str) -> dict:
         elapsed = time.time() - started
     finally:
         procs.stop_all()
+        shutil.rmtree(sockets, ignore_errors=True)
     status = RunDirectory(out).read_summary()["status"]
     if status != "completed":
         raise SystemExit(f"the {out.name} run ended {status}")
