@@ -107,7 +107,7 @@ class FedLoraConfig:
     min_available_clients: int = 2  # sampling waits until this many sites are connected
     round_timeout: float = 3600.0  # seconds to wait for replies; late clients are left out
     round_retries: int = 1  # a round with fewer usable replies than min-train-clients is retried
-    reply_poll_interval: float = 0.1  # server checks for replies every N s; 0 = Flower's pace (3 s)
+    reply_poll_interval: float = 0.1  # server looks for replies every N s when due; 0: Flower's 3 s
     packed_arrays: bool = True  # each message's arrays travel as one (an object is a request each)
     # Model selection: the best round by the server's evaluation, and early stopping
     selection_metric: str = "auto"  # auto = accuracy (classification) or loss (causal-lm)
