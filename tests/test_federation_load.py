@@ -2,11 +2,10 @@
 authentication, 20 registered SuperNodes (17 of them forwarding to resident site runtimes: 14
 as `fedlora supernode --in-process`, as docs/deployment.md advises, 3 through
 `flower-supernode`'s process per message; 3 sites without a runtime), a tiny causal LM, 5
-rounds. In one run: a
-SuperNode killed (SIGKILL) mid-round and restarted, a site runtime killed mid-round and
-restarted, then the SuperLink and its ServerApp killed mid-run, restarted, the sites
-registered again and the run resumed. Bounded in time; every
-process is stopped at the end.
+rounds. In one run: a SuperNode killed (SIGKILL) mid-round and restarted, a site runtime
+killed mid-round and restarted, then the SuperLink and its ServerApp killed mid-run,
+restarted, the sites registered again and the run resumed. Bounded in time; every process is
+stopped at the end.
 
 The sites run at a lower priority (nice), as if on machines of their own: on 2 cores, 20
 SuperNodes and their ClientApp processes would otherwise starve the coordinator. The SuperLink
