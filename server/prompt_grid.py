@@ -8,9 +8,10 @@ wrapped grid's.
 
 Each look is a request the SuperLink serves (~4-11 ms of its CPU on 2 cores, measured in
 bench/deployment.py), and during training none can find a reply: once two exchanges of a kind
-(train, evaluate, ...) have been seen, the first look waits until FIRST_LOOK_SHARE of the
-shorter of their first replies' times has passed. A faster exchange than that is seen late by
-at most the difference; a slower one costs nothing.
+(train, evaluate, ...) have been seen, it looks only every IDLE_LOOK_SECONDS (Flower's own
+pace, so a stopped run is still noticed as soon) until FIRST_LOOK_SHARE of the shorter of their
+first replies' times has passed. A faster exchange is seen late by at most IDLE_LOOK_SECONDS;
+a slower one costs nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from flwr.serverapp import Grid
 
 FIRST_LOOK_SHARE = 0.7
 EXCHANGES_REMEMBERED = 2
+IDLE_LOOK_SECONDS = 3.0
 
 
 class PromptGrid:
@@ -40,10 +42,7 @@ class PromptGrid:
         waiting = {message_id for message_id in self.grid.push_messages(messages) if message_id}
         deadline = None if timeout is None else sent + timeout
         seen = self.first_reply_seconds.setdefault(kind, deque(maxlen=EXCHANGES_REMEMBERED))
-        if waiting and len(seen) == EXCHANGES_REMEMBERED:
-            first_look = sent + FIRST_LOOK_SHARE * min(seen)
-            until = first_look if deadline is None else min(first_look, deadline)
-            time.sleep(max(0.0, until - time.monotonic()))
+        due = sent + FIRST_LOOK_SHARE * min(seen) if len(seen) == EXCHANGES_REMEMBERED else sent
         replies: list[Message] = []
         while waiting:
             arrived = list(self.grid.pull_messages(waiting))
@@ -54,7 +53,9 @@ class PromptGrid:
             left = None if deadline is None else deadline - time.monotonic()
             if not waiting or (left is not None and left <= 0):
                 break
-            time.sleep(self.poll_seconds if left is None else min(self.poll_seconds, left))
+            now = time.monotonic()
+            pause = self.poll_seconds if now >= due else min(IDLE_LOOK_SECONDS, due - now)
+            time.sleep(pause if left is None else min(pause, left))
         return replies
 
     def __getattr__(self, name: str):

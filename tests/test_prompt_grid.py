@@ -106,15 +106,16 @@ def test_after_two_exchanges_of_a_kind_the_first_look_waits_for_the_replies_to_b
     assert slow_load > 300  # every 0.1 s until the first reply
     assert exchange("evaluate", {1: 2.0, 2: 2.0}) >= 20  # another kind: its own history
     assert exchange("train", {1: 10.0, 2: 10.5}) >= 100
-    # Two train exchanges seen: the first look at 0.7 of the shorter first reply (10 s).
+    # Two train exchanges seen: every 3 s (Flower's pace) until 0.7 of the shorter first reply
+    # (10 s), then every 0.1 s.
     pulls = exchange("train", {1: 10.0, 2: 10.4})
-    assert pulls <= 40, pulls  # 7 s without a look, then every 0.1 s
+    assert pulls <= 40, pulls  # at 0, 3, 6 and 7 s, then every 0.1 s
     assert max(grid.seen_at.values()) <= 10.4 + 0.1 + 1e-9  # no reply seen later than before
-    # An exchange faster than that is seen at the first look, and the next look comes sooner.
+    # An exchange faster than that is seen within 3 s, and the next one is looked for sooner.
     exchange("train", {1: 2.0, 2: 2.0})
-    assert min(grid.seen_at.values()) == pytest.approx(7.0)
+    assert min(grid.seen_at.values()) == pytest.approx(3.0)
     exchange("train", {1: 2.0, 2: 2.0})
-    assert min(grid.seen_at.values()) == pytest.approx(4.9)
+    assert min(grid.seen_at.values()) == pytest.approx(2.1)  # 0.7 of 3 s
     # The timeout still holds: a missing reply ends the exchange at it, the others returned.
     grid.ready, grid.pulls = {1: 1.0, 2: 1e9}, 0
     start = clock.now
