@@ -248,7 +248,7 @@ def train(msg: Message, context: Context) -> Message:
     fault = fault_for(site.site_id, server_round)
     if fault and apply_fault(fault):
         return Message(content=RecordDict({}), reply_to=msg)
-    started, started_at = time.perf_counter(), time.time()
+    started, started_at, cpu_started = time.perf_counter(), time.time(), time.process_time()
     seed = cfg.seed + 1000 * server_round + site.site_id
     pad_id, device = site.lora.tokenizer.pad_token_id, site.lora.device
     # A fitted head (head-mode fit) stays as the server solved it.
@@ -271,6 +271,8 @@ def train(msg: Message, context: Context) -> Message:
         "train-loss": stats["loss"],
         "train-steps": stats["steps"],
         "train-seconds": time.perf_counter() - started,
+        # This process's CPU seconds meanwhile: the work itself, however the cores were shared.
+        "train-cpu-seconds": time.process_time() - cpu_started,
         "train-started-at": started_at,  # wall clock, for the time to the first step
         **({"dp-epsilon": stats["epsilon"]} if cfg.differential_privacy else {}),
         # Counts only, with every reply: a resumed server learns them again.
@@ -318,7 +320,7 @@ def _head_statistics(msg: Message, cfg: FedLoraConfig, site: SiteState) -> Messa
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, site = _prepare(msg, context)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     examples = site.eval_examples
     result = evaluate_examples(site.lora.model, examples, batch_size=cfg.batch_size,
                                pad_id=site.lora.tokenizer.pad_token_id,
@@ -331,6 +333,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if "partition-id" in context.node_config:  # a simulated site: which one, for comparisons
         metrics[PARTITION_ID] = int(context.node_config["partition-id"])
     metrics["eval-seconds"] = time.perf_counter() - started
+    metrics["eval-cpu-seconds"] = time.process_time() - cpu_started
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

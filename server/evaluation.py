@@ -25,13 +25,17 @@ class GlobalEvaluator:
         self.lora, self.examples, self.cfg = lora, examples, cfg
 
     def __call__(self, arrays: ArrayRecord) -> dict[str, float]:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         self.lora.load_trainable_state(record_to_adapter(arrays))
         metrics = evaluate_examples(self.lora.model, self.examples, batch_size=max(
             self.cfg.batch_size, 64), pad_id=self.lora.tokenizer.pad_token_id,
             device=self.lora.device, classification=self.cfg.is_classification)
         metrics[NUM_EXAMPLES] = len(self.examples)
         metrics["eval-seconds"] = time.perf_counter() - started
+        # The process's CPU seconds meanwhile (all threads: torch's too): the evaluation's own
+        # work, as long as the process does little else; wall seconds stretch when the
+        # evaluation shares the cores with the sites.
+        metrics["eval-cpu-seconds"] = time.process_time() - cpu_started
         return metrics
 
 

@@ -18,7 +18,7 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 TIMING = ("seconds", "eval-seconds", "train-seconds", "train-started-at",
-          "train-exchange-seconds")
+          "train-exchange-seconds", "eval-cpu-seconds", "train-cpu-seconds")
 
 
 def _without_timing(value):

@@ -60,6 +60,14 @@ def test_the_head_round_reaches_every_site_and_every_round_is_recorded(classific
         assert 3 * lora_bytes < r["bytes-up"] < 3 * (lora_bytes + overhead)
         assert 6 * adapter_bytes < r["bytes-down"] < 6 * (adapter_bytes + overhead)
         assert r["seconds"] > 0
+        # CPU seconds are the work's own (bench/overhead.py's ideal time adds them up): a
+        # delta over the call, not the process's total since it started, and one torch thread
+        # a site (client-num-cpus 1).
+        for site in r["train-per-client"]:
+            assert 0 < site["train-cpu-seconds"] <= 1.2 * site["train-seconds"] + 0.3, site
+        for site in r["evaluate-per-client"]:
+            assert 0 < site["eval-cpu-seconds"] <= 1.2 * site["eval-seconds"] + 0.3, site
+        assert r["server"]["eval-cpu-seconds"] > 0
     summary = json.loads((classification_run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["final"] == last
     saved = json.loads((classification_run / "config.json").read_text())

@@ -30,7 +30,8 @@ from common.packed_records import is_packed, pack, unpack
 from common.records import record_to_adapter
 from tests.conftest import REPO, assert_python_runs, site_message
 
-TIMING = ("train-seconds", "train-started-at", "eval-seconds")
+TIMING = ("train-seconds", "train-started-at", "eval-seconds", "train-cpu-seconds",
+          "eval-cpu-seconds")
 
 
 @pytest.fixture
