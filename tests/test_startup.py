@@ -396,6 +396,23 @@ def test_the_input_checks_run_at_low_priority_while_ray_starts(monkeypatch, pool
     assert niceness() == before  # only the checks' thread, which has ended
 
 
+def test_the_servers_threads_wait_briefly_from_before_ray_and_torch_start(monkeypatch,
+                                                                          pool_folders_in):
+    """libgomp reads GOMP_SPINCOUNT once, when torch loads it: it must be set before the
+    checks (which import torch in this process) and Ray (whose processes inherit it) start."""
+    seen = {}
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.setattr(runner, "start_ray", lambda cfg, address=None, pool=None:
+                        seen.setdefault("ray", os.environ.get("GOMP_SPINCOUNT")))
+    runner.start_ray_during(lambda: seen.setdefault("checks", os.environ.get("GOMP_SPINCOUNT"))
+                            and None, FedLoraConfig())
+    spin = str(runner.SHARED_CORES_SPIN_COUNT)
+    assert seen == {"checks": spin, "ray": spin}
+    monkeypatch.setenv("GOMP_SPINCOUNT", "50")  # the user's own setting stays
+    runner.start_ray_during(lambda: None, FedLoraConfig())
+    assert os.environ["GOMP_SPINCOUNT"] == "50"
+
+
 def test_a_ray_cluster_that_cannot_be_joined_is_one_line(monkeypatch):
     def unreachable(cfg, address=None, pool=None):
         raise ConnectionError("Could not find any running Ray instance.\nPlease start one")
