@@ -83,9 +83,11 @@ def federation(args, run_dir: Path, flags: list[str], run_config: str,
     metrics.jsonl, read as the run writes it."""
     import shutil
 
+    # Both absolute: the command runs in `code`, read here.
+    run_dir, data = run_dir.resolve(), str(Path(args.data).resolve())
     shutil.rmtree(run_dir, ignore_errors=True)
     env = dict(os.environ, PYTHONPATH=str(code))  # another commit's code before this venv's
-    command = [sys.executable, "-m", "simulations.cli", "simulate", "--data", args.data,
+    command = [sys.executable, "-m", "simulations.cli", "simulate", "--data", data,
                *flags, "--out", str(run_dir), "--run-config", run_config]
     started = time.time()
     proc = subprocess.Popen(command, cwd=code, env=env, stdout=subprocess.DEVNULL,
