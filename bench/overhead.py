@@ -39,26 +39,31 @@ from strategies import federation_parser  # noqa: E402  (bench/strategies.py)
 from server.outputs import RunDirectory  # noqa: E402
 
 
-def ideal_round(record: dict, concurrency: int, kind: str = "seconds") -> float:
-    """The round's ideal seconds from the work's wall seconds (kind "seconds": the clients' over
-    `concurrency`, plus the server's) or CPU seconds (kind "cpu-seconds": all of it over
-    `concurrency`, which is then the number of cores)."""
-    clients = sum(c.get(f"train-{kind}", 0) for c in record.get("train-per-client", [])) + \
+def round_work(record: dict, kind: str) -> tuple[float, float]:
+    """A round's work in seconds of `kind` ("seconds": wall, "cpu-seconds": CPU): the sites'
+    training and evaluation together, and the server's scoring."""
+    sites = sum(c.get(f"train-{kind}", 0) for c in record.get("train-per-client", [])) + \
         sum(c.get(f"eval-{kind}", 0) for c in record.get("evaluate-per-client", []))
-    server = record["server"][f"eval-{kind}"]
-    return (clients + server) / concurrency if kind == "cpu-seconds" else \
-        clients / concurrency + server
+    return sites, record["server"][f"eval-{kind}"]
 
 
-def ideal_rounds(rounds: list[dict], concurrency: int, kind: str) -> list[float]:
-    ideal = [ideal_round(r, concurrency, kind) for r in rounds]
-    # Round 0 is scored while round 1 trains, so its wall seconds are stretched by the sites'
-    # work (its CPU seconds less so, but the process does round 1's exchange meanwhile); its pure
-    # cost is taken as that of the cheapest scoring of the same test set. (A head round's
-    # statistics pass is not in the ideal: the sites do not report its seconds; measure with
-    # head-mode=train to leave it out.)
-    server = [r["server"][f"eval-{kind}"] for r in rounds]
-    ideal[0] = min(server) / concurrency if kind == "cpu-seconds" else min(server[1:])
+# Round 0 is scored while round 1 trains, so its seconds are stretched by the sites' work (its
+# CPU seconds less so, but the process does round 1's exchange meanwhile): its pure cost is
+# taken as that of the cheapest scoring of the same test set. (A head round's statistics pass
+# is not in either ideal: the sites do not report its seconds; measure with head-mode=train.)
+
+def wall_ideal(rounds: list[dict], concurrency: int) -> list[float]:
+    """Each round's sites' wall seconds over the sites that run at once, plus the server's."""
+    ideal = [sites / concurrency + server
+             for sites, server in (round_work(r, "seconds") for r in rounds)]
+    ideal[0] = min(r["server"]["eval-seconds"] for r in rounds[1:])
+    return ideal
+
+
+def cpu_ideal(rounds: list[dict], cores: int) -> list[float]:
+    """Each round's CPU seconds of work, sites' and server's, packed onto the cores."""
+    ideal = [sum(round_work(r, "cpu-seconds")) / cores for r in rounds]
+    ideal[0] = min(r["server"]["eval-cpu-seconds"] for r in rounds) / cores
     return ideal
 
 
@@ -66,13 +71,13 @@ def measure(run_dir: Path, started: float, concurrency: int) -> dict:
     rounds = RunDirectory(run_dir).read_rounds()
     adapter = run_dir / "final_adapter" / "adapter_model.safetensors"
     end_to_end = adapter.stat().st_mtime - started
-    wall_ideal = ideal_rounds(rounds, concurrency, "seconds")
-    ideal = ideal_rounds(rounds, os.cpu_count(), "cpu-seconds")
+    wall = wall_ideal(rounds, concurrency)
+    ideal = cpu_ideal(rounds, os.cpu_count())
     steady = [r["seconds"] / i for r, i in zip(rounds[2:], ideal[2:])]
     return {"end-to-end-seconds": end_to_end, "ideal-seconds": sum(ideal),
             "end-to-end-ratio": end_to_end / sum(ideal),
-            "wall-ideal-seconds": sum(wall_ideal),
-            "wall-ideal-ratio": end_to_end / sum(wall_ideal),
+            "wall-ideal-seconds": sum(wall),
+            "wall-ideal-ratio": end_to_end / sum(wall),
             "round-seconds": [r["seconds"] for r in rounds[1:]],
             "round-ideal-seconds": ideal[1:], "steady-round-ratio": max(steady),
             "first-training-step-seconds": first_step(run_dir, started),

@@ -222,7 +222,8 @@ def start_ray_during(checks: Callable[[], SharedPool | None], cfg: FedLoraConfig
     """Start Ray while `checks` run in a low-priority thread: Ray's start-up (seconds of its
     own processes) overlaps the slower input checks. If the checks raise, Ray is stopped and
     their error raised. The pool they return is handed to the client processes on this
-    machine (simulations/shared_pool.py)."""
+    machine (simulations/shared_pool.py). First of all, as nothing has imported torch yet, the
+    simulation's OpenMP threads are told to wait briefly (wait_briefly_on_shared_cores)."""
     wait_briefly_on_shared_cores()
     import ray  # noqa: F401  (here, before the checks' imports contend for the GIL)
 
