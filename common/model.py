@@ -21,6 +21,7 @@ import torch
 
 from common.config import FedLoraConfig
 from common.errors import FedLoraError, first_line
+from common.gc_pause import garbage_collection_paused
 from common.strategy_registry import strategy_spec
 
 # LoRA on the attention projections, per architecture family (config.model_type).
@@ -339,6 +340,7 @@ def load_base_model(path: str, labels: list[str] | None, pooling: str | None,
     return MeanPoolingForSequenceClassification(config, encoder=encoder)
 
 
+@garbage_collection_paused()  # its first call imports peft and transformers' modeling
 def build_lora_model(cfg: FedLoraConfig, labels: list[str] | None = None,
                      device: torch.device | None = None, rank: int | None = None) -> LoraModel:
     """Load the base model for cfg.task and wrap it with LoRA of `rank` (default: the global

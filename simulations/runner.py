@@ -23,6 +23,7 @@ from pathlib import Path
 
 from common.config import FedLoraConfig
 from common.errors import FedLoraError, first_line
+from common.gc_pause import garbage_collection_paused
 from simulations.actors import flower_pool_takes, pool_capacity, start_site_actors
 from simulations.shared_pool import SHARED_POOL_ENV, SharedPool, write_shared_pool
 from simulations.startup import RUN_CONFIG_ENV, load_slots
@@ -223,8 +224,16 @@ def start_ray_during(checks: Callable[[], SharedPool | None], cfg: FedLoraConfig
     own processes) overlaps the slower input checks. If the checks raise, Ray is stopped and
     their error raised. The pool they return is handed to the client processes on this
     machine (simulations/shared_pool.py). First of all, as nothing has imported torch yet, the
-    simulation's OpenMP threads are told to wait briefly (wait_briefly_on_shared_cores)."""
+    simulation's OpenMP threads are told to wait briefly (wait_briefly_on_shared_cores). Ray's
+    start and the checks import much: Python's garbage collector waits meanwhile
+    (common/gc_pause.py)."""
     wait_briefly_on_shared_cores()
+    with garbage_collection_paused():
+        _start_ray_during(checks, cfg, ray_address)
+
+
+def _start_ray_during(checks: Callable[[], SharedPool | None], cfg: FedLoraConfig,
+                      ray_address: str | None) -> None:
     import ray  # noqa: F401  (here, before the checks' imports contend for the GIL)
 
     pool_file = _new_pool_file()

@@ -14,7 +14,8 @@ first process to load trains first, and the others load as soon as a slot frees.
 flock on a file in one folder per user and machine: the kernel releases it when the process
 exits or dies, so the files hold no state and are never cleaned up, and simulations running
 side by side on one machine share its slots as they share its cores. This module imports only
-the standard library, so a process waiting for a slot costs nothing.
+the standard library (and common.gc_pause, which does too), so a process waiting for a slot
+costs nothing. A process loads with Python's garbage collector paused (common/gc_pause.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from common.gc_pause import garbage_collection_paused
 
 RUN_CONFIG_ENV = "FEDLORA_WARM_UP_CONFIG"  # the run_config, as JSON
 # The driver writes the pool when its input checks pass: seconds after a process starts.
@@ -94,7 +97,7 @@ def load_slot(folder: Path, slots: int, wait: float = SLOT_WAIT_SECONDS) -> Iter
 def warm_up_worker() -> None:
     """The hook itself (Ray imports it by name): the run_config comes in the environment."""
     run_config = json.loads(os.environ[RUN_CONFIG_ENV])
-    with load_slot(slots_folder(), load_slots()):
+    with load_slot(slots_folder(), load_slots()), garbage_collection_paused():
         warm_up_site_process(run_config)
 
 

@@ -4,6 +4,7 @@ flwr-datasets' partitioners without its plotting imports."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -17,8 +18,10 @@ import pytest
 import torch
 
 from client import app as client_app
+from common import model as common_model
 from common.config import FedLoraConfig
 from common.errors import FedLoraError
+from common.gc_pause import garbage_collection_paused
 from common.records import adapter_to_record
 from server.checkpoint import load_run_state
 from server.outputs import RunDirectory
@@ -342,16 +345,17 @@ def test_the_worker_hook_loads_the_run_inside_a_slot(small_csv, tmp_path, monkey
     cfg = FedLoraConfig(data=str(small_csv), num_clients=4)
     seen: list = []
 
-    def warm_up(cfg):  # is the slot held while it loads?
+    def warm_up(cfg):  # is the slot held while it loads, and the collector paused?
         with startup.load_slot(tmp_path / "slots", 1, wait=0) as slot:
-            seen.append((cfg, slot))
+            seen.append((cfg, slot, gc.isenabled()))
 
     monkeypatch.setattr(client_app, "warm_up", warm_up)
     monkeypatch.setattr(startup, "slots_folder", lambda: tmp_path / "slots")
     monkeypatch.setenv(startup.RUN_CONFIG_ENV, json.dumps(cfg.to_run_config()))
     monkeypatch.setattr(startup, "load_slots", lambda: 1)
     startup.warm_up_worker()
-    assert seen == [(cfg, None)]  # the hook's slot was taken
+    assert seen == [(cfg, None, False)]  # the hook's slot was taken
+    assert gc.isenabled()
 
 
 def test_the_input_checks_that_fail_while_ray_starts_stop_it_quietly(monkeypatch, capfd,
@@ -408,9 +412,71 @@ def test_the_servers_threads_wait_briefly_from_before_ray_and_torch_start(monkey
                             and None, FedLoraConfig())
     spin = str(runner.SHARED_CORES_SPIN_COUNT)
     assert seen == {"checks": spin, "ray": spin}
+    # The same start, seen from the garbage collector: paused while both import.
+    seen.clear()
+    monkeypatch.setattr(runner, "start_ray", lambda cfg, address=None, pool=None:
+                        seen.setdefault("ray", gc.isenabled()))
+
+    def checks() -> None:
+        seen["checks"] = gc.isenabled()
+
+    runner.start_ray_during(checks, FedLoraConfig())
+    assert seen == {"checks": False, "ray": False} and gc.isenabled()
     monkeypatch.setenv("GOMP_SPINCOUNT", "50")  # the user's own setting stays
     runner.start_ray_during(lambda: None, FedLoraConfig())
     assert os.environ["GOMP_SPINCOUNT"] == "50"
+
+
+def test_the_collector_stays_paused_until_the_last_of_several_blocks_ends():
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, bool] = {}
+
+    def first() -> None:
+        with garbage_collection_paused():
+            first_in.set()
+            second_in.wait(5)
+        first_out.set()
+
+    def second() -> None:
+        first_in.wait(5)
+        with garbage_collection_paused():
+            second_in.set()
+            first_out.wait(5)
+            seen["after the first ended"] = gc.isenabled()
+            with garbage_collection_paused():  # nested in the same thread
+                pass
+            seen["after a nested block"] = gc.isenabled()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert seen == {"after the first ended": False, "after a nested block": False}
+    assert gc.isenabled()
+    with pytest.raises(ValueError), garbage_collection_paused():
+        raise ValueError("a failed load")
+    assert gc.isenabled()
+    gc.disable()  # off before: stays off
+    try:
+        with garbage_collection_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_a_model_loads_with_the_collector_paused(monkeypatch):
+    seen = []
+
+    def model_config(cfg):
+        seen.append(gc.isenabled())
+        raise FedLoraError("stop here")
+
+    monkeypatch.setattr(common_model, "load_model_config", model_config)
+    with pytest.raises(FedLoraError, match="stop here"):
+        common_model.build_lora_model(FedLoraConfig())
+    assert seen == [False] and gc.isenabled()
 
 
 def test_a_ray_cluster_that_cannot_be_joined_is_one_line(monkeypatch):
