@@ -412,8 +412,13 @@ def test_the_servers_threads_wait_briefly_from_before_ray_and_torch_start(monkey
                             and None, FedLoraConfig())
     spin = str(runner.SHARED_CORES_SPIN_COUNT)
     assert seen == {"checks": spin, "ray": spin}
-    # The same start, seen from the garbage collector: paused while both import.
-    seen.clear()
+    monkeypatch.setenv("GOMP_SPINCOUNT", "50")  # the user's own setting stays
+    runner.start_ray_during(lambda: None, FedLoraConfig())
+    assert os.environ["GOMP_SPINCOUNT"] == "50"
+
+
+def test_ray_starts_and_the_checks_run_with_the_collector_paused(monkeypatch, pool_folders_in):
+    seen: dict[str, bool] = {}
     monkeypatch.setattr(runner, "start_ray", lambda cfg, address=None, pool=None:
                         seen.setdefault("ray", gc.isenabled()))
 
@@ -421,10 +426,8 @@ def test_the_servers_threads_wait_briefly_from_before_ray_and_torch_start(monkey
         seen["checks"] = gc.isenabled()
 
     runner.start_ray_during(checks, FedLoraConfig())
-    assert seen == {"checks": False, "ray": False} and gc.isenabled()
-    monkeypatch.setenv("GOMP_SPINCOUNT", "50")  # the user's own setting stays
-    runner.start_ray_during(lambda: None, FedLoraConfig())
-    assert os.environ["GOMP_SPINCOUNT"] == "50"
+    assert seen == {"checks": False, "ray": False}
+    assert gc.isenabled()  # on again for the run
 
 
 def test_the_collector_stays_paused_until_the_last_of_several_blocks_ends():
@@ -434,14 +437,14 @@ def test_the_collector_stays_paused_until_the_last_of_several_blocks_ends():
     def first() -> None:
         with garbage_collection_paused():
             first_in.set()
-            second_in.wait(5)
+            seen["second entered"] = second_in.wait(5)
         first_out.set()
 
     def second() -> None:
-        first_in.wait(5)
+        seen["first entered"] = first_in.wait(5)
         with garbage_collection_paused():
             second_in.set()
-            first_out.wait(5)
+            seen["first ended"] = first_out.wait(5)
             seen["after the first ended"] = gc.isenabled()
             with garbage_collection_paused():  # nested in the same thread
                 pass
@@ -452,7 +455,8 @@ def test_the_collector_stays_paused_until_the_last_of_several_blocks_ends():
         thread.start()
     for thread in threads:
         thread.join(10)
-    assert seen == {"after the first ended": False, "after a nested block": False}
+    assert seen == {"first entered": True, "second entered": True, "first ended": True,
+                    "after the first ended": False, "after a nested block": False}
     assert gc.isenabled()
     with pytest.raises(ValueError), garbage_collection_paused():
         raise ValueError("a failed load")
