@@ -15,12 +15,14 @@ flock on a file in one folder per user and machine: the kernel releases it when 
 exits or dies, so the files hold no state and are never cleaned up, and simulations running
 side by side on one machine share its slots as they share its cores. This module imports only
 the standard library (and common.gc_pause, which does too), so a process waiting for a slot
-costs nothing. A process loads with Python's garbage collector paused (common/gc_pause.py).
+costs nothing. A process loads with Python's garbage collector paused (common/gc_pause.py), and
+freezes what it loaded (the collector never walks it again).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -99,6 +101,10 @@ def warm_up_worker() -> None:
     run_config = json.loads(os.environ[RUN_CONFIG_ENV])
     with load_slot(slots_folder(), load_slots()), garbage_collection_paused():
         warm_up_site_process(run_config)
+        # What the warm-up loaded (imports, the site's model and data) lives as long as this
+        # process, which serves this one run: frozen, the collector never walks it again. Its
+        # full collections took 0.27 CPU s each, 0.007 after (4 sites, 2 a process).
+        gc.freeze()
 
 
 def warm_up_site_process(run_config: dict) -> None:

@@ -353,9 +353,15 @@ def test_the_worker_hook_loads_the_run_inside_a_slot(small_csv, tmp_path, monkey
     monkeypatch.setattr(startup, "slots_folder", lambda: tmp_path / "slots")
     monkeypatch.setenv(startup.RUN_CONFIG_ENV, json.dumps(cfg.to_run_config()))
     monkeypatch.setattr(startup, "load_slots", lambda: 1)
-    startup.warm_up_worker()
-    assert seen == [(cfg, None, False)]  # the hook's slot was taken
-    assert gc.isenabled()
+    try:
+        startup.warm_up_worker()
+        assert seen == [(cfg, None, False)]  # the hook's slot was taken
+        assert gc.isenabled()
+        # What it loaded is frozen: the collector never walks it again.
+        assert gc.get_freeze_count() > 0
+        assert not any(item is seen[0] for item in gc.get_objects())
+    finally:
+        gc.unfreeze()
 
 
 def test_the_input_checks_that_fail_while_ray_starts_stop_it_quietly(monkeypatch, capfd,
@@ -468,6 +474,34 @@ def test_the_collector_stays_paused_until_the_last_of_several_blocks_ends():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_what_a_pause_leaves_goes_to_the_oldest_generation_and_stays_collectable():
+    import weakref
+
+    class Loaded:
+        pass
+
+    freed = []
+    with garbage_collection_paused():
+        loaded = [Loaded() for _ in range(2000)]
+        garbage = Loaded()
+        garbage.itself = garbage  # a cycle: only the collector frees it
+        weakref.finalize(garbage, freed.append, "freed")
+        del garbage
+    oldest = {id(item) for item in gc.get_objects(generation=2)}
+    assert all(id(item) in oldest for item in loaded)  # not walked by the young collections
+    gc.collect()
+    assert freed == ["freed"]
+    # Where objects are frozen, they stay so (moving the others would release them).
+    gc.freeze()
+    try:
+        with garbage_collection_paused():
+            more = [Loaded() for _ in range(2000)]
+        tracked = {id(item) for item in gc.get_objects()}
+        assert id(loaded[0]) not in tracked and id(more[0]) in tracked
+    finally:
+        gc.unfreeze()
 
 
 def test_a_model_loads_with_the_collector_paused(monkeypatch):
